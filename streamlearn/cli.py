@@ -1,0 +1,116 @@
+"""``streamlearn`` command line: demo, broker, worker, api, produce."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+from streamlearn.settings import SettingsError, load_settings
+
+
+def _settings(args: argparse.Namespace):  # noqa: ANN202 - Settings, imported lazily
+    return load_settings(args.config)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    """Run the embedded broker alone until Ctrl-C."""
+    from streamlearn.broker import EmbeddedBroker
+
+    with EmbeddedBroker(port=args.port) as broker:
+        print(f"Tansu broker on {broker.bootstrap} (memory storage, pid {broker.proc.pid})")  # type: ignore[union-attr]
+        print(f"  export STREAMLEARN_KAFKA__BOOTSTRAP={broker.bootstrap} STREAMLEARN_KAFKA__FAST_JOIN=true")
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(1.0):
+                if broker.proc is None or broker.proc.poll() is not None:
+                    print("broker exited", file=sys.stderr)
+                    return 1
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run the Faust worker."""
+    from streamlearn.services.worker.main import run
+
+    return run(_settings(args))
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    """Serve the HTTP API."""
+    import asyncio
+
+    from streamlearn.services.api.main import serve
+
+    try:
+        asyncio.run(serve(_settings(args)))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    """Send synthetic transactions."""
+    from streamlearn.services.producer import run
+
+    settings = _settings(args)
+    bootstrap = args.bootstrap or settings.kafka.bootstrap
+    if not bootstrap:
+        print("produce needs a broker: --bootstrap host:port or STREAMLEARN_KAFKA__BOOTSTRAP",
+              file=sys.stderr)
+        return 2
+    topic = args.topic or (settings.specs[0].topic if settings.specs else "transactions")
+    return run(bootstrap, topic, args.count, args.rate, args.seed)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Broker, worker, API and producer in one command."""
+    from streamlearn.services.demo import run
+
+    return run(_settings(args), rate=args.rate, duration=args.duration)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    p = argparse.ArgumentParser(prog="streamlearn", description=__doc__)
+    p.add_argument("-c", "--config", default=os.environ.get("STREAMLEARN_CONFIG"),
+                   help="TOML config file (default: $STREAMLEARN_CONFIG or ./streamlearn.toml)")
+    sub = p.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="embedded broker + worker + API + synthetic producer")
+    demo.add_argument("--rate", type=float, default=3000.0, help="events/s (default 3000)")
+    demo.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+    demo.set_defaults(func=cmd_demo)
+    broker = sub.add_parser("broker", help="run the embedded Tansu broker alone")
+    broker.add_argument("--port", type=int, default=9092)
+    broker.set_defaults(func=cmd_broker)
+    sub.add_parser("worker", help="run the Faust learning worker").set_defaults(func=cmd_worker)
+    sub.add_parser("api", help="serve the HTTP API").set_defaults(func=cmd_api)
+    produce = sub.add_parser("produce", help="send synthetic card transactions")
+    produce.add_argument("--bootstrap", default="", help="host:port (default: from settings)")
+    produce.add_argument("--topic", default="", help="default: the first model's topic")
+    produce.add_argument("--count", type=int, default=None, help="events to send (default: forever)")
+    produce.add_argument("--rate", type=float, default=None, help="events/s (default: as fast as possible)")
+    produce.add_argument("--seed", type=int, default=0)
+    produce.set_defaults(func=cmd_produce)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        return int(args.func(args))
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

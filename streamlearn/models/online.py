@@ -1,0 +1,258 @@
+"""Online models: logistic and linear regression, and a factorization machine.
+
+One class serves every task; the task picks the loss and whether pairwise
+factors exist.  All arithmetic runs in the kernels of the chosen backend.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from typing import Any
+
+import numpy as np
+
+from streamlearn.backends import Backend, get_backend
+from streamlearn.config import ModelSpec
+from streamlearn.features import FeatureBatch, Vectorizer, csr_rows
+from streamlearn.kernels import codes
+from streamlearn.prequential import PrequentialMetrics
+from streamlearn.scaler import RunningStandardScaler
+
+STATE_KIND = "streamlearn.model"
+STATE_VERSION = 1
+
+_LOSS = {"binary": codes.LOSS_LOGISTIC, "ranking": codes.LOSS_LOGISTIC,
+         "regression": codes.LOSS_SQUARED}
+_OPT = {"sgd": codes.OPT_SGD, "adagrad": codes.OPT_ADAGRAD, "ftrl": codes.OPT_FTRL}
+
+
+class StateError(ValueError):
+    """A state dict that does not describe a streamlearn model."""
+
+
+def _sigmoid(m: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(m, -50.0, 50.0)))
+
+
+class OnlineModel:
+    """Prequential online model over one :class:`ModelSpec`.
+
+    :meth:`process` is the worker's step: update the scaler, score every event
+    with the current weights, then learn from the labelled ones.
+
+    Examples
+    --------
+    >>> spec = ModelSpec(name="m", topic="t", numeric=("x",), categorical=("c",),
+    ...                  label="y", hash_bits=4, learning_rate=0.5)
+    >>> model = OnlineModel(spec, device="cpu")
+    >>> rng = np.random.default_rng(0)
+    >>> xs = rng.normal(size=2000)
+    >>> events = [{"event_id": i, "x": float(x), "c": "a", "y": int(x > 0)}
+    ...           for i, x in enumerate(xs)]
+    >>> for start in range(0, 2000, 100):
+    ...     batch, _ = model.vectorizer.transform_many(events[start:start + 100])
+    ...     _ = model.process(batch)
+    >>> model.version, model.n_learned
+    (20, 2000)
+    >>> model.metrics.report()["auc"] > 0.95
+    True
+    >>> restored = OnlineModel.from_state(model.to_state())
+    >>> batch, _ = model.vectorizer.transform_many(events[:5])
+    >>> bool(np.array_equal(restored.predict_many(batch), model.predict_many(batch)))
+    True
+    """
+
+    def __init__(self, spec: ModelSpec, *, device: str | None = None) -> None:
+        self.spec = spec
+        self.backend: Backend = get_backend(device or spec.device, spec.n_weights)
+        self.vectorizer = Vectorizer(spec)
+        self.scaler = RunningStandardScaler(spec.n_numeric)
+        self.metrics = PrequentialMetrics(spec.task, spec.rolling_window)
+        self._loss = _LOSS[spec.task]
+        self._opt = _OPT[spec.optimizer]
+        self._hyper = np.array(
+            [spec.learning_rate, spec.l1, spec.l2, spec.power_t, spec.ftrl_beta], dtype=np.float64
+        )
+        d = spec.n_weights + 1
+        bk = self.backend
+        self.w, self.s1, self.s2 = bk.zeros(d), bk.zeros(d), bk.zeros(d)
+        self._grad = bk.zeros(d)
+        self.is_fm = spec.task == "ranking"
+        if self.is_fm:
+            # Seeded by name, so every replica starts from the same factors.
+            rng = np.random.default_rng(zlib.crc32(spec.name.encode()))
+            k = spec.fm_factors
+            v0 = rng.normal(0.0, 0.01, size=(spec.n_weights, k)).astype(np.float32)
+            self.V = bk.asarray(v0)
+            self.s1v, self.s2v = bk.zeros(v0.shape), bk.zeros(v0.shape)
+            self._gv = bk.zeros(v0.shape)
+        self.step = 0
+        self.version = 0
+        self.n_seen = 0
+        self.n_learned = 0
+        self.n_imputed = np.zeros(spec.n_numeric, dtype=np.int64)
+        self.offsets: dict[str, int] = {}
+        self.updated_at = time.time()
+
+    # -- scoring ---------------------------------------------------------------
+    def _margins(self, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
+        out = np.empty(len(indptr) - 1, dtype=np.float32)
+        k = self.backend.kernels
+        if self.is_fm:
+            k.fm_predict_csr(indptr, indices, values, self.w, self.V, out)
+        else:
+            k.linear_predict_csr(indptr, indices, values, self.w, out)
+        return out
+
+    def _link(self, margins: np.ndarray) -> np.ndarray:
+        return margins if self.spec.task == "regression" else _sigmoid(margins)
+
+    def predict_many(self, batch: FeatureBatch) -> np.ndarray:
+        """Scores for a batch without learning: probabilities, or values for regression."""
+        if len(batch) == 0:
+            return np.empty(0, dtype=np.float32)
+        z = self.scaler.transform_many(batch.numeric)
+        return self._link(self._margins(*csr_rows(z, batch.hashed)))
+
+    def predict_events(self, events: list[dict[str, Any]]) -> np.ndarray:
+        """Score event dicts; raise ``InvalidEvent`` naming the first bad field."""
+        from streamlearn.features import InvalidEvent
+
+        batch, rejects = self.vectorizer.transform_many(events)
+        if rejects:
+            index, reason = rejects[0]
+            raise InvalidEvent(f"instance {index}: {reason}")
+        return self.predict_many(batch)
+
+    # -- learning --------------------------------------------------------------
+    def process(self, batch: FeatureBatch) -> np.ndarray:
+        """Prequential step: score every event first, then learn from the labelled ones."""
+        n = len(batch)
+        if n == 0:
+            return np.empty(0, dtype=np.float32)
+        self.n_imputed += np.isnan(batch.numeric).sum(axis=0)
+        self.scaler.learn_many(batch.numeric)
+        z = self.scaler.transform_many(batch.numeric)
+        scores = self._link(self._margins(*csr_rows(z, batch.hashed)))
+        self.n_seen += n
+        mask = batch.has_label
+        if mask.any():
+            labelled = mask if not mask.all() else slice(None)
+            y = np.ascontiguousarray(batch.labels[labelled])
+            self._learn_csr(csr_rows(z[labelled], batch.hashed[labelled]), y)
+            self.metrics.update(y, scores[labelled])
+        return scores
+
+    def _learn_csr(self, csr: tuple[np.ndarray, np.ndarray, np.ndarray], y: np.ndarray) -> float:
+        k = self.backend.kernels
+        if self.is_fm:
+            loss = k.fm_learn_csr(
+                *csr, y, self.w, self.V, self.s1, self.s2, self.s1v, self.s2v,
+                self._loss, self._opt, self._hyper, self.step, self._grad, self._gv,
+            )
+        else:
+            loss = k.linear_learn_csr(
+                *csr, y, self.w, self.s1, self.s2, self._loss, self._opt, self._hyper,
+                self.step, self._grad,
+            )
+        self.step += 1
+        self.version += 1
+        self.n_learned += len(y)
+        self.updated_at = time.time()
+        return float(loss)
+
+    # -- explanation -----------------------------------------------------------
+    def explain_one(self, event: dict[str, Any]) -> dict[str, Any]:
+        """Additive contributions that sum with the bias to the margin."""
+        batch, rejects = self.vectorizer.transform_many([event])
+        if rejects:
+            from streamlearn.features import InvalidEvent
+
+            raise InvalidEvent(rejects[0][1])
+        z = self.scaler.transform_many(batch.numeric)
+        _, indices, values = csr_rows(z, batch.hashed)
+        w = self.backend.to_host(self.w)
+        contrib = w[indices] * values
+        if self.is_fm:
+            v = self.backend.to_host(self.V)[indices] * values[:, None]
+            total = v.sum(axis=0)
+            contrib = contrib + 0.5 * ((v * (total - v)).sum(axis=1))
+        names = self.vectorizer.feature_names(event)
+        margin = float(w[-1] + contrib.sum())
+        return {
+            "bias": float(w[-1]),
+            "contributions": {n: float(c) for n, c in zip(names, contrib, strict=True)},
+            "margin": margin,
+            "score": float(self._link(np.array([margin]))[0]),
+        }
+
+    # -- state -----------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """Summary for the API and logs."""
+        return {
+            "name": self.spec.name,
+            "task": self.spec.task,
+            "version": self.version,
+            "events_seen": self.n_seen,
+            "events_learned": self.n_learned,
+            "device": self.backend.name,
+            "features": {"numeric": list(self.spec.numeric),
+                         "categorical": list(self.spec.categorical),
+                         "hash_bits": self.spec.hash_bits},
+            "imputed": dict(zip(self.spec.numeric, self.n_imputed.tolist(), strict=True)),
+            "metrics": self.metrics.report(),
+            "updated_at": self.updated_at,
+        }
+
+    def to_state(self) -> dict[str, Any]:
+        """Everything needed to resume: weights, optimizer state, scaler, counters, offsets."""
+        h = self.backend.to_host
+        weights = {"w": h(self.w), "s1": h(self.s1), "s2": h(self.s2)}
+        if self.is_fm:
+            weights |= {"V": h(self.V), "s1v": h(self.s1v), "s2v": h(self.s2v)}
+        return {
+            "kind": STATE_KIND,
+            "state_version": STATE_VERSION,
+            "spec": self.spec.to_dict(),
+            "version": self.version,
+            "step": self.step,
+            "n_seen": self.n_seen,
+            "n_learned": self.n_learned,
+            "n_imputed": self.n_imputed.copy(),
+            "offsets": dict(self.offsets),
+            "updated_at": self.updated_at,
+            "weights": weights,
+            "scaler": self.scaler.to_state(),
+            "metrics": self.metrics.to_state(),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], *, device: str | None = None) -> OnlineModel:
+        """Rebuild a model; raise :class:`StateError` for a foreign or newer payload."""
+        if not isinstance(state, dict) or state.get("kind") != STATE_KIND:
+            raise StateError("payload is not a streamlearn model state")
+        if int(state.get("state_version", 0)) > STATE_VERSION:
+            raise StateError(f"model state version {state['state_version']} is too new")
+        try:
+            spec = ModelSpec.from_dict(state["spec"])
+            model = cls(spec, device=device or "cpu")
+            bk = model.backend
+            weights = state["weights"]
+            for name in ("w", "s1", "s2") + (("V", "s1v", "s2v") if model.is_fm else ()):
+                arr = np.asarray(weights[name], dtype=np.float32)
+                if arr.shape != bk.to_host(getattr(model, name)).shape:
+                    raise StateError(f"weights {name!r} have shape {arr.shape}, spec disagrees")
+                setattr(model, name, bk.asarray(arr))
+            model.scaler = RunningStandardScaler.from_state(state["scaler"])
+            model.metrics = PrequentialMetrics.from_state(state["metrics"])
+            model.version = int(state["version"])
+            model.step = int(state["step"])
+            model.n_seen = int(state["n_seen"])
+            model.n_learned = int(state["n_learned"])
+            model.n_imputed = np.asarray(state["n_imputed"], dtype=np.int64).copy()
+            model.offsets = {str(k): int(v) for k, v in state.get("offsets", {}).items()}
+            model.updated_at = float(state.get("updated_at", time.time()))
+        except (KeyError, TypeError) as exc:
+            raise StateError(f"model state is missing or has a bad field: {exc}") from exc
+        return model
