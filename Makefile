@@ -1,0 +1,47 @@
+# One command per chore. `make demo` and `make test` set everything up on a fresh machine.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help demo test test-fast test-cudasim test-gpu lint bench-kernels bench-worker bench-predict load clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)  ## embedded broker + worker + API + producer, live status until Ctrl-C
+	$(BIN)/streamlearn demo
+
+test: $(STAMP) lint  ## lint, all tests (real embedded broker), CUDA twins on the simulator
+	$(BIN)/python -m pytest -m "not gpu and not slow"
+	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest -m "not gpu and not slow" -p no:cacheprovider tests/kernels/test_cuda.py
+
+test-fast: $(STAMP)  ## unit tests only (no broker)
+	$(BIN)/python -m pytest -m "not kafka and not gpu and not slow"
+
+test-cudasim: $(STAMP)  ## CUDA kernels on numba's simulator
+	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest -m "not gpu" tests/kernels/test_cuda.py
+
+test-gpu: $(STAMP)  ## CUDA kernels on a real GPU (needs streamlearn[cuda])
+	$(BIN)/python -m pytest -m gpu tests/kernels
+
+lint: $(STAMP)  ## ruff
+	$(BIN)/ruff check streamlearn kernels services tests load_tests
+
+bench-kernels: $(STAMP)  ## kernel rows/s against a plain @njit baseline
+	$(BIN)/python load_tests/bench_kernels.py
+
+bench-worker: $(STAMP)  ## worker events/s (JSON and batch records) with baselines
+	$(BIN)/python load_tests/bench_worker.py
+
+bench-predict: $(STAMP)  ## /predict latency percentiles against /healthz
+	$(BIN)/python load_tests/bench_predict.py
+
+clean:  ## remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache .snapshots

@@ -1,0 +1,132 @@
+"""Contract checks over every task, plus learning-quality checks on seeded streams."""
+
+import numpy as np
+import pytest
+
+from streamlearn.backends import BackendUnavailable, get_backend
+from streamlearn.config import ModelSpec
+from streamlearn.models import OnlineModel
+from streamlearn.prequential import roc_auc
+from streamlearn.synthetic import FraudStream
+
+SPECS = {
+    "binary": ModelSpec(name="b", topic="t", numeric=("x1", "x2"), categorical=("c",), label="y",
+                        hash_bits=6, learning_rate=0.1),
+    "regression": ModelSpec(name="r", topic="t", task="regression", numeric=("x1", "x2"),
+                            categorical=("c",), label="y", hash_bits=6, optimizer="sgd",
+                            learning_rate=0.2),
+    "ranking": ModelSpec(name="k", topic="t", task="ranking", numeric=("x1",),
+                         categorical=("user", "item"), label="y", hash_bits=10, fm_factors=4,
+                         learning_rate=0.1),
+}
+
+
+def _events(task, n, seed=0):
+    rng = np.random.default_rng(seed)
+    x1, x2 = rng.normal(size=n), rng.normal(size=n) * 50 + 10
+    c = rng.integers(0, 5, n)
+    user, item = rng.integers(0, 20, n), rng.integers(0, 20, n)
+    if task == "binary":
+        y = (x1 + 0.02 * x2 + (c == 3) + rng.normal(0, 0.3, n) > 0.5).astype(int)
+    elif task == "regression":
+        y = 3 * x1 - 0.05 * x2 + 2.0 * (c == 1) + rng.normal(0, 0.1, n)
+    else:  # clicks driven by a user x item affinity only an FM can express
+        y = ((user % 2) == (item % 2)).astype(int) & (rng.random(n) < 0.9)
+    return [{"event_id": i, "x1": float(x1[i]), "x2": float(x2[i]), "c": f"c{c[i]}",
+             "user": f"u{user[i]}", "item": f"i{item[i]}", "y": y[i].item()} for i in range(n)]
+
+
+def _run(model, events, batch=128):
+    scores = []
+    for i in range(0, len(events), batch):
+        b, rejects = model.vectorizer.transform_many(events[i:i + batch])
+        assert not rejects
+        scores.append(model.process(b))
+    return np.concatenate(scores)
+
+
+@pytest.mark.parametrize("task", SPECS)
+def test_state_round_trip_and_determinism(task):
+    events = _events(task, 1000)
+    a, b = OnlineModel(SPECS[task], device="cpu"), OnlineModel(SPECS[task], device="cpu")
+    _run(a, events)
+    _run(b, events)
+    np.testing.assert_array_equal(a.w, b.w)
+    restored = OnlineModel.from_state(a.to_state())
+    probe = _events(task, 50, seed=7)
+    np.testing.assert_array_equal(restored.predict_events(probe), a.predict_events(probe))
+
+
+@pytest.mark.parametrize("task", SPECS)
+def test_input_batch_not_mutated(task):
+    model = OnlineModel(SPECS[task], device="cpu")
+    batch, _ = model.vectorizer.transform_many(_events(task, 64))
+    before = (batch.numeric.copy(), batch.hashed.copy(), batch.labels.copy())
+    model.process(batch)
+    for old, new in zip(before, (batch.numeric, batch.hashed, batch.labels), strict=True):
+        np.testing.assert_array_equal(old, new)
+
+
+@pytest.mark.parametrize("task", SPECS)
+def test_unlabelled_events_are_scored_not_learned(task):
+    model = OnlineModel(SPECS[task], device="cpu")
+    events = [{k: v for k, v in e.items() if k != "y"} for e in _events(task, 100)]
+    scores = _run(model, events, batch=100)
+    assert len(scores) == 100 and model.version == 0 and model.n_seen == 100
+    assert not np.any(model.w)
+
+
+def test_binary_learns_and_prequential_scores_come_before_learning():
+    model = OnlineModel(SPECS["binary"], device="cpu")
+    events = _events("binary", 20000)
+    scores = _run(model, events)
+    assert np.all(scores[:128] == 0.5)  # first batch scored by the untrained model
+    y = np.array([e["y"] for e in events])
+    assert roc_auc(y[-5000:], scores[-5000:]) > 0.95
+
+
+def test_regression_error_falls():
+    model = OnlineModel(SPECS["regression"], device="cpu")
+    events = _events("regression", 20000)
+    scores = _run(model, events)
+    y = np.array([e["y"] for e in events])
+    early = np.abs(scores[:1000] - y[:1000]).mean()
+    late = np.abs(scores[-2000:] - y[-2000:]).mean()
+    assert late < 0.15 and late < early / 5
+
+
+def test_factorization_machine_learns_an_interaction():
+    model = OnlineModel(SPECS["ranking"], device="cpu")
+    events = _events("ranking", 40000)
+    scores = _run(model, events)
+    y = np.array([e["y"] for e in events])
+    assert roc_auc(y[-5000:], scores[-5000:]) > 0.8
+
+
+def test_fraud_stream_is_learnable_to_auc_above_090_on_unseen_events(fraud_spec):
+    model = OnlineModel(fraud_spec, device="cpu")
+    _run(model, FraudStream(seed=3).take(60000), batch=256)
+    holdout = FraudStream(seed=4).take(20000)
+    y = np.array([e.get("is_fraud", 0) for e in holdout])
+    assert roc_auc(y, model.predict_events(holdout)) > 0.9
+
+
+def test_explain_contributions_add_up_to_the_margin(fraud_spec):
+    model = OnlineModel(fraud_spec, device="cpu")
+    _run(model, FraudStream(seed=3).take(3000), batch=256)
+    event = FraudStream(seed=5).take(1)[0]
+    ex = model.explain_one(event)
+    assert ex["bias"] + sum(ex["contributions"].values()) == pytest.approx(ex["margin"], abs=1e-5)
+    assert ex["score"] == pytest.approx(float(model.predict_events([event])[0]), abs=1e-6)
+    assert f"country={event['country']}" in ex["contributions"]
+
+
+def test_cuda_request_without_gpu_fails_at_start_with_a_clear_error():
+    from numba import cuda
+
+    if cuda.is_available():
+        pytest.skip("a CUDA device (or the simulator) is present")
+    with pytest.raises(BackendUnavailable, match="no CUDA GPU is visible|numba's CUDA support"):
+        get_backend("cuda")
+    with pytest.raises(BackendUnavailable):
+        OnlineModel(SPECS["binary"], device="cuda")

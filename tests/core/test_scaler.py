@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+
+from streamlearn.scaler import RunningStandardScaler
+
+
+def test_matches_two_pass_numpy_over_many_batches(rng):
+    X = rng.lognormal(3.0, 1.5, size=(5000, 4)) * np.array([1, 10, 1e3, 1e-3])
+    s = RunningStandardScaler(4)
+    for chunk in np.array_split(X, 37):
+        s.learn_many(chunk)
+    np.testing.assert_allclose(s.mean, X.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(s.var, X.var(axis=0), rtol=1e-10)
+    np.testing.assert_array_equal(s.count, 5000)
+
+
+def test_merge_equals_sequential_updates(rng):
+    X = rng.normal(100.0, 5.0, size=(3000, 3))
+    seq = RunningStandardScaler(3)
+    seq.learn_many(X)
+    parts = [RunningStandardScaler(3) for _ in range(3)]
+    for part, chunk in zip(parts, np.array_split(X, [100, 2500]), strict=True):
+        part.learn_many(chunk)
+    merged = RunningStandardScaler(3)
+    for part in reversed(parts):
+        merged.merge(part)
+    np.testing.assert_allclose(merged.mean, seq.mean, rtol=1e-12)
+    np.testing.assert_allclose(merged.m2, seq.m2, rtol=1e-9)
+
+
+def test_nan_is_missing_and_imputed_with_the_mean(rng):
+    X = rng.normal(size=(200, 2))
+    holes = X.copy()
+    holes[::3, 0] = np.nan
+    s = RunningStandardScaler(2)
+    s.learn_many(holes)
+    present = X[~np.isnan(holes[:, 0]), 0]
+    assert s.count.tolist() == [len(present), 200]
+    np.testing.assert_allclose(s.mean[0], present.mean())
+    z = s.transform_many(holes)
+    assert np.all(z[::3, 0] == 0.0) and np.isfinite(z).all()
+
+
+def test_constant_feature_transforms_finite():
+    s = RunningStandardScaler(1)
+    s.learn_many(np.full((10, 1), 7.0))
+    assert s.transform_many(np.array([[7.0], [8.0]])).tolist() == [[0.0], [1.0]]
+
+
+def test_state_round_trip_and_shape_check(rng):
+    s = RunningStandardScaler(3)
+    s.learn_many(rng.normal(size=(50, 3)))
+    r = RunningStandardScaler.from_state(s.to_state())
+    np.testing.assert_array_equal(r.m2, s.m2)
+    with pytest.raises(ValueError, match="cannot merge 2 features into 3"):
+        s.merge(RunningStandardScaler(2))
