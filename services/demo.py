@@ -17,16 +17,32 @@ from streamlearn.services.producer import produce
 from streamlearn.broker import EmbeddedBroker
 from streamlearn.settings import Settings
 
-NORMAL = {"amount": 32.0, "hour": 13.5, "distance_km": 4.0, "card_age_days": 900,
-          "tx_last_hour": 0, "merchant_category": "grocery", "country": "FR", "channel": "pos"}
-SUSPICIOUS = {"amount": 940.0, "hour": 3.2, "distance_km": 1900.0, "card_age_days": 40,
-              "tx_last_hour": 4, "merchant_category": "gift_cards", "country": "NG",
-              "channel": "online"}
+NORMAL = {
+    "amount": 32.0,
+    "hour": 13.5,
+    "distance_km": 4.0,
+    "card_age_days": 900,
+    "tx_last_hour": 0,
+    "merchant_category": "grocery",
+    "country": "FR",
+    "channel": "pos",
+}
+SUSPICIOUS = {
+    "amount": 940.0,
+    "hour": 3.2,
+    "distance_km": 1900.0,
+    "card_age_days": 40,
+    "tx_last_hour": 4,
+    "merchant_category": "gift_cards",
+    "country": "NG",
+    "channel": "online",
+}
 
 
 def _spawn(command: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "streamlearn", command], env=env,
-                            stdin=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "streamlearn", command], env=env, stdin=subprocess.DEVNULL
+    )
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -42,16 +58,22 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 async def _status(client: httpx.AsyncClient, model: str) -> dict[str, Any] | None:
     try:
         info = (await client.get(f"/models/{model}")).json()
-        preds = await client.post(f"/models/{model}/predict",
-                                  json={"instances": [NORMAL, SUSPICIOUS]})
+        preds = await client.post(
+            f"/models/{model}/predict", json={"instances": [NORMAL, SUSPICIOUS]}
+        )
         info["sample"] = preds.json().get("predictions")
         return info  # type: ignore[no-any-return]
     except (httpx.HTTPError, ValueError):
         return None
 
 
-async def _drive(settings: Settings, bootstrap: str, rate: float, duration: float | None,
-                 procs: list[subprocess.Popen[bytes]]) -> None:
+async def _drive(
+    settings: Settings,
+    bootstrap: str,
+    rate: float,
+    duration: float | None,
+    procs: list[subprocess.Popen[bytes]],
+) -> None:
     spec = settings.specs[0]
     base = f"http://{settings.api.host}:{settings.api.port}"
     stop = asyncio.Event()
@@ -78,9 +100,11 @@ async def _drive(settings: Settings, bootstrap: str, rate: float, duration: floa
                 metrics = info.get("metrics", {})
                 auc = metrics.get("auc")
                 sample = info.get("sample") or [float("nan"), float("nan")]
-                line = (f"[{now - t0:5.0f}s] {per_s:7,.0f} events/s | model v{info['version']} "
-                        f"| seen {seen:,} | rolling AUC {auc if auc is None else f'{auc:.3f}'} "
-                        f"| p(fraud) normal={sample[0]:.3f} suspicious={sample[1]:.3f}")
+                line = (
+                    f"[{now - t0:5.0f}s] {per_s:7,.0f} events/s | model v{info['version']} "
+                    f"| seen {seen:,} | rolling AUC {auc if auc is None else f'{auc:.3f}'} "
+                    f"| p(fraud) normal={sample[0]:.3f} suspicious={sample[1]:.3f}"
+                )
             print(("\r" + line.ljust(118)) if tty else line, end="" if tty else "\n", flush=True)
     stop.set()
     await producer
@@ -105,15 +129,18 @@ def run(settings: Settings, *, rate: float = 3000.0, duration: float | None = No
         procs.append(_spawn("api", env))
         base = f"http://{settings.api.host}:{settings.api.port}"
         name = settings.specs[0].name
-        print(f"""streamlearn demo: {rate:,.0f} synthetic card transactions/s, about 1% fraud
-  broker     {bootstrap}{' (embedded Tansu, memory only)' if broker else ''}
+        print(
+            f"""streamlearn demo: {rate:,.0f} synthetic card transactions/s, about 1% fraud
+  broker     {bootstrap}{" (embedded Tansu, memory only)" if broker else ""}
   dashboard  {base}/dashboard
   API docs   {base}/docs
   metrics    {base}/metrics
   try        curl -s -X POST {base}/models/{name}/predict -H 'content-type: application/json' \\
                -d '{{"features": {{"amount": 940, "hour": 3, "country": "NG"}}}}'
 Ctrl-C stops everything.
-""", flush=True)
+""",
+            flush=True,
+        )
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_drive(settings, bootstrap, rate, duration, procs))
         print()

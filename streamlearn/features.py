@@ -120,9 +120,7 @@ class Vectorizer:
         cats = [f"{f}={event.get(f, _MISSING)}" for f in self.spec.categorical]
         return list(self.spec.numeric) + cats
 
-    def transform_many(
-        self, events: Sequence[Any]
-    ) -> tuple[FeatureBatch, list[tuple[int, str]]]:
+    def transform_many(self, events: Sequence[Any]) -> tuple[FeatureBatch, list[tuple[int, str]]]:
         """Vectorize events; return the batch of valid ones and ``(index, reason)`` rejects."""
         spec = self.spec
         n_num, n_cat = spec.n_numeric, len(spec.categorical)
@@ -177,7 +175,9 @@ def _number(value: Any, name: str, *, allow_missing: bool) -> float:
     return x
 
 
-def csr_rows(numeric_z: np.ndarray, hashed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def csr_rows(
+    numeric_z: np.ndarray, hashed: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Assemble CSR ``(indptr, indices, values)`` from scaled numerics and hashed slots.
 
     Every row has the same width, so this is a reshape, not a Python loop.

@@ -15,9 +15,22 @@ from typing import Any
 import numpy as np
 
 CATEGORIES = (
-    "grocery", "fuel", "restaurant", "pharmacy", "clothing", "transport", "utilities",
-    "entertainment", "hotel", "books", "electronics", "jewelry", "gift_cards", "travel",
-    "gaming", "crypto_exchange",
+    "grocery",
+    "fuel",
+    "restaurant",
+    "pharmacy",
+    "clothing",
+    "transport",
+    "utilities",
+    "entertainment",
+    "hotel",
+    "books",
+    "electronics",
+    "jewelry",
+    "gift_cards",
+    "travel",
+    "gaming",
+    "crypto_exchange",
 )
 RISKY_CATEGORIES = ("electronics", "jewelry", "gift_cards", "travel", "gaming", "crypto_exchange")
 COUNTRIES = ("FR", "DE", "GB", "ES", "IT", "NL", "BE", "PL", "SE", "US", "BR", "NG", "RU", "VN")
@@ -40,9 +53,15 @@ class FraudStream:
     True
     """
 
-    def __init__(self, seed: int = 0, fraud_rate: float = 0.01, n_cards: int = 20_000,
-                 n_merchants: int = 5_000, label_fraction: float = 1.0,
-                 missing_rate: float = 0.005) -> None:
+    def __init__(
+        self,
+        seed: int = 0,
+        fraud_rate: float = 0.01,
+        n_cards: int = 20_000,
+        n_merchants: int = 5_000,
+        label_fraction: float = 1.0,
+        missing_rate: float = 0.005,
+    ) -> None:
         self.rng = np.random.default_rng(seed)
         rng = self.rng
         self.fraud_rate = fraud_rate
@@ -85,11 +104,18 @@ class FraudStream:
         ids = np.arange(self._next_id, self._next_id + n)
         self._next_id += n
         return {
-            "event_id": ids, "card_id": card, "merchant_id": merchant,
-            "merchant_category": self.merchant_cat[merchant], "country": country,
-            "channel": channel, "amount": np.round(amount, 2), "hour": np.round(hour, 2),
-            "distance_km": np.round(distance, 1), "card_age_days": np.round(self.card_age[card]),
-            "tx_last_hour": burst, "ts": self._ts + np.arange(n) * 0.01,
+            "event_id": ids,
+            "card_id": card,
+            "merchant_id": merchant,
+            "merchant_category": self.merchant_cat[merchant],
+            "country": country,
+            "channel": channel,
+            "amount": np.round(amount, 2),
+            "hour": np.round(hour, 2),
+            "distance_km": np.round(distance, 1),
+            "card_age_days": np.round(self.card_age[card]),
+            "tx_last_hour": burst,
+            "ts": self._ts + np.arange(n) * 0.01,
             "is_fraud": fraud.astype(np.int64),
             "_labelled": rng.random(n) < self.label_fraction,
             "_missing": rng.random(n) < self.missing_rate,

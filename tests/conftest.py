@@ -18,9 +18,13 @@ def rng() -> np.random.Generator:
 @pytest.fixture
 def fraud_spec() -> ModelSpec:
     return ModelSpec(
-        name="fraud", topic="transactions", label="is_fraud", task="binary",
+        name="fraud",
+        topic="transactions",
+        label="is_fraud",
+        task="binary",
         numeric=("amount", "hour", "distance_km", "card_age_days", "tx_last_hour"),
-        categorical=("merchant_category", "country", "channel"), hash_bits=12,
+        categorical=("merchant_category", "country", "channel"),
+        hash_bits=12,
         learning_rate=0.05,
     )
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from streamlearn.backends import Backend, get_backend
 from streamlearn.config import ModelSpec
+from streamlearn.drift import ConceptDriftMonitor, DataDriftMonitor
 from streamlearn.features import FeatureBatch, Vectorizer, csr_rows
 from streamlearn.kernels import codes
 from streamlearn.prequential import PrequentialMetrics
@@ -22,8 +23,11 @@ from streamlearn.scaler import RunningStandardScaler
 STATE_KIND = "streamlearn.model"
 STATE_VERSION = 1
 
-_LOSS = {"binary": codes.LOSS_LOGISTIC, "ranking": codes.LOSS_LOGISTIC,
-         "regression": codes.LOSS_SQUARED}
+_LOSS = {
+    "binary": codes.LOSS_LOGISTIC,
+    "ranking": codes.LOSS_LOGISTIC,
+    "regression": codes.LOSS_SQUARED,
+}
 _OPT = {"sgd": codes.OPT_SGD, "adagrad": codes.OPT_ADAGRAD, "ftrl": codes.OPT_FTRL}
 
 
@@ -69,6 +73,8 @@ class OnlineModel:
         self.vectorizer = Vectorizer(spec)
         self.scaler = RunningStandardScaler(spec.n_numeric)
         self.metrics = PrequentialMetrics(spec.task, spec.rolling_window)
+        self.concept_drift = ConceptDriftMonitor("adwin")
+        self.data_drift = DataDriftMonitor(list(spec.numeric))
         self._loss = _LOSS[spec.task]
         self._opt = _OPT[spec.optimizer]
         self._hyper = np.array(
@@ -133,6 +139,7 @@ class OnlineModel:
             return np.empty(0, dtype=np.float32)
         self.n_imputed += np.isnan(batch.numeric).sum(axis=0)
         self.scaler.learn_many(batch.numeric)
+        self.data_drift.update(batch.numeric)
         z = self.scaler.transform_many(batch.numeric)
         scores = self._link(self._margins(*csr_rows(z, batch.hashed)))
         self.n_seen += n
@@ -140,21 +147,42 @@ class OnlineModel:
         if mask.any():
             labelled = mask if not mask.all() else slice(None)
             y = np.ascontiguousarray(batch.labels[labelled])
-            self._learn_csr(csr_rows(z[labelled], batch.hashed[labelled]), y)
+            loss = self._learn_csr(csr_rows(z[labelled], batch.hashed[labelled]), y)
             self.metrics.update(y, scores[labelled])
+            self.concept_drift.update(loss / len(y), self.n_seen)
         return scores
 
     def _learn_csr(self, csr: tuple[np.ndarray, np.ndarray, np.ndarray], y: np.ndarray) -> float:
         k = self.backend.kernels
         if self.is_fm:
             loss = k.fm_learn_csr(
-                *csr, y, self.w, self.V, self.s1, self.s2, self.s1v, self.s2v,
-                self._loss, self._opt, self._hyper, self.step, self._grad, self._gv,
+                *csr,
+                y,
+                self.w,
+                self.V,
+                self.s1,
+                self.s2,
+                self.s1v,
+                self.s2v,
+                self._loss,
+                self._opt,
+                self._hyper,
+                self.step,
+                self._grad,
+                self._gv,
             )
         else:
             loss = k.linear_learn_csr(
-                *csr, y, self.w, self.s1, self.s2, self._loss, self._opt, self._hyper,
-                self.step, self._grad,
+                *csr,
+                y,
+                self.w,
+                self.s1,
+                self.s2,
+                self._loss,
+                self._opt,
+                self._hyper,
+                self.step,
+                self._grad,
             )
         self.step += 1
         self.version += 1
@@ -188,6 +216,10 @@ class OnlineModel:
         }
 
     # -- state -----------------------------------------------------------------
+    def drift_report(self) -> dict[str, Any]:
+        """Concept drift on the loss stream and data drift per numeric feature."""
+        return {"concept": self.concept_drift.report(), "data": self.data_drift.report()}
+
     def info(self) -> dict[str, Any]:
         """Summary for the API and logs."""
         return {
@@ -197,9 +229,11 @@ class OnlineModel:
             "events_seen": self.n_seen,
             "events_learned": self.n_learned,
             "device": self.backend.name,
-            "features": {"numeric": list(self.spec.numeric),
-                         "categorical": list(self.spec.categorical),
-                         "hash_bits": self.spec.hash_bits},
+            "features": {
+                "numeric": list(self.spec.numeric),
+                "categorical": list(self.spec.categorical),
+                "hash_bits": self.spec.hash_bits,
+            },
             "imputed": dict(zip(self.spec.numeric, self.n_imputed.tolist(), strict=True)),
             "metrics": self.metrics.report(),
             "updated_at": self.updated_at,
@@ -225,6 +259,7 @@ class OnlineModel:
             "weights": weights,
             "scaler": self.scaler.to_state(),
             "metrics": self.metrics.to_state(),
+            "drift": {"concept": self.concept_drift.to_state(), "data": self.data_drift.to_state()},
         }
 
     @classmethod
@@ -246,6 +281,10 @@ class OnlineModel:
                 setattr(model, name, bk.asarray(arr))
             model.scaler = RunningStandardScaler.from_state(state["scaler"])
             model.metrics = PrequentialMetrics.from_state(state["metrics"])
+            drift = state.get("drift")  # absent in states written before drift monitors
+            if drift:
+                model.concept_drift = ConceptDriftMonitor.from_state(drift["concept"])
+                model.data_drift = DataDriftMonitor.from_state(drift["data"])
             model.version = int(state["version"])
             model.step = int(state["step"])
             model.n_seen = int(state["n_seen"])

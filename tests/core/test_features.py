@@ -6,15 +6,18 @@ import numpy as np
 from streamlearn.config import ModelSpec
 from streamlearn.features import Vectorizer, csr_rows, stable_hash
 
-SPEC = ModelSpec(name="m", topic="t", numeric=("a", "b"), categorical=("c",), label="y",
-                 hash_bits=8)
+SPEC = ModelSpec(
+    name="m", topic="t", numeric=("a", "b"), categorical=("c",), label="y", hash_bits=8
+)
 
 
 def test_hash_is_stable_across_processes():
     """Python's hash() is salted per process; ours must not be."""
     code = "from streamlearn.features import stable_hash; print(stable_hash('country', 'FR'))"
-    outs = {subprocess.check_output([sys.executable, "-c", code], env={"PYTHONHASHSEED": s})
-            for s in ("1", "2")}
+    outs = {
+        subprocess.check_output([sys.executable, "-c", code], env={"PYTHONHASHSEED": s})
+        for s in ("1", "2")
+    }
     assert outs == {f"{stable_hash('country', 'FR')}\n".encode()}
 
 
@@ -27,22 +30,28 @@ def test_slots_fall_in_the_hashed_block_and_repeat():
 
 def test_missing_numeric_is_nan_and_bad_values_are_rejected_with_the_field():
     vec = Vectorizer(SPEC)
-    batch, rejects = vec.transform_many([
-        {"event_id": "a", "a": 1.0, "c": "x", "y": 0},
-        {"event_id": "b", "b": 2, "y": 1},
-        {"event_id": "c", "a": True},
-        {"event_id": "d", "a": 1.0, "y": 2},
-        {"event_id": "e", "c": ["list"]},
-        ["not", "an", "object"],
-        {"event_id": "f", "a": float("inf")},
-    ])
+    batch, rejects = vec.transform_many(
+        [
+            {"event_id": "a", "a": 1.0, "c": "x", "y": 0},
+            {"event_id": "b", "b": 2, "y": 1},
+            {"event_id": "c", "a": True},
+            {"event_id": "d", "a": 1.0, "y": 2},
+            {"event_id": "e", "c": ["list"]},
+            ["not", "an", "object"],
+            {"event_id": "f", "a": float("inf")},
+        ]
+    )
     assert batch.ids == ["a", "b"]
     assert np.isnan(batch.numeric[0, 1]) and np.isnan(batch.numeric[1, 0])
     assert [i for i, _ in rejects] == [2, 3, 4, 5, 6]
     reasons = " | ".join(r for _, r in rejects)
-    for expected in ("field 'a': expected a number, got bool", "label must be 0 or 1",
-                     "field 'c': expected a string or integer", "must be a JSON object",
-                     "must be finite"):
+    for expected in (
+        "field 'a': expected a number, got bool",
+        "label must be 0 or 1",
+        "field 'c': expected a string or integer",
+        "must be a JSON object",
+        "must be finite",
+    ):
         assert expected in reasons
 
 

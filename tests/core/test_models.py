@@ -10,14 +10,37 @@ from streamlearn.prequential import roc_auc
 from streamlearn.synthetic import FraudStream
 
 SPECS = {
-    "binary": ModelSpec(name="b", topic="t", numeric=("x1", "x2"), categorical=("c",), label="y",
-                        hash_bits=6, learning_rate=0.1),
-    "regression": ModelSpec(name="r", topic="t", task="regression", numeric=("x1", "x2"),
-                            categorical=("c",), label="y", hash_bits=6, optimizer="sgd",
-                            learning_rate=0.2),
-    "ranking": ModelSpec(name="k", topic="t", task="ranking", numeric=("x1",),
-                         categorical=("user", "item"), label="y", hash_bits=10, fm_factors=4,
-                         learning_rate=0.1),
+    "binary": ModelSpec(
+        name="b",
+        topic="t",
+        numeric=("x1", "x2"),
+        categorical=("c",),
+        label="y",
+        hash_bits=6,
+        learning_rate=0.1,
+    ),
+    "regression": ModelSpec(
+        name="r",
+        topic="t",
+        task="regression",
+        numeric=("x1", "x2"),
+        categorical=("c",),
+        label="y",
+        hash_bits=6,
+        optimizer="sgd",
+        learning_rate=0.2,
+    ),
+    "ranking": ModelSpec(
+        name="k",
+        topic="t",
+        task="ranking",
+        numeric=("x1",),
+        categorical=("user", "item"),
+        label="y",
+        hash_bits=10,
+        fm_factors=4,
+        learning_rate=0.1,
+    ),
 }
 
 
@@ -32,14 +55,24 @@ def _events(task, n, seed=0):
         y = 3 * x1 - 0.05 * x2 + 2.0 * (c == 1) + rng.normal(0, 0.1, n)
     else:  # clicks driven by a user x item affinity only an FM can express
         y = ((user % 2) == (item % 2)).astype(int) & (rng.random(n) < 0.9)
-    return [{"event_id": i, "x1": float(x1[i]), "x2": float(x2[i]), "c": f"c{c[i]}",
-             "user": f"u{user[i]}", "item": f"i{item[i]}", "y": y[i].item()} for i in range(n)]
+    return [
+        {
+            "event_id": i,
+            "x1": float(x1[i]),
+            "x2": float(x2[i]),
+            "c": f"c{c[i]}",
+            "user": f"u{user[i]}",
+            "item": f"i{item[i]}",
+            "y": y[i].item(),
+        }
+        for i in range(n)
+    ]
 
 
 def _run(model, events, batch=128):
     scores = []
     for i in range(0, len(events), batch):
-        b, rejects = model.vectorizer.transform_many(events[i:i + batch])
+        b, rejects = model.vectorizer.transform_many(events[i : i + batch])
         assert not rejects
         scores.append(model.process(b))
     return np.concatenate(scores)

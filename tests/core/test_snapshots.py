@@ -24,7 +24,10 @@ def test_model_round_trips_exactly(fraud_spec):
     np.testing.assert_array_equal(restored.scaler.m2, model.scaler.m2)
     assert restored.offsets == model.offsets
     assert (restored.version, restored.step, restored.n_seen) == (
-        model.version, model.step, model.n_seen)
+        model.version,
+        model.step,
+        model.n_seen,
+    )
     assert restored.metrics.report() == model.metrics.report()
     events = FraudStream(seed=9).take(100)
     np.testing.assert_array_equal(restored.predict_events(events), model.predict_events(events))
@@ -36,13 +39,16 @@ def test_hashed_weights_are_stored_sparse(fraud_spec):
     assert len(snapshots.encode(model.to_state())) < dense_bytes / 4
 
 
-@pytest.mark.parametrize("mangle, message", [
-    (lambda b: b"XXXXXX" + b[6:], "bad magic"),
-    (lambda b: b[:-10], "checksum mismatch"),
-    (lambda b: b[:20] + bytes([b[20] ^ 0xFF]) + b[21:], "checksum mismatch"),
-    (lambda b: b[:4], "too short"),
-    (lambda b: b[:6] + (99).to_bytes(2, "little") + b[8:], "newer than supported"),
-])
+@pytest.mark.parametrize(
+    "mangle, message",
+    [
+        (lambda b: b"XXXXXX" + b[6:], "bad magic"),
+        (lambda b: b[:-10], "checksum mismatch"),
+        (lambda b: b[:20] + bytes([b[20] ^ 0xFF]) + b[21:], "checksum mismatch"),
+        (lambda b: b[:4], "too short"),
+        (lambda b: b[:6] + (99).to_bytes(2, "little") + b[8:], "newer than supported"),
+    ],
+)
 def test_corrupt_payloads_are_refused_clearly(fraud_spec, mangle, message):
     payload = snapshots.encode(_trained(fraud_spec, 300).to_state())
     with pytest.raises(snapshots.SnapshotError, match=message):

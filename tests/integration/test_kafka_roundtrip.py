@@ -52,14 +52,25 @@ def stack(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dic
     tmp = tmp_path_factory.mktemp("stack")
     (tmp / "streamlearn.toml").write_text(CONFIG)
     port = free_port()
-    env = {**os.environ, "STREAMLEARN_CONFIG": str(tmp / "streamlearn.toml"),
-           "STREAMLEARN_KAFKA__BOOTSTRAP": broker, "STREAMLEARN_KAFKA__FAST_JOIN": "true",
-           "STREAMLEARN_WORKER__SNAPSHOT_DIR": str(tmp / "snapshots"),
-           "STREAMLEARN_WORKER__REPLICA_ID": "it-0", "STREAMLEARN_API__PORT": str(port)}
+    env = {
+        **os.environ,
+        "STREAMLEARN_CONFIG": str(tmp / "streamlearn.toml"),
+        "STREAMLEARN_KAFKA__BOOTSTRAP": broker,
+        "STREAMLEARN_KAFKA__FAST_JOIN": "true",
+        "STREAMLEARN_WORKER__SNAPSHOT_DIR": str(tmp / "snapshots"),
+        "STREAMLEARN_WORKER__REPLICA_ID": "it-0",
+        "STREAMLEARN_API__PORT": str(port),
+    }
     logs = {name: open(tmp / f"{name}.log", "wb") for name in ("worker", "api")}
-    procs = [subprocess.Popen([sys.executable, "-m", "streamlearn", name], env=env,
-                              stdout=logs[name], stderr=subprocess.STDOUT)
-             for name in ("worker", "api")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "streamlearn", name],
+            env=env,
+            stdout=logs[name],
+            stderr=subprocess.STDOUT,
+        )
+        for name in ("worker", "api")
+    ]
     try:
         yield {"base": f"http://127.0.0.1:{port}", "bootstrap": broker, "dir": str(tmp)}
     finally:
@@ -75,8 +86,10 @@ def stack(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dic
 
 
 def _tail(stack: dict[str, str]) -> str:
-    return "\n".join(f"--- {n}.log\n" + Path(stack["dir"], f"{n}.log").read_text()[-3000:]
-                     for n in ("worker", "api"))
+    return "\n".join(
+        f"--- {n}.log\n" + Path(stack["dir"], f"{n}.log").read_text()[-3000:]
+        for n in ("worker", "api")
+    )
 
 
 async def _produce(bootstrap: str) -> None:
@@ -135,7 +148,7 @@ def test_stream_is_learned_served_and_bad_messages_dead_lettered(stack):
         holdout = FraudStream(seed=99).take(6000)
         scores: list[float] = []
         for i in range(0, len(holdout), 1000):
-            r = client.post("/models/fraud/predict", json={"instances": holdout[i:i + 1000]})
+            r = client.post("/models/fraud/predict", json={"instances": holdout[i : i + 1000]})
             assert r.status_code == 200, r.text
             body = r.json()
             assert body["version"] >= 1 and body["model"] == "fraud"
@@ -146,8 +159,9 @@ def test_stream_is_learned_served_and_bad_messages_dead_lettered(stack):
         metrics = client.get("/metrics").text
         assert "streamlearn_" in metrics
 
-    dead = [orjson.loads(v) for v in asyncio.run(_read(stack["bootstrap"],
-                                                         "streamlearn.deadletter", 2))]
+    dead = [
+        orjson.loads(v) for v in asyncio.run(_read(stack["bootstrap"], "streamlearn.deadletter", 2))
+    ]
     by_source = {base64.b64decode(d["value_b64"]): d for d in dead}
     assert set(by_source) == {MALFORMED, orjson.dumps(INVALID)}
     assert "not valid JSON" in by_source[MALFORMED]["reason"]
