@@ -37,7 +37,9 @@ class Backend:
     def asarray(self, host: np.ndarray) -> Any:
         """Place a host array on this backend (a no-op on the CPU)."""
         if self.name == "cuda":
-            return self.kernels.to_device(np.ascontiguousarray(host))
+            from numba import cuda
+
+            return cuda.to_device(np.ascontiguousarray(host))
         return np.ascontiguousarray(host)
 
     def to_host(self, arr: Any) -> np.ndarray:

@@ -1,0 +1,48 @@
+"""Integer codes shared by every kernel backend.
+
+Plain Python ints so that the core can import them without numba, and so that
+``@njit`` functions see them as compile-time constants.
+"""
+
+LOSS_LOGISTIC = 0
+"""Logistic loss, ``y`` in {0, 1}; ``dloss/dm = sigmoid(m) - y``."""
+LOSS_SQUARED = 1
+"""Squared loss ``0.5 * (m - y)**2``; ``dloss/dm = m - y``."""
+
+OPT_SGD = 0
+"""Plain SGD with the schedule ``learning_rate / (1 + step)**power_t``."""
+OPT_ADAGRAD = 1
+"""AdaGrad: ``s1`` accumulates squared gradients, ``s2`` is unused."""
+OPT_FTRL = 2
+"""FTRL-Proximal (McMahan et al. 2013): ``s1 = z``, ``s2 = n``."""
+
+HYPER_LEN = 5
+"""Length of the ``hyper`` vector: see the ``H_*`` positions below."""
+H_LEARNING_RATE = 0
+H_L1 = 1
+H_L2 = 2
+H_POWER_T = 3
+H_FTRL_BETA = 4
+
+ADAGRAD_EPS = 1e-8
+"""Added to ``sqrt(s1)`` in the AdaGrad denominator."""
+
+LOSSES = (LOSS_LOGISTIC, LOSS_SQUARED)
+OPTIMIZERS = (OPT_SGD, OPT_ADAGRAD, OPT_FTRL)
+
+__all__ = [
+    "ADAGRAD_EPS",
+    "HYPER_LEN",
+    "H_FTRL_BETA",
+    "H_L1",
+    "H_L2",
+    "H_LEARNING_RATE",
+    "H_POWER_T",
+    "LOSSES",
+    "LOSS_LOGISTIC",
+    "LOSS_SQUARED",
+    "OPTIMIZERS",
+    "OPT_ADAGRAD",
+    "OPT_FTRL",
+    "OPT_SGD",
+]

@@ -1,0 +1,48 @@
+"""OnlineModel on the CUDA backend agrees with the CPU backend, weights stay on the device.
+
+Runs on numba's simulator in CI (``NUMBA_ENABLE_CUDASIM=1``) and unchanged on a GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numba import cuda
+
+from streamlearn.config import ModelSpec
+from streamlearn.models import OnlineModel
+from streamlearn.synthetic import FraudStream
+
+pytestmark = [
+    pytest.mark.cudasim,
+    pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning"),
+    pytest.mark.skipif(not cuda.is_available(), reason="no CUDA device and no simulator"),
+]
+
+SPECS = [
+    ModelSpec(name="fraud", topic="t", label="is_fraud", numeric=("amount", "hour", "distance_km"),
+              categorical=("merchant_category", "country"), hash_bits=8, optimizer=opt)
+    for opt in ("adagrad", "ftrl")
+] + [
+    ModelSpec(name="rank", topic="t", task="ranking", label="is_fraud", numeric=("amount",),
+              categorical=("merchant_category", "country"), hash_bits=6, fm_factors=3),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.task}-{s.optimizer}")
+def test_cuda_model_matches_cpu_model(spec):
+    events = FraudStream(seed=4).take(96)
+    on_cpu, on_gpu = OnlineModel(spec, device="cpu"), OnlineModel(spec, device="cuda")
+    assert on_gpu.backend.name == "cuda"
+    for start in range(0, len(events), 32):
+        batch, _ = on_cpu.vectorizer.transform_many(events[start:start + 32])
+        np.testing.assert_allclose(on_gpu.process(batch), on_cpu.process(batch),
+                                   rtol=1e-4, atol=1e-6)
+    assert not isinstance(on_gpu.w, np.ndarray)  # resident on the device between batches
+    state = on_gpu.to_state()
+    assert isinstance(state["weights"]["w"], np.ndarray)
+    np.testing.assert_allclose(state["weights"]["w"], on_cpu.w, rtol=1e-4, atol=1e-6)
+    restored = OnlineModel.from_state(state, device="cuda")
+    probe = FraudStream(seed=5).take(8)
+    np.testing.assert_allclose(restored.predict_events(probe), on_gpu.predict_events(probe),
+                               rtol=1e-6)
