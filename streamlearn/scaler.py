@@ -31,6 +31,7 @@ class RunningStandardScaler:
         self.count = np.zeros(n_features)
         self.mean = np.zeros(n_features)
         self.m2 = np.zeros(n_features)
+        self._std: np.ndarray | None = None  # cached until the statistics change
 
     @property
     def var(self) -> np.ndarray:
@@ -40,9 +41,11 @@ class RunningStandardScaler:
     @property
     def std(self) -> np.ndarray:
         """Standard deviation, with 1 where it is still 0 so transforms stay finite."""
-        s = np.sqrt(self.var)
-        s[s == 0] = 1.0
-        return s
+        if self._std is None:
+            s = np.sqrt(self.var)
+            s[s == 0] = 1.0
+            self._std = s
+        return self._std
 
     def learn_many(self, X: np.ndarray) -> None:
         """Fold a batch into the statistics (NaN entries skipped)."""
@@ -71,11 +74,13 @@ class RunningStandardScaler:
         self.mean = self.mean + delta * (n_b / safe_n)
         self.m2 = self.m2 + m2_b + delta * delta * (n_a * n_b / safe_n)
         self.count = n
+        self._std = None
 
     def transform_many(self, X: np.ndarray) -> np.ndarray:
         """Z-scores as float32; missing values become 0 (the running mean)."""
         z = (X - self.mean) / self.std
-        return np.nan_to_num(z, nan=0.0).astype(np.float32)
+        z[np.isnan(z)] = 0.0
+        return z.astype(np.float32)
 
     def to_state(self) -> dict[str, Any]:
         """Plain state for snapshots."""

@@ -1,0 +1,63 @@
+"""Operational endpoints: liveness, readiness, Prometheus metrics and the dashboard page."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+
+from fastapi import APIRouter, Response
+from fastapi.responses import HTMLResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from streamlearn.services.api.deps import FeedDep, RegistryDep, StoreDep
+from streamlearn.services.api.schemas import Health, OrjsonResponse
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness")
+async def healthz() -> Response:
+    """200 whenever the process answers."""
+    return OrjsonResponse({"status": "ok"})
+
+
+@router.get("/readyz", response_model=Health, summary="Readiness",
+            responses={503: {"model": Health, "description": "No model snapshot loaded yet"}})
+async def readyz(store: StoreDep, feed: FeedDep) -> Response:
+    """200 once at least one model snapshot is loaded; 503 with the reason before."""
+    names = store.names()
+    feed_status = feed.status() if feed is not None else None
+    if names:
+        return OrjsonResponse({"status": "ready", "models": names, "feed": feed_status})
+    if feed is None:
+        reason = "no model snapshot loaded and no snapshot feed (kafka.bootstrap is empty)"
+    else:
+        reason = f"no model snapshot loaded yet; snapshot feed is {feed.state}"
+        if feed.last_error:
+            reason += f" (last error: {feed.last_error})"
+    if store.stats.last_error:
+        reason += f"; last rejected snapshot: {store.stats.last_error}"
+    return OrjsonResponse(
+        {"status": "not ready", "models": [], "reason": reason, "feed": feed_status},
+        status_code=503,
+    )
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(registry: RegistryDep) -> Response:
+    """Prometheus text exposition format."""
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@lru_cache(maxsize=1)
+def dashboard_html() -> str:
+    """The dashboard page (a single static file, read once)."""
+    page = resources.files("streamlearn.services.api") / "static" / "dashboard.html"
+    return page.read_text(encoding="utf-8")
+
+
+@router.get("/dashboard", response_class=HTMLResponse, summary="Live dashboard")
+async def dashboard() -> HTMLResponse:
+    """A page that polls /models every second and charts AUC, version and events."""
+    return HTMLResponse(dashboard_html())

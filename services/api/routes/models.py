@@ -1,0 +1,147 @@
+"""``/models``: list and describe served models, score and explain events."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Response
+from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
+
+from streamlearn.features import InvalidEvent
+from streamlearn.services.api.deps import FeedDep, MetricsDep, SettingsDep, StoreDep, max_instances
+from streamlearn.services.api.schemas import (
+    DriftResponse,
+    ErrorDetail,
+    ExplainRequest,
+    ExplainResponse,
+    ModelDetail,
+    ModelSummary,
+    OrjsonResponse,
+    PredictRequest,
+    PredictResponse,
+    StrictJSONRoute,
+)
+from streamlearn.serving import ModelStore, Served
+
+router = APIRouter(prefix="/models", tags=["models"], route_class=StrictJSONRoute)
+
+#: Batches larger than this are scored in a worker thread, off the event loop.
+THREAD_BATCH = 256
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorDetail, "description": "Unknown model"}
+}
+_INSTANCE = re.compile(r"^instance (\d+): ")
+
+
+def served_or_404(store: ModelStore, name: str) -> Served:
+    """The served model, or a 404 that lists the known names."""
+    served = store.get(name)
+    if served is None:
+        raise HTTPException(404, detail=f"unknown model {name!r}; known: {store.names()}")
+    return served
+
+
+def summary(served: Served, now: float) -> dict[str, Any]:
+    """``ModelSummary`` as a dict."""
+    return {
+        **served.info,
+        "snapshot_age_s": round(served.age_s(now), 3),
+        "n_replicas": len(served.replicas),
+        "loaded_at": served.loaded_at,
+    }
+
+
+def _invalid(exc: InvalidEvent, single: bool) -> RequestValidationError:
+    msg = str(exc)
+    loc: tuple[str | int, ...] = ("body", "features")
+    match = _INSTANCE.match(msg)
+    if match:
+        msg = msg[match.end():]
+        if not single:
+            loc = ("body", "instances", int(match.group(1)))
+    return RequestValidationError([{"type": "invalid_event", "loc": loc, "msg": msg}])
+
+
+@router.get("", response_model=list[ModelSummary], summary="List served models")
+async def list_models(store: StoreDep) -> Response:
+    """Every served model: version, events seen, prequential metrics, features."""
+    now = time.time()
+    return OrjsonResponse([summary(s, now) for s in store.all()])
+
+
+@router.get("/{name}", response_model=ModelDetail, responses=_NOT_FOUND, summary="Describe a model")
+async def get_model(name: str, store: StoreDep, feed: FeedDep) -> Response:
+    """One model, with each replica's latest snapshot and summed worker telemetry."""
+    served = served_or_404(store, name)
+    now = time.time()
+    body = summary(served, now) | {
+        "replicas": [r.to_dict(now) for r in served.replicas.values()],
+        "telemetry": served.telemetry,
+        "feed": feed.status() if feed is not None else None,
+    }
+    return OrjsonResponse(body)
+
+
+@router.post("/{name}/predict", response_model=PredictResponse, responses=_NOT_FOUND,
+             summary="Score one event or a batch")
+async def predict(
+    name: str, body: PredictRequest, store: StoreDep, settings: SettingsDep, metrics: MetricsDep
+) -> Response:
+    """Score ``features`` (one event) or ``instances`` (1..max_instances events)."""
+    t0 = time.perf_counter()
+    served = served_or_404(store, name)
+    events = body.events()
+    limit = max_instances(settings)
+    if len(events) > limit:
+        raise RequestValidationError([{
+            "type": "too_long", "loc": ("body", "instances"),
+            "msg": f"at most {limit} instances per request, got {len(events)}",
+        }])
+    model = served.model
+    try:
+        if len(events) > THREAD_BATCH:
+            scores = await run_in_threadpool(model.predict_events, events)
+        else:
+            scores = model.predict_events(events)
+    except InvalidEvent as exc:
+        raise _invalid(exc, single=body.features is not None) from exc
+    predictions = scores.tolist()
+    out: dict[str, Any] = {
+        "model": name, "version": served.version,
+        "snapshot_age_s": round(served.age_s(), 3), "predictions": predictions,
+    }
+    if body.features is not None:
+        out["score"] = predictions[0]
+    response = OrjsonResponse(out)
+    metrics.prediction_latency.labels(name).observe(time.perf_counter() - t0)
+    metrics.predictions.labels(name).inc(len(events))
+    return response
+
+
+@router.post("/{name}/explain", response_model=ExplainResponse, responses=_NOT_FOUND,
+             summary="Explain one score")
+async def explain(name: str, body: ExplainRequest, store: StoreDep) -> Response:
+    """Per-feature additive contributions (``w_i * z_i``); they sum with the bias to the margin."""
+    served = served_or_404(store, name)
+    try:
+        result = served.model.explain_one(body.features)
+    except InvalidEvent as exc:
+        raise _invalid(exc, single=True) from exc
+    return OrjsonResponse({
+        "model": name, "version": served.version,
+        "snapshot_age_s": round(served.age_s(), 3), **result,
+    })
+
+
+@router.get("/{name}/drift", response_model=DriftResponse, responses=_NOT_FOUND,
+            summary="Drift state and scores")
+async def drift(name: str, store: StoreDep) -> Response:
+    """ADWIN on the batch loss stream, and each numeric feature's standardized mean shift."""
+    served = served_or_404(store, name)
+    return OrjsonResponse({
+        "model": name, "version": served.version,
+        "snapshot_age_s": round(served.age_s(), 3), **served.model.drift_report(),
+    })

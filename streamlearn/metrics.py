@@ -1,0 +1,239 @@
+"""Prometheus metrics, always built on an injected :class:`CollectorRegistry`.
+
+Nothing registers on the global registry at import time, so every test (and
+every app built in one process) gets its own registry.  All durations are in
+seconds.
+
+Names the API exports:
+
+- ``streamlearn_prediction_latency_seconds{model}`` (histogram), time spent in
+  ``/predict`` after the body is parsed,
+- ``streamlearn_predictions_total{model}``, events scored over HTTP,
+- ``streamlearn_request_errors_total{status}``, responses with status >= 400,
+- from the latest snapshot of each replica (:class:`SnapshotTelemetryCollector`):
+  ``streamlearn_events_{consumed,scored,learned,deadlettered}_total{model,replica}``,
+  ``streamlearn_learn_batch_seconds{model,replica}`` (histogram),
+  ``streamlearn_model_version``, ``streamlearn_model_age_seconds``,
+  ``streamlearn_prequential_{log_loss,auc,mae}`` (gauges, ``{model,replica}``),
+  the served (merged) model's ``streamlearn_served_model_version{model}``,
+  ``streamlearn_served_model_age_seconds{model}``, ``streamlearn_served_replicas{model}``,
+  and ``streamlearn_snapshots_total{outcome}``.
+
+The worker exports ``streamlearn_worker_*`` names (:func:`build_worker_metrics`)
+so a Prometheus scraping both processes never sees one series twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, NamedTuple
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+if TYPE_CHECKING:
+    from streamlearn.serving import ModelStore
+
+#: Batch learn-latency buckets in seconds (100 µs .. 1 s).  The worker ships its
+#: snapshot telemetry in these buckets; ``streamlearn.pipeline`` must use the same.
+LEARN_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)
+
+#: HTTP prediction latency buckets in seconds (50 µs .. 1 s).
+PREDICT_BUCKETS: tuple[float, ...] = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)
+
+
+class ApiMetrics(NamedTuple):
+    """The API process's own instruments.
+
+    Examples
+    --------
+    >>> from prometheus_client import generate_latest
+    >>> registry = CollectorRegistry()
+    >>> m = build_api_metrics(registry)
+    >>> m.predictions.labels("fraud").inc(3)
+    >>> m.prediction_latency.labels("fraud").observe(0.0004)
+    >>> m.request_errors.labels("422").inc()
+    >>> text = generate_latest(registry).decode()
+    >>> 'streamlearn_predictions_total{model="fraud"} 3.0' in text
+    True
+    >>> 'streamlearn_request_errors_total{status="422"} 1.0' in text
+    True
+    """
+
+    prediction_latency: Histogram
+    predictions: Counter
+    request_errors: Counter
+
+
+def build_api_metrics(registry: CollectorRegistry) -> ApiMetrics:
+    """Create and register the API instruments on ``registry``."""
+    return ApiMetrics(
+        prediction_latency=Histogram(
+            "streamlearn_prediction_latency_seconds",
+            "Time to validate and score one /predict request, in seconds.",
+            ["model"], buckets=PREDICT_BUCKETS, registry=registry,
+        ),
+        predictions=Counter(
+            "streamlearn_predictions",
+            "Events scored over HTTP.", ["model"], registry=registry,
+        ),
+        request_errors=Counter(
+            "streamlearn_request_errors",
+            "HTTP responses with status >= 400, by status code.", ["status"], registry=registry,
+        ),
+    )
+
+
+class WorkerMetrics(NamedTuple):
+    """The worker process's instruments (label ``model``).
+
+    Examples
+    --------
+    >>> registry = CollectorRegistry()
+    >>> w = build_worker_metrics(registry)
+    >>> w.consumed.labels("fraud").inc(256)
+    >>> w.learn_seconds.labels("fraud").observe(0.002)
+    >>> registry.get_sample_value("streamlearn_worker_events_consumed_total", {"model": "fraud"})
+    256.0
+    >>> registry.get_sample_value("streamlearn_worker_learn_seconds_bucket",
+    ...                           {"model": "fraud", "le": "0.0025"})
+    1.0
+    """
+
+    consumed: Counter
+    scored: Counter
+    learned: Counter
+    deadlettered: Counter
+    learn_seconds: Histogram
+
+
+def build_worker_metrics(registry: CollectorRegistry) -> WorkerMetrics:
+    """Create and register the worker instruments on ``registry``."""
+
+    def counter(what: str, doc: str) -> Counter:
+        return Counter(f"streamlearn_worker_events_{what}", doc, ["model"], registry=registry)
+
+    return WorkerMetrics(
+        consumed=counter("consumed", "Messages consumed from the input topic."),
+        scored=counter("scored", "Valid events scored (prequentially)."),
+        learned=counter("learned", "Labelled events learned from."),
+        deadlettered=counter("deadlettered", "Messages sent to the dead-letter topic."),
+        learn_seconds=Histogram(
+            "streamlearn_worker_learn_seconds",
+            "Time to score and learn one mini-batch, in seconds.",
+            ["model"], buckets=LEARN_BUCKETS, registry=registry,
+        ),
+    )
+
+
+class SnapshotTelemetryCollector(Collector):
+    """Render worker telemetry and model health from the store's latest snapshots.
+
+    Nothing is computed at scrape time beyond reading the snapshot summaries the
+    store keeps, so scrapes stay cheap however large the models are.
+
+    Examples
+    --------
+    >>> from prometheus_client import generate_latest
+    >>> from streamlearn.serving import ModelStore
+    >>> registry = CollectorRegistry()
+    >>> store = ModelStore()
+    >>> registry.register(SnapshotTelemetryCollector(store))
+    >>> 'streamlearn_snapshots_total{outcome="accepted"} 0.0' in generate_latest(registry).decode()
+    True
+    """
+
+    def __init__(self, store: ModelStore, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+
+    def describe(self) -> Iterable[Metric]:
+        """Metric names, so the registry can refuse duplicates at registration."""
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        """One sample per (model, replica) from the latest snapshots."""
+        fams = self._families()
+        by_name = {f.name: f for f in fams}
+        now = self.clock()
+        stats = self.store.stats
+        snaps = by_name["streamlearn_snapshots"]
+        for outcome in ("accepted", "rejected", "duplicate", "stale", "removed"):
+            snaps.add_metric([outcome], float(getattr(stats, outcome)))
+        for served in self.store.all():
+            m = served.name
+            by_name["streamlearn_served_model_version"].add_metric([m], served.version)
+            by_name["streamlearn_served_model_age_seconds"].add_metric([m], served.age_s(now))
+            by_name["streamlearn_served_replicas"].add_metric([m], len(served.replicas))
+            for rep in served.replicas.values():
+                labels = [m, rep.replica]
+                tel = rep.telemetry
+                for what in ("consumed", "scored", "learned", "deadlettered"):
+                    by_name[f"streamlearn_events_{what}"].add_metric(labels, float(tel[what]))
+                hist = tel.get("learn_seconds")
+                if hist:
+                    buckets = [(_le(le), float(c)) for le, c in zip(
+                        hist["le"], hist["counts"], strict=True)]
+                    if not buckets or buckets[-1][0] != "+Inf":
+                        buckets.append(("+Inf", float(hist["count"])))
+                    by_name["streamlearn_learn_batch_seconds"].add_metric(
+                        labels, buckets, sum_value=hist["sum"])
+                by_name["streamlearn_model_version"].add_metric(labels, rep.version)
+                by_name["streamlearn_model_age_seconds"].add_metric(
+                    labels, max(0.0, now - rep.updated_at))
+                for key in ("log_loss", "auc", "mae"):
+                    value = rep.metrics.get(key)
+                    if value is not None:
+                        by_name[f"streamlearn_prequential_{key}"].add_metric(labels, float(value))
+        return fams
+
+    @staticmethod
+    def _families() -> list[Metric]:
+        mr = ["model", "replica"]
+        fams: list[Metric] = [
+            CounterMetricFamily("streamlearn_snapshots",
+                                "Snapshots offered to the model store, by outcome.",
+                                labels=["outcome"]),
+            GaugeMetricFamily("streamlearn_served_model_version",
+                              "Version of the served (merged) model.", labels=["model"]),
+            GaugeMetricFamily("streamlearn_served_model_age_seconds",
+                              "Seconds since the served model last learned.", labels=["model"]),
+            GaugeMetricFamily("streamlearn_served_replicas",
+                              "Replica shards merged into the served model.", labels=["model"]),
+        ]
+        for what, doc in (("consumed", "Messages consumed by the worker replica."),
+                          ("scored", "Events scored by the worker replica."),
+                          ("learned", "Labelled events learned by the worker replica."),
+                          ("deadlettered", "Messages dead-lettered by the worker replica.")):
+            fams.append(CounterMetricFamily(f"streamlearn_events_{what}", doc, labels=mr))
+        fams += [
+            HistogramMetricFamily("streamlearn_learn_batch_seconds",
+                                  "Worker mini-batch learn latency, in seconds.", labels=mr),
+            GaugeMetricFamily("streamlearn_model_version",
+                              "Model version in the replica's latest snapshot.", labels=mr),
+            GaugeMetricFamily("streamlearn_model_age_seconds",
+                              "Seconds since the replica's model last learned.", labels=mr),
+            GaugeMetricFamily("streamlearn_prequential_log_loss",
+                              "Rolling prequential log loss.", labels=mr),
+            GaugeMetricFamily("streamlearn_prequential_auc",
+                              "Rolling prequential ROC AUC.", labels=mr),
+            GaugeMetricFamily("streamlearn_prequential_mae",
+                              "Rolling prequential mean absolute error.", labels=mr),
+        ]
+        return fams
+
+
+def _le(bound: float) -> str:
+    return str(floatToGoString(bound))

@@ -1,0 +1,498 @@
+"""Serve models from snapshots: decode, validate, merge replica shards, hot-swap.
+
+Pure: no network or file I/O.  The API's snapshot feed hands raw Kafka values
+to :meth:`ModelStore.offer`; request handlers read :meth:`ModelStore.get`.
+
+A served model is immutable once published.  An offer builds the replacement
+completely, then swaps one reference, so a reader holding a :class:`Served`
+keeps a consistent model, version and metadata even while a newer one lands.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from streamlearn import snapshots
+from streamlearn.models import OnlineModel, StateError
+from streamlearn.scaler import RunningStandardScaler
+
+log = logging.getLogger(__name__)
+
+_COUNTERS = ("consumed", "scored", "learned", "deadlettered")
+_WEIGHT_NAMES = ("w", "s1", "s2", "V", "s1v", "s2v")
+
+
+def _empty_telemetry() -> dict[str, Any]:
+    return {k: 0 for k in _COUNTERS} | {"learn_seconds": None}
+
+
+def clean_telemetry(raw: Any) -> dict[str, Any]:
+    """Normalize a snapshot's ``telemetry`` entry; bad or missing parts become defaults.
+
+    The learn-latency histogram is kept only when it is well formed: increasing
+    bucket bounds and cumulative counts, one per bound, none above ``count``.
+
+    Examples
+    --------
+    >>> t = clean_telemetry({"consumed": 5, "learn_seconds": {"le": [0.1, 1.0],
+    ...                      "counts": [1, 2], "sum": 0.3, "count": 2}})
+    >>> t["consumed"], t["scored"], t["learn_seconds"]["counts"]
+    (5, 0, [1, 2])
+    >>> clean_telemetry({"learn_seconds": {"le": [1.0], "counts": [3], "sum": 1, "count": 2}})
+    {'consumed': 0, 'scored': 0, 'learned': 0, 'deadlettered': 0, 'learn_seconds': None}
+    """
+    out = _empty_telemetry()
+    if not isinstance(raw, Mapping):
+        return out
+    for k in _COUNTERS:
+        v = raw.get(k)
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            out[k] = v
+    hist = raw.get("learn_seconds")
+    try:
+        le = [float(x) for x in hist["le"]]  # type: ignore[index]
+        counts = [int(c) for c in hist["counts"]]  # type: ignore[index]
+        total, count = float(hist["sum"]), int(hist["count"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
+        return out
+    ok = (
+        len(le) == len(counts)
+        and all(a < b for a, b in zip(le, le[1:], strict=False))
+        and all(0 <= a <= b for a, b in zip(counts, counts[1:], strict=False))
+        and (not counts or counts[0] >= 0)
+        and (not counts or counts[-1] <= count)
+        and np.isfinite(total)
+    )
+    if ok:
+        out["learn_seconds"] = {"le": le, "counts": counts, "sum": total, "count": count}
+    return out
+
+
+def sum_telemetry(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Add cleaned telemetry dicts; histograms add only when their buckets agree.
+
+    Examples
+    --------
+    >>> a = clean_telemetry({"consumed": 2, "learn_seconds": {"le": [1.0], "counts": [1],
+    ...                                                       "sum": 0.5, "count": 1}})
+    >>> s = sum_telemetry([a, a])
+    >>> s["consumed"], s["learn_seconds"]["counts"], s["learn_seconds"]["sum"]
+    (4, [2], 1.0)
+    """
+    out = _empty_telemetry()
+    hists = [t["learn_seconds"] for t in items if t.get("learn_seconds")]
+    for t in items:
+        for k in _COUNTERS:
+            out[k] += int(t.get(k, 0))
+    if hists and all(h["le"] == hists[0]["le"] for h in hists):
+        out["learn_seconds"] = {
+            "le": list(hists[0]["le"]),
+            "counts": [int(sum(c)) for c in zip(*(h["counts"] for h in hists), strict=True)],
+            "sum": float(sum(h["sum"] for h in hists)),
+            "count": int(sum(h["count"] for h in hists)),
+        }
+    return out
+
+
+def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge replica shards of one model into the state that is served.
+
+    Weights and optimizer state (``w``/``s1``/``s2``, plus ``V``/``s1v``/``s2v``
+    for factorization machines) are averaged, weighted by each shard's
+    ``n_learned`` (equal weights while nobody has learned).  Scaler statistics
+    merge exactly (Chan).  Counters add up; ``version``, ``step`` and
+    ``updated_at`` take the maximum; offsets take the furthest per partition;
+    the prequential windows are pooled.  Shards must share one spec.
+
+    Examples
+    --------
+    >>> from streamlearn.config import ModelSpec
+    >>> spec = ModelSpec(name="m", topic="t", numeric=("x",), label="y", hash_bits=2)
+    >>> a, b = (OnlineModel(spec, device="cpu").to_state() for _ in range(2))
+    >>> a["weights"]["w"][:] = 1.0; a["n_learned"] = 30; a["version"] = 3
+    >>> b["weights"]["w"][:] = 4.0; b["n_learned"] = 10; b["version"] = 5
+    >>> m = merge_states([a, b])
+    >>> m["weights"]["w"].tolist(), m["n_learned"], m["version"]
+    ([1.75, 1.75], 40, 5)
+    >>> merge_states([a]) is not a and merge_states([a])["version"] == 3
+    True
+    """
+    if not states:
+        raise ValueError("merge_states needs at least one state")
+    if len(states) == 1:
+        only = dict(states[0])
+        only["weights"] = {k: np.array(v, copy=True) for k, v in states[0]["weights"].items()}
+        return only
+    first = states[0]
+    for s in states[1:]:
+        if s.get("spec") != first.get("spec"):
+            raise ValueError("cannot merge shards with different model specs")
+        if set(s["weights"]) != set(first["weights"]):
+            raise ValueError("cannot merge shards with different weight sets")
+    n = np.array([float(s["n_learned"]) for s in states])
+    alpha = n / n.sum() if n.sum() > 0 else np.full(len(states), 1.0 / len(states))
+    weights: dict[str, np.ndarray] = {}
+    for name in first["weights"]:
+        arrays = [np.asarray(s["weights"][name]) for s in states]
+        shape = arrays[0].shape
+        if any(a.shape != shape for a in arrays):
+            raise ValueError(f"cannot merge weights {name!r} of different shapes")
+        acc = np.zeros(shape, dtype=np.float64)
+        for a_i, arr in zip(alpha, arrays, strict=True):
+            acc += a_i * arr
+        weights[name] = acc.astype(arrays[0].dtype)
+    scaler = RunningStandardScaler.from_state(first["scaler"])
+    for s in states[1:]:
+        scaler.merge(RunningStandardScaler.from_state(s["scaler"]))
+    offsets: dict[str, int] = {}
+    for s in states:
+        for k, v in s.get("offsets", {}).items():
+            offsets[k] = max(int(v), offsets.get(k, -1))
+    merged = dict(first)
+    merged.update(
+        version=max(int(s["version"]) for s in states),
+        step=max(int(s["step"]) for s in states),
+        n_seen=sum(int(s["n_seen"]) for s in states),
+        n_learned=sum(int(s["n_learned"]) for s in states),
+        n_imputed=np.sum([np.asarray(s["n_imputed"], dtype=np.int64) for s in states], axis=0),
+        offsets=offsets,
+        updated_at=max(float(s.get("updated_at", 0.0)) for s in states),
+        weights=weights,
+        scaler=scaler.to_state(),
+        metrics=_pool_metrics([s["metrics"] for s in states]),
+    )
+    if any("telemetry" in s for s in states):
+        merged["telemetry"] = sum_telemetry([clean_telemetry(s.get("telemetry")) for s in states])
+    if any("replica" in s for s in states):
+        merged["replica"] = ",".join(sorted(str(s.get("replica", "?")) for s in states))
+    return merged
+
+
+def _pool_metrics(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pool prequential windows: each shard keeps a share proportional to its size."""
+    window = int(parts[0]["window"])
+    sizes = np.array([len(p["y"]) for p in parts], dtype=np.float64)
+    total = sizes.sum()
+    keep = sizes if total <= window else np.floor(sizes * (window / total))
+    ys = [np.asarray(p["y"], dtype=np.float32)[len(p["y"]) - int(k) :] for p, k in zip(
+        parts, keep, strict=True)]
+    ps = [np.asarray(p["p"], dtype=np.float32)[len(p["p"]) - int(k) :] for p, k in zip(
+        parts, keep, strict=True)]
+    return {
+        "task": parts[0]["task"], "window": window, "n": sum(int(p["n"]) for p in parts),
+        "y": np.concatenate(ys), "p": np.concatenate(ps),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Replica:
+    """What the latest snapshot of one replica shard said.
+
+    Examples
+    --------
+    >>> r = Replica("r1", version=3, n_seen=10, n_learned=8, updated_at=100.0,
+    ...             received_at=101.0, telemetry={}, metrics={}, size_bytes=512)
+    >>> r.to_dict(now=102.5)["age_s"]
+    2.5
+    """
+
+    replica: str
+    version: int
+    n_seen: int
+    n_learned: int
+    updated_at: float
+    received_at: float
+    telemetry: dict[str, Any]
+    metrics: dict[str, Any]
+    size_bytes: int
+
+    def to_dict(self, now: float | None = None) -> dict[str, Any]:
+        """JSON-ready summary, with the snapshot age at ``now``."""
+        now = time.time() if now is None else now
+        return {
+            "replica": self.replica, "version": self.version, "events_seen": self.n_seen,
+            "events_learned": self.n_learned, "updated_at": self.updated_at,
+            "age_s": round(max(0.0, now - self.updated_at), 3), "received_at": self.received_at,
+            "size_bytes": self.size_bytes, "metrics": self.metrics, "telemetry": self.telemetry,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """The model served under one name, with where it came from.
+
+    Attributes
+    ----------
+    model
+        The (merged) model; never mutated after publication.
+    version
+        Highest version among the shards.
+    updated_at
+        Wall time of the newest learning step in the snapshot(s).
+    loaded_at, loaded_monotonic
+        When this object was published (wall clock and monotonic clock).
+    replicas
+        Latest snapshot summary per replica id.
+    telemetry
+        Worker counters summed over replicas.
+    info
+        ``model.info()`` computed once at load time.
+
+    Examples
+    --------
+    >>> from streamlearn.config import ModelSpec
+    >>> model = OnlineModel(ModelSpec(name="m", topic="t", numeric=("x",), hash_bits=2))
+    >>> served = Served("m", model, version=0, updated_at=100.0, loaded_at=100.0,
+    ...                 loaded_monotonic=0.0, replicas={}, telemetry={}, info=model.info())
+    >>> served.age_s(now=130.0), served.age_s(now=90.0)
+    (30.0, 0.0)
+    """
+
+    name: str
+    model: OnlineModel
+    version: int
+    updated_at: float
+    loaded_at: float
+    loaded_monotonic: float
+    replicas: Mapping[str, Replica]
+    telemetry: dict[str, Any]
+    info: dict[str, Any]
+
+    def age_s(self, now: float | None = None) -> float:
+        """Seconds since the snapshot's last learning step (never negative)."""
+        now = time.time() if now is None else now
+        return max(0.0, now - self.updated_at)
+
+
+@dataclass(frozen=True, slots=True)
+class _Shard:
+    key: str
+    state: dict[str, Any]
+    summary: Replica
+    crc: int
+    model: OnlineModel
+
+
+@dataclass
+class StoreStats:
+    """Outcome counts of :meth:`ModelStore.offer`.
+
+    Examples
+    --------
+    >>> StoreStats().accepted
+    0
+    """
+
+    accepted: int = 0
+    rejected: int = 0
+    duplicate: int = 0
+    stale: int = 0
+    removed: int = 0
+    last_error: str = ""
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class ModelStore:
+    """Latest model per name, built from replica snapshots and swapped atomically.
+
+    Keys are ``"<model>/<replica>"`` (the Kafka message key).  Bad payloads are
+    logged and counted, never raised.
+
+    Parameters
+    ----------
+    device
+        Where served models compute (``cpu``: scoring single requests does not
+        pay for a GPU round trip).
+    clock, monotonic
+        Time sources, injectable for tests.
+
+    Examples
+    --------
+    >>> from streamlearn.config import ModelSpec
+    >>> spec = ModelSpec(name="m", topic="t", numeric=("x",), label="y", hash_bits=2)
+    >>> model = OnlineModel(spec, device="cpu")
+    >>> batch, _ = model.vectorizer.transform_many([{"x": 1.0, "y": 1}, {"x": -1.0, "y": 0}])
+    >>> _ = model.process(batch)
+    >>> store = ModelStore()
+    >>> store.offer("m/r1", snapshots.encode(model.to_state()))
+    True
+    >>> served = store.get("m")
+    >>> served.version, sorted(served.replicas), store.names()
+    (1, ['r1'], ['m'])
+    >>> store.offer("m/r1", b"garbage"), store.stats.rejected
+    (False, 1)
+    >>> store.get("m") is served
+    True
+    """
+
+    def __init__(
+        self,
+        *,
+        device: str = "cpu",
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.device = device
+        self._clock = clock
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._shards: dict[str, dict[str, _Shard]] = {}
+        # Copy-on-write: readers take this reference without locking.
+        self._served: Mapping[str, Served] = MappingProxyType({})
+        self.stats = StoreStats()
+
+    # -- reads (lock-free) -----------------------------------------------------
+    def get(self, name: str) -> Served | None:
+        """The served model for ``name``, or ``None``."""
+        return self._served.get(name)
+
+    def names(self) -> list[str]:
+        """Names of the served models, sorted."""
+        return sorted(self._served)
+
+    def all(self) -> list[Served]:
+        """Every served model, sorted by name."""
+        served = self._served
+        return [served[n] for n in sorted(served)]
+
+    def __len__(self) -> int:
+        return len(self._served)
+
+    # -- writes ----------------------------------------------------------------
+    def offer(self, key: str, payload: bytes) -> bool:
+        """Decode and serve one snapshot; return True when the served model changed."""
+        crc = zlib.crc32(payload)
+        name, replica = _split_key(key)
+        current = self._shards.get(name, {}).get(replica)
+        if current is not None and current.crc == crc:
+            self.stats.duplicate += 1
+            return False
+        try:
+            state = snapshots.decode(payload)
+        except snapshots.SnapshotError as exc:
+            return self._reject(key, "undecodable", str(exc))
+        return self.offer_state(key, state, crc=crc, size=len(payload))
+
+    def offer_state(
+        self, key: str, state: dict[str, Any], *, crc: int | None = None, size: int = 0
+    ) -> bool:
+        """Serve an already decoded snapshot state (see :meth:`offer`)."""
+        name, replica = _split_key(key)
+        if not name:
+            return self._reject(key, "bad_key", "key must be '<model>/<replica>'")
+        try:
+            shard_model = OnlineModel.from_state(state, device=self.device)
+        except (StateError, ValueError, TypeError, KeyError) as exc:
+            return self._reject(key, "invalid_state", str(exc))
+        if shard_model.spec.name != name:
+            return self._reject(
+                key, "name_mismatch", f"key names {name!r}, state names {shard_model.spec.name!r}"
+            )
+        try:
+            summary = Replica(
+                replica=replica,
+                version=shard_model.version,
+                n_seen=shard_model.n_seen,
+                n_learned=shard_model.n_learned,
+                updated_at=shard_model.updated_at,
+                received_at=self._clock(),
+                telemetry=clean_telemetry(state.get("telemetry")),
+                metrics=shard_model.metrics.report(),
+                size_bytes=size,
+            )
+        except (ValueError, TypeError) as exc:
+            return self._reject(key, "invalid_state", str(exc))
+        shard = _Shard(key, state, summary, crc if crc is not None else -1, shard_model)
+        with self._lock:
+            shards = dict(self._shards.get(name, {}))
+            old = shards.get(replica)
+            if (
+                old is not None
+                and summary.version < old.summary.version
+                and summary.updated_at < old.summary.updated_at
+            ):
+                self.stats.stale += 1
+                log.info("ignoring stale snapshot %s v%d (have v%d)", key, summary.version,
+                         old.summary.version)
+                return False
+            shards[replica] = shard
+            spec = state["spec"]
+            dropped = [r for r, s in shards.items() if s.state["spec"] != spec]
+            for r in dropped:
+                log.warning("dropping replica %s/%s: its spec differs from the newest", name, r)
+                del shards[r]
+            try:
+                served = self._build(name, shards)
+            except (StateError, ValueError, TypeError, KeyError) as exc:
+                return self._reject(key, "merge_failed", str(exc))
+            self._shards[name] = shards
+            self._publish(name, served)
+            self.stats.accepted += 1
+        log.info("serving %s v%d from %d replica(s)", name, served.version, len(shards))
+        return True
+
+    def remove(self, key: str) -> bool:
+        """Forget one replica (a tombstone); the model is rebuilt from the others."""
+        name, replica = _split_key(key)
+        with self._lock:
+            shards = dict(self._shards.get(name, {}))
+            if shards.pop(replica, None) is None:
+                return False
+            self.stats.removed += 1
+            if not shards:
+                self._shards.pop(name, None)
+                self._served = MappingProxyType(
+                    {k: v for k, v in self._served.items() if k != name}
+                )
+                return True
+            self._shards[name] = shards
+            self._publish(name, self._build(name, shards))
+        return True
+
+    # -- internals ---------------------------------------------------------------
+    def _build(self, name: str, shards: dict[str, _Shard]) -> Served:
+        ordered = [shards[r] for r in sorted(shards)]
+        if len(ordered) == 1:
+            model = ordered[0].model
+            telemetry = ordered[0].summary.telemetry
+        else:
+            merged = merge_states([s.state for s in ordered])
+            model = OnlineModel.from_state(merged, device=self.device)
+            telemetry = sum_telemetry([s.summary.telemetry for s in ordered])
+        info = model.info()
+        return Served(
+            name=name,
+            model=model,
+            version=model.version,
+            updated_at=model.updated_at,
+            loaded_at=self._clock(),
+            loaded_monotonic=self._monotonic(),
+            replicas=MappingProxyType({s.summary.replica: s.summary for s in ordered}),
+            telemetry=telemetry,
+            info=info,
+        )
+
+    def _publish(self, name: str, served: Served) -> None:
+        self._served = MappingProxyType({**self._served, name: served})
+
+    def _reject(self, key: str, reason: str, message: str) -> bool:
+        self.stats.rejected += 1
+        self.stats.rejected_by_reason[reason] = self.stats.rejected_by_reason.get(reason, 0) + 1
+        self.stats.last_error = f"{key}: {message}"
+        log.warning("rejected snapshot %s (%s): %s", key, reason, message)
+        return False
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    name, _, replica = key.partition("/")
+    return name, replica or "default"
+
