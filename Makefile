@@ -20,13 +20,13 @@ demo: $(STAMP)  ## embedded broker + worker + API + producer, live status until 
 
 test: $(STAMP) lint  ## lint, all tests (real embedded broker), CUDA twins on the simulator
 	$(BIN)/python -m pytest -m "not gpu and not slow"
-	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest -m "not gpu and not slow" -p no:cacheprovider tests/kernels/test_cuda.py
+	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest -m "cudasim and not gpu and not slow" -p no:cacheprovider tests/kernels
 
 test-fast: $(STAMP)  ## unit tests only (no broker)
 	$(BIN)/python -m pytest -m "not kafka and not gpu and not slow"
 
 test-cudasim: $(STAMP)  ## CUDA kernels on numba's simulator
-	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest -m "not gpu" tests/kernels/test_cuda.py
+	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest -m "cudasim and not gpu" -p no:cacheprovider tests/kernels
 
 test-gpu: $(STAMP)  ## CUDA kernels on a real GPU (needs streamlearn[cuda])
 	$(BIN)/python -m pytest -m gpu tests/kernels
