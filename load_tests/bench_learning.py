@@ -1,0 +1,1112 @@
+"""Prequential learning benchmark: streamlearn against river, scikit-learn and Vowpal Wabbit.
+
+Every system sees the same streams, row for row in the same order, under the same
+prequential (test-then-train) protocol: each event, or each mini-batch, is scored with the
+current model *before* the model learns from it. Over all scored events the script computes
+the prequential log loss (probabilities clipped to [1e-7, 1 - 1e-7]) and ROC AUC
+(``streamlearn.prequential.roc_auc``), and rows/s of the learning loop. It prints one table,
+system x stream, from one run, with each figure relative to the best anchor, then the status
+of the three targets.
+
+Usage::
+
+    python load_tests/bench_learning.py                  # default: 200k-row streams, < 4 min
+    python load_tests/bench_learning.py --rows 1000000   # the full 1M-row synthetic streams
+    python load_tests/bench_learning.py --grid           # + best of a 3-point step-size grid
+    python load_tests/bench_learning.py --streams dense --systems streamlearn,baseline,river-one
+
+Needs the ``bench`` extra (``pip install -e .[bench]``: scikit-learn, vowpalwabbit) and
+pandas (river's ``learn_many`` takes DataFrames); a system whose package is missing is
+reported as ``n/a``. ``--profile`` adds a per-stage cost breakdown of ``OnlineModel.process``.
+
+Streams
+-------
+``dense``
+    Seeded synthetic stream, ``--rows`` rows (default 200,000) x 32 dense features with
+    mixed scales (standard deviations from 1e-2 to 1e4, offsets of several deviations).
+    Labels: Bernoulli(sigmoid(z @ beta - 1)) on the standardized features, a noisy linear
+    model (about 37% positives). Each ``--rows`` gives its own stream (a 200k stream is not
+    the prefix of the 1M one); the same rows go to every system.
+``hashed``
+    Seeded synthetic stream, ``--rows`` rows: 3 categorical fields with 100,000 distinct
+    values each (Zipf-like popularity, so head values recur and tail values are rare) plus
+    4 numeric fields with mixed scales. Labels from per-value effects plus a linear term
+    (about 25% positives).
+    streamlearn, scikit-learn and Vowpal Wabbit use ``2**--hash-bits`` hashed slots
+    (default 20); river one-hot encodes the raw values (its dicts need no hashing).
+``phishing``, ``bananas``, ``shuttle``
+    river's data sets that ship inside the river package (``FileDataset`` whose file is in
+    the package: nothing is downloaded). ``CreditCard``, ``Elec2``, ``Higgs`` and the other
+    ``RemoteDataset`` classes need a download and are skipped.
+
+Systems
+-------
+``streamlearn (model, arrays)``
+    ``OnlineModel.process`` (running scaler, kernel, optimizer state, prequential metrics
+    and drift monitors: the worker's full step) fed ``FeatureBatch`` objects built from
+    arrays before timing: numeric float64 ``(n, d)``, hashed int64 ``(n, n_cat)`` =
+    ``spec.n_numeric + (stable_hash(field, value) & mask)`` precomputed, float32 labels.
+``streamlearn (model, events)``
+    The same model fed event dicts through ``model.vectorizer.transform_many`` (validation
+    and hashing included in the timing, as in the worker after JSON decoding). The dicts
+    are built chunk by chunk; only the transform + process calls are timed.
+``streamlearn (kernels)``
+    The bare kernels driven from a Python loop: ``cpu.scaler_update``, a NumPy z-score,
+    ``linear_predict_*`` and ``linear_learn_*``; no metrics, no drift, no bookkeeping.
+``njit baseline``
+    A plain, straightforward ``@njit`` mini-batch loop written in this script: per-row
+    Welford mean/variance, z-scores, pre-update sigmoid scores, one AdaGrad step per
+    mini-batch with the same learning rate as streamlearn; the whole stream in one call.
+    Dense streams only. It is the yardstick of target (a), not an anchor.
+``river learn_one`` / ``river learn_many``
+    ``preprocessing.StandardScaler() | linear_model.LogisticRegression()`` (default SGD,
+    lr 0.01) with ``predict_proba_one`` + ``learn_one`` per row on pre-built dicts, or
+    ``predict_proba_many`` + ``learn_many`` per mini-batch on pre-built DataFrames. On the
+    hashed stream the scaler applies to the numeric fields only and the categorical fields
+    are one-hot encoded (``TransformerUnion(Select(num) | StandardScaler(), Select(cat) |
+    OneHotEncoder(drop_zeros=True))``): scaling a one-hot indicator that is only ever seen
+    as 1 would zero it out. river's ``learn_many`` there builds DataFrames as wide as the
+    values seen so far (~1,000 rows/s and falling), so it runs on the first
+    ``--river-many-hashed-rows`` rows only (default 8,192), is marked "not comparable" and
+    is never the best anchor.
+``sklearn SGD``
+    ``StandardScaler.partial_fit`` then ``SGDClassifier(loss="log_loss")`` ``predict_proba``
+    + ``partial_fit`` per mini-batch, on pre-sliced arrays (dense) or pre-built CSR
+    matrices with the same hashed columns as streamlearn (the scaled numerics are written
+    into each matrix's data in the loop). Library defaults otherwise (alpha 1e-4,
+    ``learning_rate="optimal"``). Before the first ``partial_fit`` every score is 0.5.
+``vw (pyvw, per row)``
+    ``vowpalwabbit.pyvw.Workspace("--loss_function logistic --link logistic -b B")``: per
+    row ``parse`` (text line, VW's native input: hashing happens here) + ``learn``; the
+    score is the example's prediction, which VW computes before the update. Lines are
+    read chunk by chunk from the data file; only parse + learn + finish_example are timed.
+    ``-b`` is ``--hash-bits`` on the hashed stream and VW's default 18 elsewhere.
+``vw (driver, cache)``
+    VW's own C++ driver (``pyvw.Workspace("... -d FILE")`` runs it in the constructor) over
+    its binary cache file (pre-parsed, pre-hashed features). An untimed first pass over the
+    text writes the cache and the progressive predictions (``-p``) and warms up; the timed
+    second pass re-learns from the cache without ``-p`` (VW is deterministic, so its
+    predictions are the first pass's; writing them as text would add ~50%): VW at its
+    fastest. Its parser runs on a second thread, so check the ``cpu/wall`` column. VW scales
+    nothing; its default normalized adaptive updates handle raw scales.
+
+Protocol and timing
+-------------------
+* Inputs are pre-materialized in each system's native format before timing (arrays,
+  ``FeatureBatch`` lists, CSR matrices, DataFrames; dicts and VW lines per chunk of about
+  16k rows, with only the learning calls timed). Data generation is never timed.
+* ``rows/s`` = rows / wall seconds of the whole score-then-learn loop
+  (``time.perf_counter``); ``cpu/wall`` = process CPU seconds over wall seconds
+  (> 1 means more than one core was busy).
+* The machine is shared, so a system whose timed run took less than 2 s is run again
+  with a fresh model until 2 s are spent (at most 5 runs), and the fastest run is kept.
+  The rule is the same for every system (the note column says ``best of N runs``); the
+  scores are identical across runs.
+* Numba JIT is warmed up, and every system runs once on the first rows with a throwaway
+  model, before timing. The script re-executes itself with ``NUMBA_NUM_THREADS=1`` (and
+  ``OMP``/``OPENBLAS``/``MKL_NUM_THREADS=1``) unless they are already 1. One process, no
+  ``taskset``: the machine is shared, so compare figures from the same run only.
+* Mini-batch systems (streamlearn, the baseline, river learn_many, scikit-learn) use batch
+  256 on the synthetic streams and ``--small-batch`` (default 16) on river's small data
+  sets, whose 1,250-49,097 rows give batch 256 too few steps; river learn_one and VW are
+  per row by construction.
+
+Hyperparameters (one setting per stream family, chosen before the grid was run)
+-------------------------------------------------------------------------------
+* streamlearn and the baseline: AdaGrad, ``--lr-dense`` 0.1 (synthetic dense and river's
+  data sets) and ``--lr-hashed`` 0.1 (hashed stream), l2 1e-6.
+* Anchors: their library defaults (river SGD lr 0.01, scikit-learn alpha 1e-4, VW lr 0.5).
+* ``--grid`` then gives every system the same 3-point grid of its step-size knob (x1/3,
+  x1, x3 around the setting above; for scikit-learn, whose "optimal" schedule is set by
+  alpha, alpha x10, x1, x1/10) and prints each system's best-of-3 log loss and AUC.
+
+Targets
+-------
+(a) Dense logistic at batch 256 on one core with the full model (``streamlearn (model,
+    arrays)`` on the ``dense`` stream) runs at >= 0.5x the ``njit baseline``.
+(b) Hashed-sparse learning on one core is at least as fast as the fastest VW variant on the
+    ``hashed`` stream (judged on ``streamlearn (model, arrays)``; the kernel path is shown).
+(c) streamlearn's prequential AUC (model, arrays) is within 0.005 of the best anchor, or
+    better, on every stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numba
+import numpy as np
+from numba import njit
+
+from streamlearn.config import ModelSpec
+from streamlearn.features import FeatureBatch, csr_rows, stable_hash
+from streamlearn.kernels import LOSS_LOGISTIC, OPT_ADAGRAD, cpu
+from streamlearn.models.online import OnlineModel
+from streamlearn.prequential import roc_auc
+
+THREAD_VARS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+BATCH = 256
+CHUNK = 16_384  # rows per materialization chunk for dicts, DataFrames and VW lines
+EPS = 1e-7
+L2 = 1e-6
+WARM_ROWS = 1_024
+MIN_SECONDS = 2.0  # a system whose run is shorter is re-run (fresh model) up to MAX_RUNS
+MAX_RUNS = 5
+CAPS: dict[tuple[str, str], int] = {}  # (stream, system) -> rows, set from the command line
+RIVER_SETS = ("phishing", "bananas", "shuttle")
+ANCHORS = (
+    "river learn_one",
+    "river learn_many",
+    "sklearn SGD",
+    "vw (pyvw, per row)",
+    "vw (driver, cache)",
+)
+SL_MODEL = "streamlearn (model, arrays)"
+SYSTEM_KEYS = {
+    "streamlearn": (SL_MODEL,),
+    "events": ("streamlearn (model, events)",),
+    "kernels": ("streamlearn (kernels)",),
+    "baseline": ("njit baseline",),
+    "river-one": ("river learn_one",),
+    "river-many": ("river learn_many",),
+    "sklearn": ("sklearn SGD",),
+    "vw": ("vw (pyvw, per row)", "vw (driver, cache)"),
+}
+
+
+# --------------------------------------------------------------------------- streams
+
+
+@dataclass
+class Stream:
+    """One data set, columnar; rows are served in index order to every system."""
+
+    name: str
+    family: str  # "dense" (synthetic), "hashed" or "river"
+    numeric: np.ndarray  # float64 (n, d)
+    y: np.ndarray  # float32 (n,) in {0, 1}
+    batch: int
+    lr: float
+    num_names: list[str]
+    cats: np.ndarray | None = None  # int64 value ids (n, n_cat)
+    cat_names: list[str] = field(default_factory=list)
+    hash_bits: int = 18
+    hashed: np.ndarray | None = None  # streamlearn slots, filled by prepare_hashed()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def n_cat(self) -> int:
+        return len(self.cat_names)
+
+    def chunks(self) -> Iterator[tuple[int, int]]:
+        """``[start, stop)`` materialization chunks, whole mini-batches each."""
+        step = self.batch * max(1, CHUNK // self.batch)
+        for s in range(0, len(self), step):
+            yield s, min(s + step, len(self))
+
+    def batches(self, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, int]]:
+        hi = len(self) if hi is None else hi
+        for s in range(lo, hi, self.batch):
+            yield s, min(s + self.batch, hi)
+
+    def head(self, n: int) -> Stream:
+        """The first ``n`` rows (for warm-ups)."""
+        return Stream(
+            self.name,
+            self.family,
+            self.numeric[:n],
+            self.y[:n],
+            self.batch,
+            self.lr,
+            self.num_names,
+            None if self.cats is None else self.cats[:n],
+            self.cat_names,
+            self.hash_bits,
+            None if self.hashed is None else self.hashed[:n],
+        )
+
+
+def _sigmoid(m: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(m, -50.0, 50.0)))
+
+
+def mixed_scale(rng: np.random.Generator, n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Standard normals ``Z`` and their mixed-scale raw version ``X = loc + Z * scale``."""
+    scale = 10.0 ** rng.uniform(-2.0, 4.0, d)
+    loc = scale * rng.normal(0.0, 3.0, d)
+    Z = rng.standard_normal((n, d))
+    return Z, loc + Z * scale
+
+
+def make_dense(n: int, seed: int, lr: float, d: int = 32) -> Stream:
+    rng = np.random.default_rng(seed)
+    beta = rng.normal(0.0, 1.0, d) * (rng.random(d) < 0.75)
+    beta *= 2.5 / np.linalg.norm(beta)
+    Z, X = mixed_scale(rng, n, d)
+    y = (rng.random(n) < _sigmoid(Z @ beta - 1.0)).astype(np.float32)
+    return Stream("dense", "dense", X, y, BATCH, lr, [f"x{j}" for j in range(d)])
+
+
+def make_hashed(
+    n: int, seed: int, lr: float, hash_bits: int, n_values: int = 100_000, n_num: int = 4
+) -> Stream:
+    rng = np.random.default_rng(seed + 1)
+    n_cat = 3
+    pop = 1.0 / np.arange(1, n_values + 1) ** 1.05
+    pop /= pop.sum()
+    cats = np.empty((n, n_cat), dtype=np.int64)
+    effects = rng.normal(0.0, 0.8, size=(n_cat, n_values))
+    margin = np.full(n, -1.5)
+    for j in range(n_cat):
+        perm = rng.permutation(n_values)  # popularity unrelated to the value id
+        cats[:, j] = perm[rng.choice(n_values, size=n, p=pop)]
+        margin += effects[j, cats[:, j]]
+    beta = rng.normal(0.0, 0.7, n_num)
+    Z, X = mixed_scale(rng, n, n_num)
+    margin += Z @ beta
+    y = (rng.random(n) < _sigmoid(margin)).astype(np.float32)
+    return Stream(
+        "hashed",
+        "hashed",
+        X,
+        y,
+        BATCH,
+        lr,
+        [f"n{j}" for j in range(n_num)],
+        cats,
+        [f"c{j}" for j in range(n_cat)],
+        hash_bits,
+    )
+
+
+def prepare_hashed(s: Stream) -> None:
+    """streamlearn's slots for every categorical value, exactly as its Vectorizer does."""
+    mask = (1 << s.hash_bits) - 1
+    n_num = len(s.num_names)
+    s.hashed = np.empty_like(s.cats)
+    for j, f in enumerate(s.cat_names):
+        uniq, inv = np.unique(s.cats[:, j], return_inverse=True)
+        table = np.array([n_num + (stable_hash(f, str(v)) & mask) for v in uniq], np.int64)
+        s.hashed[:, j] = table[inv.reshape(-1)]
+
+
+def river_bundled(name: str, lr: float, batch: int) -> Stream | None:
+    """One of river's data sets, only if it ships inside the package (no download)."""
+    from river import datasets
+
+    cls = {"phishing": datasets.Phishing, "bananas": datasets.Bananas, "shuttle": datasets.Shuttle}
+    ds = cls[name]()
+    river_dir = os.path.dirname(datasets.__file__)
+    path = os.path.abspath(str(getattr(ds, "path", "")))
+    if isinstance(ds, datasets.base.RemoteDataset) or not path.startswith(river_dir):
+        return None
+    if not os.path.exists(path):
+        return None
+    xs, ys = [], []
+    keys: list[str] | None = None
+    for x, y in ds:
+        keys = keys or list(x)
+        xs.append([float(x[k]) for k in keys])
+        ys.append(float(bool(y)))
+    X = np.asarray(xs, dtype=np.float64)
+    return Stream(name, "river", X, np.asarray(ys, np.float32), batch, lr, list(keys or []))
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Result:
+    scores: np.ndarray
+    wall: float = 0.0
+    cpu: float = 0.0
+    note: str = ""
+
+
+class Clock:
+    """Accumulates wall and process-CPU seconds over the timed sections only."""
+
+    def __init__(self) -> None:
+        self.wall = 0.0
+        self.cpu = 0.0
+
+    def __enter__(self) -> Clock:
+        self._w = time.perf_counter()
+        self._c = time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall += time.perf_counter() - self._w
+        self.cpu += time.process_time() - self._c
+
+
+def log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    pc = np.clip(p.astype(np.float64), EPS, 1.0 - EPS)
+    return float(-(y * np.log(pc) + (1.0 - y) * np.log(1.0 - pc)).mean())
+
+
+# --------------------------------------------------------------------------- streamlearn
+
+
+def sl_spec(s: Stream, lr: float) -> ModelSpec:
+    return ModelSpec(
+        name=f"bench_{s.name}",
+        topic=s.name,
+        label="y",
+        numeric=tuple(s.num_names),
+        categorical=tuple(s.cat_names),
+        hash_bits=s.hash_bits,
+        optimizer="adagrad",
+        learning_rate=lr,
+        l2=L2,
+        batch_size=s.batch,
+        device="cpu",
+    )
+
+
+def _hashed_or_empty(s: Stream) -> np.ndarray:
+    if s.hashed is not None:
+        return s.hashed
+    return np.empty((len(s), 0), dtype=np.int64)
+
+
+def run_sl_model(s: Stream, lr: float) -> Result:
+    model = OnlineModel(sl_spec(s, lr), device="cpu")
+    hashed = _hashed_or_empty(s)
+    batches = [
+        (a, b, FeatureBatch(s.numeric[a:b], hashed[a:b], s.y[a:b], list(range(a, b))))
+        for a, b in s.batches()
+    ]
+    out = np.empty(len(s))
+    with Clock() as clk:
+        for a, b, fb in batches:
+            out[a:b] = model.process(fb)
+    return Result(out, clk.wall, clk.cpu)
+
+
+def _events(s: Stream, a: int, b: int) -> list[dict[str, Any]]:
+    rows = s.numeric[a:b].tolist()
+    cats = None if s.cats is None else s.cats[a:b].tolist()
+    ys = s.y[a:b].astype(int).tolist()
+    out = []
+    for i, row in enumerate(rows):
+        ev: dict[str, Any] = dict(zip(s.num_names, row, strict=True))
+        if cats is not None:
+            ev.update(zip(s.cat_names, map(str, cats[i]), strict=True))
+        ev["event_id"] = a + i
+        ev["y"] = ys[i]
+        out.append(ev)
+    return out
+
+
+def run_sl_events(s: Stream, lr: float) -> Result:
+    model = OnlineModel(sl_spec(s, lr), device="cpu")
+    out = np.empty(len(s))
+    clk = Clock()
+    for a, b in s.chunks():
+        events = _events(s, a, b)
+        with clk:
+            for lo in range(0, b - a, s.batch):
+                batch, _ = model.vectorizer.transform_many(events[lo : lo + s.batch])
+                out[a + lo : a + lo + len(batch)] = model.process(batch)
+    return Result(out, clk.wall, clk.cpu)
+
+
+def run_sl_kernels(s: Stream, lr: float) -> Result:
+    d = len(s.num_names)
+    dense = s.hashed is None
+    D = d + (0 if dense else 1 << s.hash_bits)
+    w, s1, s2, grad = (np.zeros(D + 1, np.float32) for _ in range(4))
+    count, mean, m2 = (np.zeros(d) for _ in range(3))
+    hyper = np.array([lr, 0.0, L2, 0.25, 1.0])
+    X = s.numeric
+    hashed = _hashed_or_empty(s)
+    out = np.empty(len(s))
+    margins = np.empty(s.batch)
+    step = 0
+    with Clock() as clk:
+        for a, b in s.batches():
+            Xb, yb = X[a:b], s.y[a:b]
+            cpu.scaler_update(Xb, count, mean, m2)
+            std = np.sqrt(m2 / count)
+            std[std == 0.0] = 1.0
+            z = ((Xb - mean) / std).astype(np.float32)
+            mb = margins[: b - a]
+            if dense:
+                cpu.linear_predict_dense(z, w, mb)
+                cpu.linear_learn_dense(z, yb, w, s1, s2, LOSS_LOGISTIC, OPT_ADAGRAD, hyper, step)
+            else:
+                indptr, idx, val = csr_rows(z, hashed[a:b])
+                cpu.linear_predict_csr(indptr, idx, val, w, mb)
+                cpu.linear_learn_csr(
+                    indptr, idx, val, yb, w, s1, s2, LOSS_LOGISTIC, OPT_ADAGRAD, hyper, step, grad
+                )
+            out[a:b] = _sigmoid(mb)
+            step += 1
+    return Result(out, clk.wall, clk.cpu)
+
+
+@njit(cache=False)
+def baseline_stream(X, y, batch, lr, l2, out):  # pragma: no cover - numba
+    """Plain prequential mini-batch loop: per-row Welford z-scores, AdaGrad per batch."""
+    n, d = X.shape
+    w = np.zeros(d + 1)
+    g2 = np.zeros(d + 1)
+    mean = np.zeros(d)
+    m2 = np.zeros(d)
+    z = np.empty(d)
+    grad = np.empty(d + 1)
+    count = 0.0
+    for s in range(0, n, batch):
+        e = min(s + batch, n)
+        grad[:] = 0.0
+        for r in range(s, e):
+            count += 1.0
+            m = w[d]
+            for j in range(d):
+                x = X[r, j]
+                delta = x - mean[j]
+                mean[j] += delta / count
+                m2[j] += delta * (x - mean[j])
+                sd = math.sqrt(m2[j] / count)
+                z[j] = (x - mean[j]) / sd if sd > 0.0 else 0.0
+                m += z[j] * w[j]
+            if m >= 0.0:
+                p = 1.0 / (1.0 + math.exp(-m))
+            else:
+                t = math.exp(m)
+                p = t / (1.0 + t)
+            out[r] = p
+            gr = p - y[r]
+            for j in range(d):
+                grad[j] += gr * z[j]
+            grad[d] += gr
+        inv = 1.0 / (e - s)
+        for j in range(d + 1):
+            g = grad[j] * inv
+            if j < d:
+                g += l2 * w[j]
+            g2[j] += g * g
+            w[j] -= lr * g / (math.sqrt(g2[j]) + 1e-8)
+
+
+def run_baseline(s: Stream, lr: float) -> Result:
+    out = np.empty(len(s))
+    X = np.ascontiguousarray(s.numeric)
+    y = s.y.astype(np.float64)
+    with Clock() as clk:
+        baseline_stream(X, y, s.batch, lr, L2, out)
+    return Result(out, clk.wall, clk.cpu)
+
+
+# --------------------------------------------------------------------------- river
+
+
+def river_model(s: Stream, lr: float) -> Any:
+    from river import compose, linear_model, optim, preprocessing
+
+    clf = linear_model.LogisticRegression(optimizer=optim.SGD(lr))
+    if s.cats is None:
+        return preprocessing.StandardScaler() | clf
+    union = compose.TransformerUnion(
+        compose.Select(*s.num_names) | preprocessing.StandardScaler(),
+        compose.Select(*s.cat_names) | preprocessing.OneHotEncoder(drop_zeros=True),
+    )
+    return union | clf
+
+
+def _river_dicts(s: Stream, a: int, b: int) -> list[dict[str, Any]]:
+    rows = s.numeric[a:b].tolist()
+    if s.cats is None:
+        return [dict(zip(s.num_names, r, strict=True)) for r in rows]
+    cats = s.cats[a:b].tolist()
+    return [
+        dict(zip(s.num_names, r, strict=True)) | dict(zip(s.cat_names, map(str, c), strict=True))
+        for r, c in zip(rows, cats, strict=True)
+    ]
+
+
+def run_river_one(s: Stream, lr: float) -> Result:
+    model = river_model(s, lr)
+    out = np.empty(len(s))
+    clk = Clock()
+    for a, b in s.chunks():
+        xs = _river_dicts(s, a, b)
+        ys = (s.y[a:b] > 0.5).tolist()
+        with clk:
+            for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+                out[a + i] = model.predict_proba_one(x).get(True, 0.5)
+                model.learn_one(x, y)
+    return Result(out, clk.wall, clk.cpu)
+
+
+def run_river_many(s: Stream, lr: float) -> Result:
+    import pandas as pd
+
+    model = river_model(s, lr)
+    out = np.empty(len(s))
+    clk = Clock()
+    for a, b in s.chunks():
+        frames = []
+        for lo, hi in s.batches(a, b):
+            df = pd.DataFrame(s.numeric[lo:hi], columns=s.num_names, index=range(lo, hi))
+            if s.cats is not None:
+                for j, f in enumerate(s.cat_names):
+                    df[f] = s.cats[lo:hi, j].astype(str)
+            frames.append((lo, hi, df, pd.Series(s.y[lo:hi] > 0.5, index=df.index)))
+        with clk:
+            for lo, hi, X, y in frames:
+                proba = model.predict_proba_many(X)
+                out[lo:hi] = proba[True].to_numpy() if True in proba.columns else 0.5
+                model.learn_many(X, y)
+    return Result(out, clk.wall, clk.cpu)
+
+
+# --------------------------------------------------------------------------- scikit-learn
+
+
+def run_sklearn(s: Stream, alpha: float) -> Result:
+    import scipy.sparse as sp
+    from sklearn.linear_model import SGDClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler()
+    clf = SGDClassifier(loss="log_loss", alpha=alpha)
+    classes = np.array([0, 1])
+    d = len(s.num_names)
+    yi = s.y.astype(np.int64)
+    if s.hashed is None:
+        batches = [(a, b, s.numeric[a:b], None) for a, b in s.batches()]
+    else:
+        n_cols = d + (1 << s.hash_bits)
+        width = d + s.n_cat
+        batches = []
+        for a, b in s.batches():
+            n = b - a
+            idx = np.empty((n, width), np.int32)
+            idx[:, :d] = np.arange(d)
+            idx[:, d:] = s.hashed[a:b]
+            data = np.ones((n, width))
+            indptr = np.arange(0, n * width + 1, width, dtype=np.int32)
+            m = sp.csr_matrix((data.ravel(), idx.ravel(), indptr), shape=(n, n_cols))
+            batches.append((a, b, s.numeric[a:b], m))
+    out = np.empty(len(s))
+    fitted = False
+    with Clock() as clk:
+        for a, b, Xb, m in batches:
+            scaler.partial_fit(Xb)
+            z = scaler.transform(Xb)
+            if m is not None:
+                m.data.reshape(b - a, -1)[:, :d] = z
+                z = m
+            out[a:b] = clf.predict_proba(z)[:, 1] if fitted else 0.5
+            clf.partial_fit(z, yi[a:b], classes=classes)
+            fitted = True
+    return Result(out, clk.wall, clk.cpu)
+
+
+# --------------------------------------------------------------------------- Vowpal Wabbit
+
+
+def _vw_lines(s: Stream, a: int, b: int) -> list[str]:
+    labels = np.where(s.y[a:b] > 0.5, "1", "-1").tolist()
+    rows = s.numeric[a:b].tolist()
+    names = s.num_names
+    cats = None if s.cats is None else s.cats[a:b].tolist()
+    lines = []
+    for i, row in enumerate(rows):
+        num = " ".join(f"{k}:{v:.9g}" for k, v in zip(names, row, strict=True))
+        line = f"{labels[i]} |n {num}"
+        if cats is not None:
+            line += " |c " + " ".join(f"{f}={v}" for f, v in zip(s.cat_names, cats[i], strict=True))
+        lines.append(line)
+    return lines
+
+
+class VWData:
+    """The stream as one VW text file (written once, untimed) in a temporary directory."""
+
+    def __init__(self, s: Stream) -> None:
+        self.dir = tempfile.TemporaryDirectory(prefix="bench_learning_vw_")
+        self.path = os.path.join(self.dir.name, f"{s.name}.vw")
+        with open(self.path, "w") as fh:
+            for a, b in s.chunks():
+                fh.write("\n".join(_vw_lines(s, a, b)))
+                fh.write("\n")
+
+    def close(self) -> None:
+        self.dir.cleanup()
+
+
+def _vw_args(s: Stream, lr: float) -> str:
+    bits = s.hash_bits if s.cats is not None else 18
+    return f"--loss_function logistic --link logistic --quiet -b {bits} -l {lr}"
+
+
+def run_vw_pyvw(s: Stream, lr: float, data: VWData) -> Result:
+    from vowpalwabbit import pyvw
+
+    vw = pyvw.Workspace(_vw_args(s, lr))
+    out = np.empty(len(s))
+    clk = Clock()
+    i = 0
+    with open(data.path) as fh:
+        while i < len(s):
+            lines = [fh.readline() for _ in range(min(CHUNK, len(s) - i))]
+            with clk:
+                for j, line in enumerate(lines):
+                    ex = vw.parse(line)
+                    vw.learn(ex)
+                    out[i + j] = ex.get_simplelabel_prediction()
+                    vw.finish_example(ex)
+            i += len(lines)
+    vw.finish()
+    return Result(out, clk.wall, clk.cpu)
+
+
+def run_vw_driver(s: Stream, lr: float, data: VWData) -> Result:
+    from vowpalwabbit import pyvw
+
+    cache = os.path.join(data.dir.name, f"{s.name}.{lr}.cache")
+    preds = os.path.join(data.dir.name, f"{s.name}.{lr}.pred")
+    base = f"{_vw_args(s, lr)} -d {data.path} --cache_file {cache}"
+    # Untimed first pass over the text: writes the cache and the progressive predictions
+    # (``-p``). With ``-d``, pyvw runs the whole driver inside the constructor.
+    pyvw.Workspace(f"{base} -p {preds}").finish()
+    if not os.path.exists(cache):
+        raise RuntimeError("VW did not write its cache file")
+    # Timed pass: the same learning from the cache, without writing predictions (VW is
+    # deterministic, so they equal the first pass's; writing them as text costs ~50%).
+    with Clock() as clk:
+        pyvw.Workspace(base).finish()
+    out = np.loadtxt(preds, dtype=np.float64, ndmin=1)
+    if len(out) != len(s):
+        raise RuntimeError(f"VW wrote {len(out)} predictions for {len(s)} rows")
+    return Result(out, clk.wall, clk.cpu, "from VW cache")
+
+
+# --------------------------------------------------------------------------- driver
+
+Runner = Callable[[Stream, float], Result]
+
+
+@dataclass
+class Row:
+    stream: str
+    system: str
+    rows: int
+    batch: int | str
+    rps: float = math.nan
+    cpu_ratio: float = math.nan
+    ll: float = math.nan
+    auc: float = math.nan
+    note: str = ""
+    partial: bool = False  # ran on a prefix only: not comparable, never the best anchor
+
+
+def system_table(s: Stream, vw_data: VWData | None) -> list[tuple[str, Runner, float, str]]:
+    """``(system, runner, default knob value, knob name)`` applicable to a stream."""
+    out: list[tuple[str, Runner, float, str]] = [
+        (SL_MODEL, run_sl_model, s.lr, "lr"),
+        ("streamlearn (model, events)", run_sl_events, s.lr, "lr"),
+        ("streamlearn (kernels)", run_sl_kernels, s.lr, "lr"),
+    ]
+    if s.cats is None:
+        out.append(("njit baseline", run_baseline, s.lr, "lr"))
+    out += [
+        ("river learn_one", run_river_one, 0.01, "lr"),
+        ("river learn_many", run_river_many, 0.01, "lr"),
+        ("sklearn SGD", run_sklearn, 1e-4, "alpha"),
+    ]
+    if vw_data is not None:
+        data = vw_data
+        out += [
+            ("vw (pyvw, per row)", lambda st, lr: run_vw_pyvw(st, lr, data), 0.5, "lr"),
+            ("vw (driver, cache)", lambda st, lr: run_vw_driver(st, lr, data), 0.5, "lr"),
+        ]
+    return out
+
+
+def batch_of(system: str, s: Stream) -> int | str:
+    if system in ("river learn_one", "vw (pyvw, per row)", "vw (driver, cache)"):
+        return 1
+    return s.batch
+
+
+def missing_package(system: str) -> str | None:
+    import importlib.util
+
+    need = {"river learn_many": "pandas", "sklearn SGD": "sklearn"}.get(system)
+    if system.startswith("vw"):
+        need = "vowpalwabbit"
+    if need and importlib.util.find_spec(need) is None:
+        return f"n/a: {need} not installed"
+    return None
+
+
+def measure(s: Stream, system: str, runner: Runner, knob: float, warm: bool = True) -> Row:
+    cap = CAPS.get((s.name, system))
+    partial = cap is not None and cap < len(s)
+    if partial:
+        s = s.head(cap)
+    row = Row(s.name, system, len(s), batch_of(system, s), partial=partial)
+    why = missing_package(system)
+    if why:
+        row.note = why
+        return row
+    try:
+        if warm and not system.startswith("vw (driver"):
+            runner(s.head(min(WARM_ROWS, len(s))), knob)
+        res = runner(s, knob)
+        spent, runs = res.wall, 1
+        while warm and spent < MIN_SECONDS and runs < MAX_RUNS:
+            again = runner(s, knob)  # a fresh model each time: same scores, another timing
+            spent += again.wall
+            runs += 1
+            if again.wall < res.wall:
+                res = again
+    except Exception as exc:  # noqa: BLE001 - one failing system must not sink the table
+        row.note = f"failed: {type(exc).__name__}: {exc}"[:120]
+        return row
+    row.rps = len(s) / res.wall if res.wall > 0 else math.inf
+    row.cpu_ratio = res.cpu / res.wall if res.wall > 0 else math.nan
+    row.ll = log_loss(s.y, res.scores)
+    row.auc = roc_auc(s.y, res.scores)
+    row.note = res.note + (f" best of {runs} runs" if runs > 1 else "")
+    if partial:
+        row.note = f"first {len(s)} rows only (too slow for more): not comparable"
+    return row
+
+
+def fmt_rate(x: float) -> str:
+    if not math.isfinite(x):
+        return "-"
+    if x >= 1e6:
+        return f"{x / 1e6:.2f}M"
+    if x >= 1e3:
+        return f"{x / 1e3:.1f}k"
+    return f"{x:.0f}"
+
+
+def best_anchor(rows: list[Row]) -> Row | None:
+    cands = [r for r in rows if r.system in ANCHORS and math.isfinite(r.auc) and not r.partial]
+    # Near-ties (same AUC to 4 decimals, e.g. VW's two front ends) go to the faster anchor.
+    return max(cands, key=lambda r: (round(r.auc, 4), r.rps)) if cands else None
+
+
+def print_table(rows: list[Row], title: str) -> None:
+    print(f"\n{title}")
+    head = (
+        f"{'stream':<9} {'system':<28} {'rows':>8} {'batch':>5} {'rows/s':>8} {'cpu/wall':>8} "
+        f"{'logloss':>8} {'AUC':>7} | {'x speed':>8} {'dLL':>7} {'dAUC':>7}  note"
+    )
+    print(head)
+    print("-" * len(head))
+    streams = list(dict.fromkeys(r.stream for r in rows))
+    for st in streams:
+        group = [r for r in rows if r.stream == st]
+        ref = best_anchor(group)
+        for r in group:
+            rel = ""
+            if ref is not None and math.isfinite(r.auc):
+                star = " *" if r is ref else ""
+                rel = f"{r.rps / ref.rps:7.2f}x {r.ll - ref.ll:+7.4f} {r.auc - ref.auc:+7.4f}{star}"
+            else:
+                rel = f"{'-':>8} {'-':>7} {'-':>7}"
+            print(
+                f"{r.stream:<9} {r.system:<28} {r.rows:>8} {r.batch!s:>5} {fmt_rate(r.rps):>8} "
+                f"{r.cpu_ratio:>8.2f} {r.ll:>8.4f} {r.auc:>7.4f} | {rel}  {r.note}"
+            )
+        print()
+    print(
+        "x speed, dLL, dAUC: relative to the stream's best anchor (highest AUC among river, "
+        "scikit-learn and VW; marked *).\ncpu/wall > 1: more than one core busy."
+    )
+
+
+def find(rows: list[Row], stream: str, system: str) -> Row | None:
+    for r in rows:
+        if r.stream == stream and r.system == system and math.isfinite(r.rps):
+            return r
+    return None
+
+
+def print_targets(rows: list[Row]) -> None:
+    print("\nTargets")
+    sl = find(rows, "dense", SL_MODEL)
+    base = find(rows, "dense", "njit baseline")
+    r1 = find(rows, "dense", "river learn_one")
+    if sl and base:
+        ratio = sl.rps / base.rps
+        status = "MET" if ratio >= 0.5 else "NOT MET"
+        print(
+            f"(a) dense, batch {BATCH}, full OnlineModel vs plain njit loop: "
+            f"{fmt_rate(sl.rps)} / {fmt_rate(base.rps)} rows/s = {ratio:.3f}x "
+            f"(target >= 0.5x): {status}"
+        )
+        kern = find(rows, "dense", "streamlearn (kernels)")
+        if kern:
+            print(f"    bare kernels from Python: {kern.rps / base.rps:.3f}x of the baseline")
+        if r1:
+            print(f"    baseline / river learn_one = {base.rps / r1.rps:.0f}x (expected ~600x)")
+    else:
+        print("(a) not measured (needs the dense stream, streamlearn and baseline)")
+    sl = find(rows, "hashed", SL_MODEL)
+    vws = [r for r in (find(rows, "hashed", n) for n in ANCHORS if n.startswith("vw")) if r]
+    if sl and vws:
+        vw = max(vws, key=lambda r: r.rps)
+        ratio = sl.rps / vw.rps
+        status = "MET" if ratio >= 1.0 else "NOT MET"
+        print(
+            f"(b) hashed, full OnlineModel vs fastest VW ({vw.system}): "
+            f"{fmt_rate(sl.rps)} / {fmt_rate(vw.rps)} rows/s = {ratio:.2f}x (target >= 1x): "
+            f"{status}"
+        )
+        print(f"    (VW cpu/wall {vw.cpu_ratio:.2f}; streamlearn cpu/wall {sl.cpu_ratio:.2f})")
+        kern = find(rows, "hashed", "streamlearn (kernels)")
+        if kern:
+            print(f"    bare kernels from Python: {kern.rps / vw.rps:.2f}x of that VW")
+    else:
+        print("(b) not measured (needs the hashed stream, streamlearn and vowpalwabbit)")
+    verdicts = []
+    for st in dict.fromkeys(r.stream for r in rows):
+        sl = find(rows, st, SL_MODEL)
+        ref = best_anchor([r for r in rows if r.stream == st])
+        if sl is None or ref is None:
+            continue
+        gap = sl.auc - ref.auc
+        verdicts.append(gap >= -0.005)
+        print(
+            f"(c) {st:<9} AUC streamlearn {sl.auc:.4f} vs best anchor {ref.auc:.4f} "
+            f"({ref.system}): {gap:+.4f} -> {'MET' if gap >= -0.005 else 'NOT MET'}"
+        )
+    if verdicts:
+        print(f"(c) overall: {'MET' if all(verdicts) else 'NOT MET'} on {len(verdicts)} streams")
+
+
+GRID_SYSTEMS = (
+    SL_MODEL,
+    "njit baseline",
+    "river learn_one",
+    "river learn_many",
+    "sklearn SGD",
+    "vw (driver, cache)",
+)
+
+
+def run_grid(streams: list[Stream], vw: dict[str, VWData], wanted: set[str]) -> None:
+    print("\nBest of a 3-point step-size grid (same grid size for every system; quality only)")
+    print(
+        f"{'stream':<9} {'system':<28} {'knob':>5} {'grid':>22} {'best':>9} {'logloss':>8} "
+        f"{'AUC':>7} {'AUC @ each point':>26}"
+    )
+    verdicts: list[str] = []
+    for s in streams:
+        bests: dict[str, Row] = {}
+        for system, runner, knob, kname in system_table(s, vw.get(s.name)):
+            if system not in GRID_SYSTEMS or system not in wanted or missing_package(system):
+                continue
+            if (s.name, system) in CAPS:
+                continue  # a prefix-only run is not comparable
+            factors = (10.0, 1.0, 0.1) if kname == "alpha" else (1 / 3, 1.0, 3.0)
+            grid = [knob * f for f in factors]
+            results = [measure(s, system, runner, g, warm=False) for g in grid]
+            ok = [(r, g) for r, g in zip(results, grid, strict=True) if math.isfinite(r.auc)]
+            if not ok:
+                continue
+            best, g = max(ok, key=lambda t: t[0].auc)
+            bests[system] = best
+            pts = " ".join(f"{r.auc:.4f}" for r in results)
+            gtxt = ",".join(f"{x:.3g}" for x in grid)
+            print(
+                f"{s.name:<9} {system:<28} {kname:>5} {gtxt:>22} {g:>9.3g} {best.ll:>8.4f} "
+                f"{best.auc:>7.4f} {pts:>26}"
+            )
+        print()
+        ref = best_anchor(list(bests.values()))
+        sl = bests.get(SL_MODEL)
+        if ref is not None and sl is not None:
+            gap = sl.auc - ref.auc
+            verdicts.append(
+                f"(c, best of grid) {s.name:<9} streamlearn {sl.auc:.4f} vs {ref.system} "
+                f"{ref.auc:.4f}: {gap:+.4f} -> {'MET' if gap >= -0.005 else 'NOT MET'}"
+            )
+    for line in verdicts:
+        print(line)
+
+
+def profile_model(s: Stream, lr: float, n_batches: int = 400) -> None:
+    """Per-stage cost of ``OnlineModel.process`` on one stream, microseconds per batch."""
+    model = OnlineModel(sl_spec(s, lr), device="cpu")
+    hashed = _hashed_or_empty(s)
+    stages: dict[str, float] = {}
+
+    def tick(name: str, t0: float) -> float:
+        t1 = time.perf_counter()
+        stages[name] = stages.get(name, 0.0) + t1 - t0
+        return t1
+
+    batches = list(s.batches())[:n_batches]
+    for a, b in batches:
+        fb = FeatureBatch(s.numeric[a:b], hashed[a:b], s.y[a:b], list(range(a, b)))
+        t = time.perf_counter()
+        model.n_imputed += np.isnan(fb.numeric).sum(axis=0)
+        t = tick("count imputed", t)
+        model.scaler.learn_many(fb.numeric)
+        t = tick("scaler.learn_many", t)
+        model.data_drift.update(fb.numeric)
+        t = tick("data_drift.update", t)
+        z = model.scaler.transform_many(fb.numeric)
+        t = tick("scaler.transform_many", t)
+        csr = csr_rows(z, fb.hashed)
+        t = tick("csr_rows (process builds 2)", t)
+        scores = model._link(model._margins(*csr))
+        t = tick("predict kernel + sigmoid", t)
+        mask = fb.has_label
+        y = np.ascontiguousarray(fb.labels[mask if not mask.all() else slice(None)])
+        t = tick("label mask", t)
+        loss = model._learn_csr(csr, y)
+        t = tick("learn kernel", t)
+        model.metrics.update(y, scores)
+        t = tick("metrics.update", t)
+        model.concept_drift.update(loss / len(y), model.n_seen)
+        tick("concept_drift.update", t)
+    total = sum(stages.values())
+    print(f"\nOnlineModel.process stages on '{s.name}' ({len(batches)} batches of {s.batch})")
+    for name, sec in sorted(stages.items(), key=lambda kv: -kv[1]):
+        us = sec / len(batches) * 1e6
+        print(f"  {name:<28} {us:8.1f} us/batch  {sec / total:6.1%}")
+    print(f"  {'total':<28} {total / len(batches) * 1e6:8.1f} us/batch (process: csr_rows twice)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=200_000, help="rows of each synthetic stream")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--hash-bits", type=int, default=20)
+    p.add_argument("--small-batch", type=int, default=16, help="batch on river's data sets")
+    p.add_argument("--lr-dense", type=float, default=0.1)
+    p.add_argument("--lr-hashed", type=float, default=0.1)
+    p.add_argument("--streams", default="dense,hashed," + ",".join(RIVER_SETS))
+    p.add_argument("--systems", default=",".join(SYSTEM_KEYS), help=",".join(SYSTEM_KEYS))
+    p.add_argument(
+        "--river-many-hashed-rows",
+        type=int,
+        default=8_192,
+        help="prefix of the hashed stream for river learn_many (its one-hot frames grow wide)",
+    )
+    p.add_argument("--grid", action="store_true", help="also run a 3-point step-size grid")
+    p.add_argument("--profile", action="store_true", help="stage costs of OnlineModel.process")
+    args = p.parse_args(argv)
+
+    wanted_streams = [x.strip() for x in args.streams.split(",") if x.strip()]
+    wanted: set[str] = set()
+    for key in args.systems.split(","):
+        if key.strip() not in SYSTEM_KEYS:
+            p.error(f"unknown system {key!r}; choose from {', '.join(SYSTEM_KEYS)}")
+        wanted.update(SYSTEM_KEYS[key.strip()])
+
+    CAPS[("hashed", "river learn_many")] = args.river_many_hashed_rows
+    # ``timeout`` sends SIGTERM: exit through ``finally`` so the VW temp files are removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    t_start = time.perf_counter()
+    versions = [
+        f"python {platform.python_version()}",
+        f"numpy {np.__version__}",
+        f"numba {numba.__version__}",
+    ]
+    for mod in ("river", "sklearn", "vowpalwabbit", "pandas"):
+        try:
+            versions.append(f"{mod} {__import__(mod).__version__}")
+        except (ImportError, AttributeError):
+            versions.append(f"{mod} n/a")
+    print("bench_learning: prequential score-then-learn, one process, one run")
+    print("  " + ", ".join(versions))
+    threads = ", ".join(f"{v}={os.environ.get(v)}" for v in THREAD_VARS)
+    print(f"  {os.cpu_count()} CPUs visible, {threads}, load avg {os.getloadavg()[0]:.2f}")
+
+    t0 = time.perf_counter()
+    streams: list[Stream] = []
+    for name in wanted_streams:
+        if name == "dense":
+            streams.append(make_dense(args.rows, args.seed, args.lr_dense))
+        elif name == "hashed":
+            st = make_hashed(args.rows, args.seed, args.lr_hashed, args.hash_bits)
+            prepare_hashed(st)
+            streams.append(st)
+        elif name in RIVER_SETS:
+            st = river_bundled(name, args.lr_dense, args.small_batch)
+            if st is None:
+                print(f"  skipped river data set {name!r}: not bundled (needs a download)")
+            else:
+                streams.append(st)
+        else:
+            p.error(f"unknown stream {name!r}")
+    vw_data: dict[str, VWData] = {}
+    if any(s.startswith("vw") for s in wanted) and missing_package("vw (driver, cache)") is None:
+        for s in streams:
+            vw_data[s.name] = VWData(s)
+    for s in streams:
+        pos = float(s.y.mean())
+        print(
+            f"  stream {s.name}: {len(s)} rows, {len(s.num_names)} numeric, {s.n_cat} "
+            f"categorical, {pos:.1%} positive, batch {s.batch}, streamlearn lr {s.lr}"
+        )
+    print(f"  data generation + materialization of VW files: {time.perf_counter() - t0:.1f} s")
+
+    # JIT warm-up on a throwaway stream before anything is timed.
+    warm = make_dense(2 * BATCH, args.seed + 99, 0.1, d=4)
+    run_sl_model(warm, 0.1)
+    run_sl_kernels(warm, 0.1)
+    run_baseline(warm, 0.1)
+
+    rows: list[Row] = []
+    try:
+        for s in streams:
+            for system, runner, knob, _ in system_table(s, vw_data.get(s.name)):
+                if system in wanted:
+                    t = time.perf_counter()
+                    rows.append(measure(s, system, runner, knob))
+                    print(
+                        f"  .. {s.name:<9} {system:<28} {time.perf_counter() - t:6.1f} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        print_table(rows, "Prequential results (one run)")
+        print_targets(rows)
+        if args.profile:
+            for s in streams:
+                if s.family in ("dense", "hashed"):
+                    profile_model(s, s.lr)
+        if args.grid:
+            run_grid(streams, vw_data, wanted)
+    finally:
+        for d in vw_data.values():
+            d.close()
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+def _pin_threads() -> None:
+    """Re-execute with single-threaded numba/BLAS unless already configured."""
+    if all(os.environ.get(v) == "1" for v in THREAD_VARS):
+        return
+    env = dict(os.environ, **dict.fromkeys(THREAD_VARS, "1"))
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+if __name__ == "__main__":
+    _pin_threads()
+    sys.exit(main())
