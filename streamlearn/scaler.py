@@ -2,9 +2,38 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
+from numba import njit
+
+from streamlearn.kernels.cpu import scaler_update
+
+
+@njit(cache=True)
+def _zscore(X, mean, std, out):  # pragma: no cover - compiled
+    """``out = float32((X - mean) * (1 / std))``, with NaN results (missing inputs) set to 0.
+
+    A multiply by the reciprocal rather than a divide: ~5x faster, and it agrees with
+    ``(X - mean) / std`` to within one float64 rounding, far below the float32 output's.
+    """
+    n, d = X.shape
+    inv = 1.0 / std
+    for r in range(n):
+        for j in range(d):
+            z = (X[r, j] - mean[j]) * inv[j]
+            out[r, j] = 0.0 if math.isnan(z) else z
+
+
+@njit(cache=True)
+def _std(count, m2):  # pragma: no cover - compiled
+    """``sqrt(var)``, with 0 (also: no observations yet) mapped to 1."""
+    out = np.empty(count.shape[0])
+    for j in range(count.shape[0]):
+        s = math.sqrt(m2[j] / count[j]) if count[j] > 0 else 0.0
+        out[j] = 1.0 if s == 0.0 else s
+    return out
 
 
 class RunningStandardScaler:
@@ -42,23 +71,16 @@ class RunningStandardScaler:
     def std(self) -> np.ndarray:
         """Standard deviation, with 1 where it is still 0 so transforms stay finite."""
         if self._std is None:
-            s = np.sqrt(self.var)
-            s[s == 0] = 1.0
-            self._std = s
+            self._std = _std(self.count, self.m2)  # compiled: NumPy's 6 ufunc calls cost ~15 us
         return self._std
 
     def learn_many(self, X: np.ndarray) -> None:
         """Fold a batch into the statistics (NaN entries skipped)."""
         if X.shape[0] == 0 or self.n_features == 0:
             return
-        present = ~np.isnan(X)
-        n_b = present.sum(axis=0).astype(np.float64)
-        filled = np.where(present, X, 0.0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean_b = np.where(n_b > 0, filled.sum(axis=0) / n_b, 0.0)
-        dev = np.where(present, X - mean_b, 0.0)
-        m2_b = (dev * dev).sum(axis=0)
-        self._combine(n_b, mean_b, m2_b)
+        # Two passes over the batch, then Chan's merge, in place (the @njit CPU kernel).
+        scaler_update(np.ascontiguousarray(X, dtype=np.float64), self.count, self.mean, self.m2)
+        self._std = None
 
     def merge(self, other: RunningStandardScaler) -> None:
         """Fold another scaler's statistics into this one (exact, order-free)."""
@@ -78,9 +100,12 @@ class RunningStandardScaler:
 
     def transform_many(self, X: np.ndarray) -> np.ndarray:
         """Z-scores as float32; missing values become 0 (the running mean)."""
-        z = (X - self.mean) / self.std
-        z[np.isnan(z)] = 0.0
-        return z.astype(np.float32)
+        X = np.ascontiguousarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            raise ValueError(f"expected (n, {self.n_features}) features, got {X.shape}")
+        out = np.empty(X.shape, dtype=np.float32)
+        _zscore(X, self.mean, self.std, out)
+        return out
 
     def to_state(self) -> dict[str, Any]:
         """Plain state for snapshots."""

@@ -7,11 +7,38 @@ with the recent mean an exponentially weighted average of batch means
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
+from numba import njit
 
 from streamlearn.scaler import RunningStandardScaler
+
+
+@njit(cache=True)
+def _blend_batch_means(X, recent, halflife):  # pragma: no cover - compiled
+    """Fold each feature's batch mean (NaN skipped) into ``recent`` in place (EWMA).
+
+    One row-major pass; the sums accumulate row by row, as NumPy's ``sum(axis=0)`` does.
+    """
+    n, d = X.shape
+    cnt = np.zeros(d)
+    tot = np.zeros(d)
+    for r in range(n):
+        for j in range(d):
+            x = X[r, j]
+            if not math.isnan(x):
+                cnt[j] += 1.0
+                tot[j] += x
+    for j in range(d):
+        if cnt[j] > 0.0:
+            batch_mean = tot[j] / cnt[j]
+            if math.isnan(recent[j]):
+                recent[j] = batch_mean
+            else:
+                alpha = 1.0 - 0.5 ** (cnt[j] / halflife)
+                recent[j] = (1 - alpha) * recent[j] + alpha * batch_mean
 
 
 class DataDriftMonitor:
@@ -44,13 +71,19 @@ class DataDriftMonitor:
         self.threshold = threshold
         self.reference = RunningStandardScaler(len(features))
         self.recent = np.full(len(features), np.nan)
+        self._ready_for: RunningStandardScaler | None = None  # reference known complete
 
     @property
     def ready(self) -> bool:
         """Whether the reference window is complete."""
-        return bool(
-            self.reference.count.size == 0 or self.reference.count.min() >= self.reference_size
-        )
+        # Latched per reference object: its counts never go down once complete.
+        if self._ready_for is self.reference:
+            return True
+        count = self.reference.count
+        if count.size == 0 or count.min() >= self.reference_size:
+            self._ready_for = self.reference
+            return True
+        return False
 
     def update(self, X: np.ndarray) -> None:
         """Fold a batch of raw numeric features (NaN = missing)."""
@@ -59,15 +92,10 @@ class DataDriftMonitor:
         if not self.ready:
             self.reference.learn_many(X)
             return
-        present = ~np.isnan(X)
-        n = present.sum(axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            batch_mean = np.where(present, X, 0.0).sum(axis=0) / n
-        alpha = 1.0 - 0.5 ** (n / self.halflife)
-        fresh = np.isnan(self.recent)
-        blended = (1 - alpha) * self.recent + alpha * batch_mean
-        update = n > 0
-        self.recent = np.where(update & fresh, batch_mean, np.where(update, blended, self.recent))
+        # Every batch, every feature: one compiled pass, no temporaries (no sampling).
+        _blend_batch_means(
+            np.ascontiguousarray(X, dtype=np.float64), self.recent, float(self.halflife)
+        )
 
     def scores(self) -> np.ndarray:
         """Standardized mean shift per feature (NaN until the reference is complete)."""

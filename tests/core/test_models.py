@@ -163,3 +163,22 @@ def test_cuda_request_without_gpu_fails_at_start_with_a_clear_error():
         get_backend("cuda")
     with pytest.raises(BackendUnavailable):
         OnlineModel(SPECS["binary"], device="cuda")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "ftrl"])
+@pytest.mark.parametrize("task", ["binary", "regression"])
+def test_dense_path_matches_the_csr_path(task, optimizer):
+    """All-numeric specs skip CSR; the kernels' semantics make both paths agree."""
+    spec = ModelSpec(name="d", topic="t", task=task, numeric=("x1", "x2"), label="y",
+                     optimizer=optimizer, l1=1e-4, l2=1e-3, learning_rate=0.05)
+    events = _events(task, 1024)
+    for e in events[::7]:
+        del e["x2"]  # imputation must agree too
+    for e in events[1::5]:
+        del e["y"]  # partly labelled batches
+    dense, sparse = OnlineModel(spec, device="cpu"), OnlineModel(spec, device="cpu")
+    sparse.dense = False
+    assert dense.dense
+    np.testing.assert_allclose(_run(dense, events), _run(sparse, events), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dense.w, sparse.w, rtol=1e-5, atol=1e-6)
+    assert dense.n_imputed.tolist() == sparse.n_imputed.tolist() == [0, len(events[::7])]
