@@ -12,9 +12,9 @@ import time
 from typing import Any
 
 import httpx
-from streamlearn.services.producer import produce
 
 from streamlearn.broker import EmbeddedBroker
+from streamlearn.services.producer import produce
 from streamlearn.settings import Settings
 
 NORMAL = {

@@ -70,7 +70,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
         )
         return 2
     topic = args.topic or (settings.specs[0].topic if settings.specs else "transactions")
-    return run(bootstrap, topic, args.count, args.rate, args.seed)
+    return run(bootstrap, topic, args.count, args.rate, args.seed, args.format, args.batch_rows)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate", type=float, default=None, help="events/s (default: as fast as possible)"
     )
     produce.add_argument("--seed", type=int, default=0)
+    produce.add_argument(
+        "--format", choices=("json", "batch"), default="json",
+        help="json: one event per message; batch: columnar batch records (default json)",
+    )
+    produce.add_argument(
+        "--batch-rows", type=int, default=4096, help="events per batch record (default 4096)"
+    )
     produce.set_defaults(func=cmd_produce)
     return p
 

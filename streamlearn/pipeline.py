@@ -1,27 +1,56 @@
-"""One model's per-batch step, from raw Kafka values to output records, without I/O.
+"""One model's step, from raw Kafka values to output records, without I/O.
 
-The worker feeds it mini-batches of ``Record`` and sends what it returns:
-prediction records and dead letters.  Keeping this pure lets the whole
-decode/validate/score/learn path be tested without a broker.
+The worker feeds it blocks of consecutive messages (one partition each) and sends
+what it returns: prediction records and dead letters.  Keeping this pure lets the
+whole decode/validate/score/learn path be tested without a broker.
+
+Where the time goes, and why the code looks like this:
+
+- JSON events are vectorized a column at a time (:class:`JsonDecoder`): one
+  ``orjson.loads`` per message, in slices of 512 so the parsed dicts are still in the CPU
+  cache, then one C-level ``map(dict.get, ...)`` and one type check per field, instead of
+  a Python loop over events and fields.  A slice with anything unusual (a non-object, a
+  wrong type, a non-finite number, a bad label) falls back to
+  :meth:`Vectorizer.transform_many`, so the reasons for rejects stay the vectorizer's.
+  Measured here: 8 us/event to parse and vectorize, against 11.4 us for ``orjson`` plus
+  the per-event vectorizer; the whole step with learning and prediction records runs
+  at ~80k events/s on its own.
+- Batch records (:mod:`streamlearn.batch_format`) skip JSON entirely; a malformed one
+  is dead-lettered whole, with its reason, and the next one goes on.
+- Learning keeps the spec's mini-batch size whatever the transport: a batch record of
+  4,096 events is learned in ``spec.batch_size`` chunks, like 4,096 JSON events, so the
+  model does not depend on how the producer packed its events (a test checks both give
+  the same weights).  ``OnlineModel.process`` has a fixed cost per call, so at
+  ``batch_size = 256`` it bounds batch records well before their decoding does.
 """
 
 from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Sequence
+from bisect import bisect_right
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
 
+from streamlearn.batch_format import BatchFormatError, FeatureDecoder, encode_columns, is_batch
+from streamlearn.config import ModelSpec
+from streamlearn.features import _MISSING, FeatureBatch, Vectorizer
 from streamlearn.models import OnlineModel
 
 #: Learn-latency histogram bounds in seconds, shared with the Prometheus metrics.
 LEARN_BUCKETS: tuple[float, ...] = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 )
+
+_NUMBER_TYPES = frozenset({float, int, type(None)})
+_CATEGORY_TYPES = frozenset({str, int, type(None)})
+_SLOT_CACHE_LIMIT = 100_000
+_CHUNK = 512
 
 
 class Record(NamedTuple):
@@ -31,6 +60,19 @@ class Record(NamedTuple):
     topic: str
     partition: int
     offset: int
+
+
+class Block(NamedTuple):
+    """Consecutive messages of one partition, in offset order (the worker's unit of work)."""
+
+    topic: str
+    partition: int
+    offsets: Sequence[int]
+    values: Sequence[bytes | None]
+
+    def record(self, i: int) -> Record:
+        """The ``i``-th message as a :class:`Record` (only built for dead letters)."""
+        return Record(self.values[i], self.topic, self.partition, self.offsets[i])
 
 
 class DeadLetter(NamedTuple):
@@ -53,7 +95,11 @@ class DeadLetter(NamedTuple):
 
 @dataclass
 class Outcome:
-    """What one batch produced."""
+    """What one call produced.
+
+    ``predictions`` holds one JSON record per scored JSON event, and one batch record
+    (columns ``id``, ``score``, ``version``; ``meta.model``) per input batch record.
+    """
 
     predictions: list[bytes] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
@@ -64,18 +110,26 @@ class Outcome:
 
 @dataclass
 class Telemetry:
-    """Cumulative worker counters shipped inside snapshots (the API exports them)."""
+    """Cumulative worker counters shipped inside snapshots (the API exports them).
+
+    ``consumed`` counts events (a batch record counts its rows), ``messages`` Kafka
+    messages; ``first_at``/``last_at`` are wall-clock times of the first message seen
+    and of the end of the latest step, for throughput figures.
+    """
 
     consumed: int = 0
     scored: int = 0
     learned: int = 0
     deadlettered: int = 0
+    messages: int = 0
+    first_at: float = 0.0
+    last_at: float = 0.0
     learn_counts: list[int] = field(default_factory=lambda: [0] * len(LEARN_BUCKETS))
     learn_sum: float = 0.0
     learn_count: int = 0
 
     def observe_learn(self, seconds: float) -> None:
-        """Add one batch learn latency to the cumulative histogram."""
+        """Add one mini-batch learn latency to the cumulative histogram."""
         for i, le in enumerate(LEARN_BUCKETS):
             if seconds <= le:
                 self.learn_counts[i] += 1
@@ -86,7 +140,8 @@ class Telemetry:
         """The snapshot's ``telemetry`` entry."""
         return {
             "consumed": self.consumed, "scored": self.scored, "learned": self.learned,
-            "deadlettered": self.deadlettered,
+            "deadlettered": self.deadlettered, "messages": self.messages,
+            "first_at": self.first_at, "last_at": self.last_at,
             "learn_seconds": {"le": list(LEARN_BUCKETS), "counts": list(self.learn_counts),
                               "sum": self.learn_sum, "count": self.learn_count},
         }
@@ -94,7 +149,8 @@ class Telemetry:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Telemetry:
         """Resume counters from a snapshot (defaults for missing fields)."""
-        t = cls(**{k: int(d.get(k, 0)) for k in ("consumed", "scored", "learned", "deadlettered")})
+        keys = ("consumed", "scored", "learned", "deadlettered", "messages")
+        t = cls(**{k: int(d.get(k, 0)) for k in keys})
         ls = d.get("learn_seconds") or {}
         if list(ls.get("le", [])) == list(LEARN_BUCKETS):
             t.learn_counts = [int(c) for c in ls["counts"]]
@@ -103,7 +159,7 @@ class Telemetry:
 
 
 def decode_events(records: Sequence[Record]) -> tuple[list[Any], list[Record], list[DeadLetter]]:
-    """Parse JSON values; undecodable ones become dead letters."""
+    """Parse JSON values one by one; undecodable ones become dead letters."""
     events: list[Any] = []
     kept: list[Record] = []
     dead: list[DeadLetter] = []
@@ -121,8 +177,133 @@ def decode_events(records: Sequence[Record]) -> tuple[list[Any], list[Record], l
     return events, kept, dead
 
 
+class JsonDecoder:
+    """JSON values to a :class:`FeatureBatch`, one column at a time.
+
+    Examples
+    --------
+    >>> spec = ModelSpec(name="m", topic="t", numeric=("x",), categorical=("c",), label="y",
+    ...                  hash_bits=4)
+    >>> dec = JsonDecoder(spec, Vectorizer(spec))
+    >>> batch, rejects = dec.decode([b'{"event_id": 1, "x": 2, "c": "a", "y": 1}', b'[1]',
+    ...                              b'{"event_id": 3}', b''])
+    >>> batch.ids, batch.numeric.tolist(), rejects
+    ([1, 3], [[2.0], [nan]], [(3, 'empty message'), (1, 'event must be a JSON object, got list')])
+    """
+
+    def __init__(self, spec: ModelSpec, vectorizer: Vectorizer) -> None:
+        self.spec = spec
+        self.vectorizer = vectorizer
+        self._slots: dict[str, dict[Any, int]] = {}
+
+    def decode(self, values: Sequence[bytes | None]) -> tuple[FeatureBatch, list[tuple[int, str]]]:
+        """Vectorize the valid values; return ``(batch, [(index, reason), ...])``.
+
+        Works in slices of ``_CHUNK`` messages so that each slice's freshly parsed dicts
+        are still in the CPU cache when their columns are read (twice as fast as parsing
+        everything first).  Per slice, undecodable values are listed first, then invalid
+        events (the vectorizer's order).
+        """
+        spec, n = self.spec, len(values)
+        numeric = np.empty((n, spec.n_numeric), dtype=np.float64)
+        hashed = np.empty((n, len(spec.categorical)), dtype=np.int64)
+        labels = np.empty(n, dtype=np.float32)
+        ids: list[Any] = []
+        rejects: list[tuple[int, str]] = []
+        loads = orjson.loads
+        row = 0
+        for start in range(0, n, _CHUNK):
+            part = values[start : start + _CHUNK]
+            index: list[int] | None = None
+            try:
+                events = [loads(v) for v in part]  # type: ignore[arg-type]
+            except orjson.JSONDecodeError:
+                events, index, bad = _decode_slow(part)
+                rejects += [(start + i, reason) for i, reason in bad]
+            k = self._fill(events, row, numeric, hashed, labels, ids)
+            if k is None:
+                batch, bad = self.vectorizer.transform_many(events)
+                rejects += [(start + (i if index is None else index[i]), reason)
+                            for i, reason in bad]
+                k = len(batch)
+                numeric[row : row + k] = batch.numeric
+                hashed[row : row + k] = batch.hashed
+                labels[row : row + k] = batch.labels
+                ids.extend(batch.ids)
+            row += k
+        return FeatureBatch(numeric[:row], hashed[:row], labels[:row], ids), rejects
+
+    def _fill(self, events: list[Any], row: int, numeric: np.ndarray, hashed: np.ndarray,
+              labels: np.ndarray, ids: list[Any]) -> int | None:
+        """Write the events' columns at ``row``; None when some event needs the careful path."""
+        spec = self.spec
+        n = len(events)
+        if n == 0 or set(map(type, events)) != {dict}:
+            return None if n else 0
+        get = dict.get
+        end = row + n
+        for j, name in enumerate(spec.numeric):
+            col = list(map(get, events, repeat(name)))
+            if not _NUMBER_TYPES.issuperset(map(type, col)):
+                return None
+            numeric[row:end, j] = np.array(col, dtype=np.float64)  # None becomes NaN
+        if spec.n_numeric and np.isinf(numeric[row:end]).any():
+            return None
+        col = list(map(get, events, repeat(spec.label)))
+        if not _NUMBER_TYPES.issuperset(map(type, col)):
+            return None
+        label = np.array(col, dtype=np.float64)
+        if np.isinf(label).any():
+            return None
+        if spec.task != "regression":
+            present = label[~np.isnan(label)]
+            if ((present != 0.0) & (present != 1.0)).any():
+                return None
+        for j, name in enumerate(spec.categorical):
+            col = list(map(get, events, repeat(name)))
+            if not _CATEGORY_TYPES.issuperset(map(type, col)):
+                return None
+            hashed[row:end, j] = np.array(self._hash(name, col), dtype=np.int64)
+        labels[row:end] = label
+        ids.extend(map(get, events, repeat(spec.id_field)))
+        return n
+
+    def _hash(self, name: str, col: list[Any]) -> list[int]:
+        cache = self._slots.get(name)
+        if cache is None or len(cache) > _SLOT_CACHE_LIMIT:
+            cache = self._slots[name] = {None: self.vectorizer.slot(name, _MISSING)}
+        out = list(map(cache.get, col))
+        if None in out:
+            slot = self.vectorizer.slot
+            for i, s in enumerate(out):
+                if s is None:
+                    v = col[i]
+                    out[i] = cache[v] = slot(name, v)
+        return out  # type: ignore[return-value]
+
+
+def _decode_slow(
+    values: Sequence[bytes | None],
+) -> tuple[list[Any], list[int], list[tuple[int, str]]]:
+    events: list[Any] = []
+    index: list[int] = []
+    rejects: list[tuple[int, str]] = []
+    loads = orjson.loads
+    for i, v in enumerate(values):
+        if not v:
+            rejects.append((i, "empty message"))
+            continue
+        try:
+            events.append(loads(v))
+        except orjson.JSONDecodeError as exc:
+            rejects.append((i, f"not valid JSON: {exc}"))
+            continue
+        index.append(i)
+    return events, index, rejects
+
+
 class ModelRunner:
-    """Prequential processing of raw records for one model.
+    """Prequential processing of raw messages for one model.
 
     Examples
     --------
@@ -146,40 +327,119 @@ class ModelRunner:
         self.model = model
         self.telemetry = telemetry or Telemetry()
         self.emit_predictions = emit_predictions
+        self.json = JsonDecoder(model.spec, model.vectorizer)
+        self.batches = FeatureDecoder(model.spec, model.vectorizer)
 
     def handle(self, records: Sequence[Record]) -> Outcome:
         """Decode, validate, score every valid event, learn from the labelled ones."""
+        return self.handle_blocks(_blocks(records))
+
+    def handle_blocks(self, blocks: Iterable[Block]) -> Outcome:
+        """:meth:`handle` for blocks: JSON runs are vectorized together, batch records alone.
+
+        Message order is kept: a batch record first flushes the JSON events before it.
+        """
         out = Outcome()
-        events, kept, out.dead = decode_events(records)
-        batch, rejects = self.model.vectorizer.transform_many(events)
-        out.dead.extend(DeadLetter(kept[i], reason) for i, reason in rejects)
-        if len(batch):
-            version_before = self.model.version
-            t0 = time.perf_counter()
-            scores = self.model.process(batch)
-            out.learn_seconds = time.perf_counter() - t0
-            out.scored = len(batch)
-            out.learned = int(batch.has_label.sum())
-            if self.emit_predictions:
-                out.predictions = _prediction_records(
-                    batch.ids, scores, self.model.spec.name, version_before
-                )
-            if out.learned:
-                self.telemetry.observe_learn(out.learn_seconds)
-        self._advance_offsets(records)
         t = self.telemetry
-        t.consumed += len(records)
+        if not t.first_at:
+            t.first_at = time.time()
+        json_values: list[bytes | None] = []
+        json_from: list[tuple[int, Block]] = []  # (first index in json_values, its block)
+        for block in blocks:
+            values = block.values
+            if any(map(is_batch, values)):
+                for i, value in enumerate(values):
+                    if is_batch(value):
+                        self._json(json_values, json_from, out)
+                        json_values, json_from = [], []
+                        self._batch(block, i, out)
+                    else:
+                        json_from.append((len(json_values), block._replace(
+                            offsets=block.offsets[i : i + 1], values=values[i : i + 1])))
+                        json_values.append(value)
+            else:
+                json_from.append((len(json_values), block))
+                json_values.extend(values)
+            self._advance_offset(block)
+            t.messages += len(values)
+        self._json(json_values, json_from, out)
         t.scored += out.scored
         t.learned += out.learned
         t.deadlettered += len(out.dead)
+        t.last_at = time.time()
         return out
 
-    def _advance_offsets(self, records: Sequence[Record]) -> None:
+    def _json(self, values: list[bytes | None], sources: list[tuple[int, Block]],
+              out: Outcome) -> None:
+        if not values:
+            return
+        self.telemetry.consumed += len(values)
+        batch, rejects = self.json.decode(values)
+        if rejects:
+            starts = [start for start, _ in sources]
+            for i, reason in rejects:
+                start, block = sources[bisect_right(starts, i) - 1]
+                out.dead.append(DeadLetter(block.record(i - start), reason))
+        self._process(batch, out, as_batch=False)
+
+    def _batch(self, block: Block, i: int, out: Outcome) -> None:
+        value = block.values[i]
+        assert value is not None
+        try:
+            batch = self.batches.decode(value)
+        except BatchFormatError as exc:
+            self.telemetry.consumed += 1
+            out.dead.append(DeadLetter(block.record(i), f"bad batch record: {exc}"))
+            return
+        self.telemetry.consumed += len(batch)
+        self._process(batch, out, as_batch=True)
+
+    def _process(self, batch: FeatureBatch, out: Outcome, *, as_batch: bool) -> None:
+        n = len(batch)
+        if n == 0:
+            return
+        model, size = self.model, self.model.spec.batch_size
+        scores = np.empty(n, dtype=np.float32)
+        versions = np.empty(n, dtype=np.int64) if as_batch else None
+        json_preds = []
+        for start in range(0, n, size):
+            end = min(start + size, n)
+            chunk = FeatureBatch(batch.numeric[start:end], batch.hashed[start:end],
+                                 batch.labels[start:end], batch.ids[start:end])
+            version_before = model.version
+            t0 = time.perf_counter()
+            scores[start:end] = model.process(chunk)
+            seconds = time.perf_counter() - t0
+            out.learn_seconds += seconds
+            learned = int(chunk.has_label.sum())
+            out.learned += learned
+            if learned:
+                self.telemetry.observe_learn(seconds)
+            if versions is not None:
+                versions[start:end] = version_before
+            elif self.emit_predictions:
+                json_preds.extend(_prediction_records(
+                    chunk.ids, scores[start:end], model.spec.name, version_before))
+        out.scored += n
+        if not self.emit_predictions:
+            return
+        if versions is None:
+            out.predictions.extend(json_preds)
+        else:
+            ids = batch.ids if isinstance(batch.ids, np.ndarray) else list(batch.ids)
+            out.predictions.append(encode_columns(
+                {"id": ids, "score": scores, "version": versions},
+                meta={"model": model.spec.name, "kind": "predictions"},
+            ))
+
+    def _advance_offset(self, block: Block) -> None:
+        if not block.offsets:
+            return
         offsets = self.model.offsets
-        for rec in records:
-            key = f"{rec.topic}:{rec.partition}"
-            if rec.offset + 1 > offsets.get(key, -1):
-                offsets[key] = rec.offset + 1
+        key = f"{block.topic}:{block.partition}"
+        nxt = max(block.offsets) + 1
+        if nxt > offsets.get(key, -1):
+            offsets[key] = nxt
 
     def snapshot_state(self, replica: str) -> dict[str, Any]:
         """Model state plus replica id and telemetry, ready for ``snapshots.encode``."""
@@ -189,9 +449,34 @@ class ModelRunner:
         return state
 
 
-def _prediction_records(ids: list[Any], scores: np.ndarray, model: str, version: int) -> list[bytes]:
+def _blocks(records: Sequence[Record]) -> list[Block]:
+    """Group records into runs of one partition (order kept)."""
+    blocks: list[Block] = []
+    run: list[Record] = []
+    for rec in records:
+        if run and (rec.topic, rec.partition) != (run[0].topic, run[0].partition):
+            blocks.append(_block(run))
+            run = []
+        run.append(rec)
+    if run:
+        blocks.append(_block(run))
+    return blocks
+
+
+def _block(run: list[Record]) -> Block:
+    return Block(run[0].topic, run[0].partition, [r.offset for r in run], [r.value for r in run])
+
+
+def _prediction_records(
+    ids: Sequence[Any], scores: np.ndarray, model: str, version: int
+) -> list[bytes]:
+    """``{"id", "model", "version", "score"}`` per event, byte-identical to ``orjson.dumps``.
+
+    Spliced from constant parts: building and dumping one dict per event measured ~5x
+    slower.
+    """
     dumps = orjson.dumps
-    return [
-        dumps({"id": i, "model": model, "version": version, "score": s})
-        for i, s in zip(ids, scores.tolist(), strict=True)
-    ]
+    head = b'{"id":'
+    mid = b',"model":' + dumps(model) + b',"version":' + dumps(version) + b',"score":'
+    return [head + dumps(i) + mid + dumps(s) + b"}" for i, s in zip(ids, scores.tolist(),
+                                                                       strict=True)]

@@ -1,26 +1,195 @@
-"""The Faust worker: one agent per model spec, plus a snapshot timer.
+"""The Faust worker: one agent per model spec, plus snapshot and flush timers.
 
-Everything numerical happens in ``streamlearn.pipeline.ModelRunner``; this
-module only moves bytes between Kafka and the runners.
+Everything numerical happens in ``streamlearn.pipeline.ModelRunner``; this module moves
+bytes between Kafka and the runners and keeps Faust's per-message machinery off the hot
+path.  Figures below are py-spy profiles and ``load_tests/bench_worker.py`` runs on this
+project's 2-core machine (shared, so absolute rates move by +-20% between runs).
+
+Where the time went: Faust's per-message pipeline
+-------------------------------------------------
+Faust hands every Kafka record to streams one at a time, and that costs ~100-200 us of
+Python per message here, whatever the agent does with it:
+
+- ``Consumer._drain_messages`` awaits ``Service.wait_first(callback(message),
+  suspend_flow.wait())`` per message: two ``ensure_future`` tasks and an
+  ``asyncio.wait`` (~20% of a no-op agent's CPU);
+- ``Conductor.on_message``: flow-control and producer-buffer checks, decoding into an
+  ``Event``, ``queue.put`` (~13%);
+- the stream iterator and the ``take_events`` buffer (``_c_aiter``, ``Channel.__anext__``,
+  ``add_to_buffer``; ~15%), per-event sensors (``Monitor.on_stream_event_in/out``,
+  ``on_message_in``) and per-event acks under ``ack_lock`` (~5-8%);
+- ``to_message`` and ``track_tp_end_offset`` in ``Consumer.getmany``.
+
+A one-by-one agent ran at 3-4k events/s in the same runs (the issue measured 12k on a
+quieter machine), the old ``take_events`` worker at ~3.5k with learning ~5% of the
+profile, and public settings alone (sensors off, ``broker_max_poll_records``,
+``stream_buffer_maxsize``, ``consumer_max_fetch_size``, ``noack_take``) moved a no-op
+agent by 10-30% only: the cost is per message.
+
+The largest step Faust's public API allows: fewer, fatter messages
+-------------------------------------------------------------------
+- :func:`bundling_scheduler` is a ``ConsumerScheduler`` (a documented Faust class
+  setting) that hands Faust *one* message per run of consecutive records of a partition:
+  a :class:`Bundle` of their values and offsets, carried by a record at the run's last
+  offset.  Faust registers the skipped offsets as a gap (its mechanism for compacted
+  topics and transaction markers) and commits past them only once that message is
+  acked, and the agent acks it only after its events are in the model.  Two quirks of
+  Faust 0.15's gap bookkeeping shape the details: a read offset of 0 counts as "none"
+  (so the run after offset 0 starts with a single record), and a gap includes the acked
+  offset itself, so one commit advances a partition by one bundle only (so the feeder
+  commits with ``app.commit`` once per bundle it acks).
+  ``tests/services/test_worker_pipeline.py`` replays that arithmetic with Faust's own
+  ``_add_gap``/``_new_offset``: never past an unacked bundle, caught up after one commit
+  per bundle, and stuck without the offset-0 rule.
+- Batch records (``streamlearn.batch_format``) also remove the per-event costs that
+  bundling leaves: aiokafka's per-record parsing, JSON parsing and the dict walk.
+- Learning runs on one thread per model (:class:`Feeder`), so Faust's fetching and the
+  sending of outputs overlap decoding and learning; model state is only touched on that
+  thread (snapshots are captured there too), and acks follow, in order, once a job's
+  effects are in the model.
+- ``gc.freeze()`` after start-up: full collections of the ~1M objects the model stack
+  imports stopped every thread for ~150 ms every few seconds (the loop-lag spikes).
+
+Where the time goes now (busy samples, streaming; start-up and idle excluded)
+-----------------------------------------------------------------------------
+JSON (~40k events/s, 10x the one-by-one agent, 0.45x the raw aiokafka+orjson ceiling):
+decode and vectorize 36% (``orjson`` itself about a third of it), aiokafka's fetch and
+per-record parsing 18%, prediction records and their producer 11%, socket I/O 10%,
+learning 6%, Faust per bundle 6%, bundling 4%, Faust's commit bookkeeping 4%, snapshots
+3%.  All of it shares one GIL, so the sum is the bound; more throughput on JSON means
+more replicas (one process per core), the scale-out the design already has.
+
+Batch records (~0.4M events/s at ``batch_size = 256``): ``OnlineModel.process`` 45%,
+socket reads of the fetched records 16%, batch decoding 12%, aiokafka 7%, Faust 6%,
+prediction records 6%.  Learning and consuming add up on the one GIL, so the bound is
+about ``1 / (1/consume + 1/learn)``; kernels that release the GIL (``nogil=True``) would
+let them overlap on two cores.
+
+Start-up (spawn -> first event ~4 s here, Faust ready at ~2.8 s): Faust's group join on
+Tansu (~1 s with the short session below) overlaps the import of the model stack on a
+thread, and that import is the critical path: ``streamlearn.drift`` imports
+``river.drift``, which pulls scipy.stats, scikit-learn and pandas (~2 s of CPU), plus
+numba's kernel cache (~0.3 s).  :class:`PromptTableManager` drops Faust's fixed 1 s
+wait for tables that this worker does not have.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import gc
 import logging
+import time
+from bisect import bisect_left
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from itertools import accumulate
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import faust
-from streamlearn.services.worker.outputs import Outputs, declare_topics
+from aiokafka.structs import ConsumerRecord
+from faust.tables.manager import TableManager
+from faust.transport.utils import DefaultSchedulingStrategy
+from faust.types import TP, EventT
 
 from streamlearn import snapshots
 from streamlearn.config import ModelSpec
-from streamlearn.models import OnlineModel
-from streamlearn.pipeline import ModelRunner, Record, Telemetry
+from streamlearn.services.worker.outputs import Outputs, declare_topics
 from streamlearn.settings import Settings
 
+if TYPE_CHECKING:  # the model stack (numba, river) loads on a thread while Faust starts
+    from streamlearn.pipeline import Block, ModelRunner, Outcome
+
 log = logging.getLogger("streamlearn.worker")
+
+#: Most records and bytes one bundle carries: bounds the work behind one ack.
+BUNDLE_MAX_RECORDS = 4096
+BUNDLE_MAX_BYTES = 4 * 1024 * 1024
+#: Faust's per-topic queue holds bundles, so a few already buffer ~30k events (or 30 MB).
+STREAM_BUFFER_BUNDLES = 8
+#: A job for the learning thread is flushed at ``batch_size`` messages or this many bytes
+#: (a batch record of a few hundred rows is worth a flush on its own).
+FLUSH_BYTES = 64 * 1024
+#: Jobs queued ahead of the learning thread before the agent stops pulling bundles.
+MAX_JOBS_AHEAD = 2
+#: Longest a shutdown waits for queued learning before it gives up on it.
+SHUTDOWN_DRAIN_S = 10.0
+#: Cyclic-GC thresholds while streaming (CPython's default is 700, 10, 10).
+GC_THRESHOLDS = (20_000, 20, 20)
+
+
+class Bundle(NamedTuple):
+    """The value Faust carries for a run of consecutive records of one partition."""
+
+    offsets: list[int]
+    values: list[bytes | None]
+    nbytes: int
+
+
+def bundling_scheduler(
+    topics: frozenset[str],
+    max_records: int = BUNDLE_MAX_RECORDS,
+    max_bytes: int = BUNDLE_MAX_BYTES,
+) -> type[DefaultSchedulingStrategy]:
+    """A Faust ``ConsumerScheduler`` class that bundles the records of ``topics``."""
+
+    class BundlingScheduler(DefaultSchedulingStrategy):
+        """Yield one synthetic record per run of records; other topics pass through."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            # Faust's gap bookkeeping skips a read offset of 0 (it tests ``if r_offset``),
+            # so the run after a record at offset 0 starts with a single record.
+            self._after_zero: set[TP] = set()
+
+        def iterate(self, records: Mapping[TP, list]) -> Iterator[tuple[TP, Any]]:
+            rest = {tp: recs for tp, recs in records.items() if tp.topic not in topics}
+            for tp, recs in records.items():
+                if tp.topic in topics and recs:
+                    yield from ((tp, rec) for rec in self._bundles(tp, recs))
+            if rest:
+                yield from super().iterate(rest)
+
+        def _bundles(self, tp: TP, recs: Sequence[ConsumerRecord]) -> Iterator[ConsumerRecord]:
+            values = [r.value for r in recs]
+            offsets = [r.offset for r in recs]
+            ends = list(accumulate(len(v) if v else 0 for v in values))
+            i, n = 0, len(recs)
+            if tp in self._after_zero:
+                self._after_zero.discard(tp)
+                yield _bundle_record(recs[0], offsets[:1], values[:1], ends[0])
+                i = 1
+            while i < n:
+                before = ends[i - 1] if i else 0
+                j = min(i + max_records, bisect_left(ends, before + max_bytes, i) + 1, n)
+                yield _bundle_record(recs[j - 1], offsets[i:j], values[i:j], ends[j - 1] - before)
+                i = j
+            if offsets[-1] == 0:
+                self._after_zero.add(tp)
+
+    return BundlingScheduler
+
+
+def _bundle_record(last: ConsumerRecord, offsets: list[int], values: list[bytes | None],
+                   nbytes: int) -> ConsumerRecord:
+    return ConsumerRecord(
+        topic=last.topic, partition=last.partition, offset=last.offset,
+        timestamp=last.timestamp, timestamp_type=last.timestamp_type, key=None,
+        value=Bundle(offsets, values, nbytes),
+        checksum=None, serialized_key_size=0, serialized_value_size=nbytes, headers=(),
+    )
+
+
+class PromptTableManager(TableManager):
+    """Faust's table manager waits 1 s at start for late tables; with none, start at once."""
+
+    async def on_start(self) -> None:
+        if len(self):
+            await super().on_start()
+        elif not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()
 
 
 def faust_settings(settings: Settings, bootstrap: str) -> dict[str, Any]:
@@ -30,6 +199,7 @@ def faust_settings(settings: Settings, bootstrap: str) -> dict[str, Any]:
     Faust's default 60 s session makes a worker wait ~30 s to consume. A short
     session trades that for a risk of spurious rebalances during long batches,
     which our sub-second mini-batches do not have; a real Kafka keeps defaults.
+    Polls are large and Faust's queue small, because each queued item is a bundle.
     """
     w = settings.worker
     session = w.session_timeout_s or (2.0 if settings.fast_join else None)
@@ -42,6 +212,11 @@ def faust_settings(settings: Settings, bootstrap: str) -> dict[str, Any]:
         "consumer_auto_offset_reset": "earliest",
         "producer_linger": 0.005,
         "stream_wait_empty": False,
+        "ConsumerScheduler": bundling_scheduler(frozenset(s.topic for s in settings.specs)),
+        "broker_max_poll_records": 2 * BUNDLE_MAX_RECORDS,
+        "consumer_max_fetch_size": BUNDLE_MAX_BYTES,
+        "stream_buffer_maxsize": STREAM_BUFFER_BUNDLES,
+        "TableManager": PromptTableManager,
     }
     if session:
         opts["broker_session_timeout"] = session
@@ -58,6 +233,9 @@ def snapshot_path(snapshot_dir: str, model: str, replica: str) -> Path:
 
 def restore_runner(spec: ModelSpec, settings: Settings) -> ModelRunner:
     """Resume from the local checkpoint when one matches the spec, else start fresh."""
+    from streamlearn.models import OnlineModel
+    from streamlearn.pipeline import ModelRunner, Telemetry
+
     path = snapshot_path(settings.worker.snapshot_dir, spec.name, settings.worker.replica_id)
     emit = settings.worker.emit_predictions
     if path.exists():
@@ -73,6 +251,125 @@ def restore_runner(spec: ModelSpec, settings: Settings) -> ModelRunner:
     return ModelRunner(OnlineModel(spec), emit_predictions=emit)
 
 
+def warm_up(runner: ModelRunner) -> None:
+    """Load the model's compiled kernels now (~0.3 s from numba's cache), not on event one.
+
+    A tiny twin of the model (same task, optimizer and device; 2 hashed slots) calls the
+    same kernel signatures without touching the real model or allocating its weights.
+    """
+    from streamlearn.models import OnlineModel
+
+    spec = dataclasses.replace(runner.model.spec, hash_bits=1)
+    scratch = OnlineModel(spec, device=runner.model.backend.name)
+    batch, _ = scratch.vectorizer.transform_many([{spec.label: 1}])
+    scratch.process(batch)
+
+
+def as_block(event: EventT) -> Block:
+    """The Faust event's records as a pipeline block (a bundle, or one plain message)."""
+    from streamlearn.pipeline import Block
+
+    msg, value = event.message, event.value
+    if isinstance(value, Bundle):
+        return Block(msg.topic, msg.partition, value.offsets, value.values)
+    return Block(msg.topic, msg.partition, [msg.offset], [value])
+
+
+class Feeder:
+    """Mini-batches of bundles, learned in order on one thread, acked after learning.
+
+    Two stages joined by small queues, so the learning thread never waits on the
+    network: ``run`` hands job N+1 to the thread while ``_finish`` sends job N's
+    outputs, acks its events and commits them.
+    """
+
+    def __init__(self, runtime: WorkerRuntime, spec: ModelSpec, runner: ModelRunner) -> None:
+        self.runtime = runtime
+        self.spec = spec
+        self.runner = runner
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"learn-{spec.name}")
+        self.pending: list[tuple[EventT, Block]] = []
+        self.pending_msgs = 0
+        self.pending_bytes = 0
+        self.pending_since = 0.0
+        self.jobs: asyncio.Queue[list[tuple[EventT, Block]]] = asyncio.Queue(MAX_JOBS_AHEAD)
+        self.learned: asyncio.Queue[tuple[list[tuple[EventT, Block]], Outcome]] = (
+            asyncio.Queue(MAX_JOBS_AHEAD))
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def add(self, event: EventT) -> None:
+        """Buffer one Faust event; hand a job to the learner when the batch is full."""
+        block = as_block(event)
+        value = event.value
+        if not self.pending:
+            self.pending_since = time.monotonic()
+        self.pending.append((event, block))
+        self.pending_msgs += len(block.values)
+        self.pending_bytes += value.nbytes if isinstance(value, Bundle) else len(value or b"")
+        if self.pending_msgs >= self.spec.batch_size or self.pending_bytes >= FLUSH_BYTES:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Queue whatever is buffered (waits while the learner is ``MAX_JOBS_AHEAD`` behind)."""
+        if not self.pending:
+            return
+        job, self.pending = self.pending, []
+        self.pending_msgs = self.pending_bytes = 0
+        self.in_flight += 1
+        self.idle.clear()
+        await self.jobs.put(job)
+
+    async def flush_stale(self, within: float) -> None:
+        """Timer side of ``take(max_, within=)``: flush a partial batch once it is old."""
+        if self.pending and time.monotonic() - self.pending_since >= within:
+            await self.flush()
+
+    async def run(self) -> None:
+        """Learn jobs in order on the learner thread; their outputs go to ``_finish``."""
+        loop = asyncio.get_running_loop()
+        finisher = asyncio.ensure_future(self._finish())
+        try:
+            while True:
+                job = await self.jobs.get()
+                blocks = [block for _, block in job]
+                try:
+                    out = await loop.run_in_executor(self.executor, self.runner.handle_blocks,
+                                                     blocks)
+                except Exception:  # noqa: BLE001 - never ack it; Kafka redelivers
+                    log.exception("learning a job of %d messages failed; not acking it",
+                                  sum(len(b.values) for b in blocks))
+                    await self.runtime.app.crash(RuntimeError(f"learner of {self.spec.name} "
+                                                              "failed"))
+                    return
+                await self.learned.put((job, out))
+        finally:
+            finisher.cancel()
+
+    async def _finish(self) -> None:
+        """Send a learned job's outputs, then ack and commit its events, in order."""
+        while True:
+            job, out = await self.learned.get()
+            try:
+                await self.runtime.send_outcome(self.spec, out)
+            except Exception:  # noqa: BLE001 - outputs lost: do not commit past them
+                log.exception("sending the outputs of %d messages failed", len(job))
+                await self.runtime.app.crash(RuntimeError(f"outputs of {self.spec.name} failed"))
+                return
+            for event, _ in job:
+                event.ack()
+            await self.runtime.commit(self.spec.topic, len(job))
+            self.in_flight -= 1
+            if not self.in_flight and not self.pending:
+                self.idle.set()
+
+    async def state(self, replica: str) -> dict[str, Any]:
+        """A snapshot state captured on the learner thread, between two jobs."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.runner.snapshot_state, replica)
+
+
 class WorkerRuntime:
     """Runners, topics and snapshot publishing for one worker process."""
 
@@ -84,18 +381,31 @@ class WorkerRuntime:
         self.ready = asyncio.Event()
         self.replica = settings.worker.replica_id
         self.runners: dict[str, ModelRunner] = {}
-        self._published: dict[str, int] = {}
+        self.feeders: dict[str, Feeder] = {}
+        self._published: dict[str, tuple[int, int]] = {}
         self._snapshot_lock = asyncio.Lock()
+        self._snapshot_task: asyncio.Future[int] | None = None
+        self.loop_lag_max = 0.0
         for spec in settings.specs:
-            self.runners[spec.name] = restore_runner(spec, settings)
             self._register_agent(spec)
 
-        app.task(self.start_outputs)
+        app.task(self.start)
+        app.task(self.watch_loop_lag)
         app.on_before_shutdown.connect(self.on_shutdown)
+        within = settings.worker.batch_within_s
+
+        async def flush_tick() -> None:
+            for feeder in self.feeders.values():
+                await feeder.flush_stale(within)
 
         async def snapshot_tick() -> None:  # Faust passes the app to one-argument timers
-            await self.publish_snapshots()
+            # In the background: the state is captured between two learning jobs, which
+            # may take longer than the timer's interval under a backlog.
+            if self._snapshot_task is None or self._snapshot_task.done():
+                self._snapshot_task = asyncio.ensure_future(self.publish_snapshots())
+                self._snapshot_task.add_done_callback(_log_failure)
 
+        app.timer(min(within / 2, 0.1), on_leader=False)(flush_tick)
         app.timer(settings.worker.snapshot_interval_s, on_leader=False)(snapshot_tick)
 
     def topic_configs(self) -> dict[str, dict[str, str]]:
@@ -108,59 +418,122 @@ class WorkerRuntime:
             topics[f"{spec.name}.predictions"] = {}
         return topics
 
-    async def start_outputs(self) -> None:
-        """Declare topics and start the output producer before agents send anything."""
-        await declare_topics(self.bootstrap, self.topic_configs(), self.settings.kafka.partitions)
+    async def start(self) -> None:
+        """Load models, declare topics and start the producer while Faust joins the group.
+
+        Agents wait for this; loading runs on a thread, so the ~2-3 s import of the model
+        stack and the kernel warm-up overlap Faust's own start instead of preceding it.
+        """
+        runners, _ = await asyncio.gather(
+            asyncio.to_thread(self._load_runners),
+            declare_topics(self.bootstrap, self.topic_configs(), self.settings.kafka.partitions),
+        )
+        for spec in self.settings.specs:
+            self.runners[spec.name] = runners[spec.name]
+            self.feeders[spec.name] = Feeder(self, spec, runners[spec.name])
         await self.outputs.start()
+        # Everything imported so far (numba, river -> scikit-learn, Faust: ~1M objects)
+        # is permanent; frozen, it leaves the cyclic GC's full collections, which took
+        # ~150 ms of stop-the-world every few seconds of streaming here.  Decoded events
+        # are acyclic and die by refcount, so young collections are rarer too (+~7%).
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         self.ready.set()
 
+    def _load_runners(self) -> dict[str, ModelRunner]:
+        runners = {spec.name: restore_runner(spec, self.settings) for spec in self.settings.specs}
+        for runner in runners.values():
+            warm_up(runner)
+        return runners
+
+    async def watch_loop_lag(self) -> None:
+        """Record how late the event loop wakes up (a blocked loop stalls consumption)."""
+        period = 0.05
+        while True:
+            t0 = time.monotonic()
+            await asyncio.sleep(period)
+            self.loop_lag_max = max(self.loop_lag_max, time.monotonic() - t0 - period)
+
     async def on_shutdown(self, app: faust.App, **_: object) -> None:
-        """Last snapshot, then flush outputs."""
-        if self.ready.is_set():
-            await self.publish_snapshots()
-            await self.outputs.stop()
+        """Let queued jobs finish (bounded), take a last snapshot, then flush outputs."""
+        if not self.ready.is_set():
+            return
+
+        async def drain() -> None:
+            for feeder in self.feeders.values():
+                await feeder.flush()
+                await feeder.idle.wait()
+
+        try:
+            await asyncio.wait_for(drain(), timeout=SHUTDOWN_DRAIN_S)
+        except TimeoutError:
+            log.warning("shutdown: still learning after %.0f s; the last events stay "
+                        "uncommitted and will be read again", SHUTDOWN_DRAIN_S)
+        if self._snapshot_task is not None:
+            await asyncio.wait([self._snapshot_task], timeout=SHUTDOWN_DRAIN_S)
+        await self.publish_snapshots()
+        await self.outputs.stop()
 
     def _register_agent(self, spec: ModelSpec) -> None:
-        app, runner = self.app, self.runners[spec.name]
+        app = self.app
         topic = app.topic(spec.topic, value_serializer="raw", key_serializer="raw")
-        within = self.settings.worker.batch_within_s
-        outputs, deadletter = self.outputs, self.settings.kafka.deadletter_topic
-        pred_topic = f"{spec.name}.predictions"
 
         async def learn(stream: faust.StreamT[bytes]) -> None:
             await self.ready.wait()
-            async for events in stream.take_events(spec.batch_size, within=within):
-                records = [
-                    Record(e.value, e.message.topic, e.message.partition, e.message.offset)
-                    for e in events
-                ]
-                out = runner.handle(records)
-                await outputs.send_many(pred_topic, out.predictions)
-                for dead in out.dead:
-                    log.warning("dead-lettered %s offset %d: %s",
-                                dead.record.topic, dead.record.offset, dead.reason)
-                    await outputs.send(deadletter, spec.name.encode(), dead.encode(spec.name))
+            feeder = self.feeders[spec.name]
+            learner = asyncio.ensure_future(feeder.run())
+            try:
+                async for event in stream.noack().events():
+                    await feeder.add(event)
+            finally:
+                learner.cancel()
 
         learn.__name__ = f"learn_{spec.name}"
         app.agent(topic, name=f"streamlearn.learn.{spec.name}")(learn)
 
+    async def commit(self, topic: str, bundles: int) -> None:
+        """Commit what was just acked: Faust advances a partition one bundle per commit."""
+        for _ in range(bundles):
+            if not await self.app.commit({topic}):
+                break
+
+    async def send_outcome(self, spec: ModelSpec, out: Outcome) -> None:
+        """Predictions, then dead letters, of one learned job."""
+        await self.outputs.send_many(f"{spec.name}.predictions", out.predictions)
+        deadletter = self.settings.kafka.deadletter_topic
+        for dead in out.dead:
+            log.warning("dead-lettered %s offset %d: %s",
+                        dead.record.topic, dead.record.offset, dead.reason)
+            await self.outputs.send(deadletter, spec.name.encode(), dead.encode(spec.name))
+
     async def publish_snapshots(self, *, force: bool = False) -> int:
-        """Publish and checkpoint each model that changed since its last snapshot."""
+        """Publish and checkpoint each model whose weights or counters moved since last time.
+
+        The state is captured on the model's learner thread (``to_state`` copies the
+        arrays there) and encoded on another, so the event loop only awaits.
+        """
         sent = 0
         async with self._snapshot_lock:
             for name, runner in self.runners.items():
-                version = runner.model.version
-                if not force and self._published.get(name) == version:
+                mark = (runner.model.version, runner.telemetry.messages)
+                if not force and self._published.get(name) == mark:
                     continue
-                state = runner.snapshot_state(self.replica)  # copies, so learning may go on
+                state = await self.feeders[name].state(self.replica)
+                state["worker"] = {"loop_lag_max_ms": round(self.loop_lag_max * 1000, 2)}
+                self.loop_lag_max = 0.0
                 payload = await asyncio.to_thread(snapshots.encode, state)
                 key = f"{name}/{self.replica}".encode()
                 await self.outputs.send(self.settings.kafka.models_topic, key, payload)
                 path = snapshot_path(self.settings.worker.snapshot_dir, name, self.replica)
                 await asyncio.to_thread(snapshots.save, path, payload)
-                self._published[name] = version
+                self._published[name] = (int(state["version"]), state["telemetry"]["messages"])
                 sent += 1
         return sent
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("snapshot publishing failed", exc_info=task.exception())
 
 
 def build_app(settings: Settings, bootstrap: str) -> tuple[faust.App, WorkerRuntime]:

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
+import threading
 
 from streamlearn.broker import EmbeddedBroker
 from streamlearn.settings import Settings
 
 
+def _quiet_debug_logging(level: str) -> None:
+    """Make disabled debug calls cost one comparison.
+
+    aiokafka and mode call ``log.debug``/``log.dev`` per fetch and per message;
+    ``logging.disable`` short-circuits them before any logger-hierarchy walk.
+    """
+    numeric = logging.getLevelName(level.upper())
+    if isinstance(numeric, int) and numeric > logging.DEBUG:
+        logging.disable(logging.DEBUG)
+
+
 def run(settings: Settings) -> int:
     """Run until SIGINT/SIGTERM; return the exit code."""
     from faust.worker import Worker
+
     from streamlearn.services.worker.app import build_app
 
     broker = None
@@ -21,8 +35,14 @@ def run(settings: Settings) -> int:
         bootstrap = broker.bootstrap
         print(f"embedded broker on {bootstrap}", file=sys.stderr, flush=True)
     app, runtime = build_app(settings, bootstrap)
+    # The model stack (numba kernels, river -> scipy/scikit-learn) takes seconds of CPU to
+    # import; load it while Faust starts and joins the group (mostly waiting on the
+    # broker).  Started after the app is built, so it does not slow Faust's own path.
+    threading.Thread(target=importlib.import_module, args=("streamlearn.pipeline",),
+                     name="preload-models", daemon=True).start()
     worker = Worker(app, loglevel=settings.worker.log_level, quiet=True, redirect_stdouts=False)
     logging.getLogger("streamlearn").setLevel(settings.worker.log_level)
+    _quiet_debug_logging(settings.worker.log_level)
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:

@@ -19,7 +19,9 @@ log = logging.getLogger("streamlearn.worker")
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
 
-async def declare_topics(bootstrap: str, topics: dict[str, dict[str, str]], partitions: int) -> None:
+async def declare_topics(
+    bootstrap: str, topics: dict[str, dict[str, str]], partitions: int
+) -> None:
     """Create topics that do not exist yet (``{name: topic_configs}``)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
