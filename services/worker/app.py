@@ -76,6 +76,7 @@ wait for tables that this worker does not have.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import gc
 import logging
@@ -276,11 +277,14 @@ def as_block(event: EventT) -> Block:
 
 
 class Feeder:
-    """Mini-batches of bundles, learned in order on one thread, acked after learning.
+    """Mini-batches of bundles, learned in order on one thread, acked once checkpointed.
 
     Two stages joined by small queues, so the learning thread never waits on the
     network: ``run`` hands job N+1 to the thread while ``_finish`` sends job N's
-    outputs, acks its events and commits them.
+    outputs.  A job's events are acked (so Faust commits them) only once a saved
+    snapshot includes the job: after a crash the replica restores that snapshot and
+    Kafka redelivers everything after it, so no event is lost and at most one
+    snapshot interval is learned twice.
     """
 
     def __init__(self, runtime: WorkerRuntime, spec: ModelSpec, runner: ModelRunner) -> None:
@@ -293,11 +297,15 @@ class Feeder:
         self.pending_bytes = 0
         self.pending_since = 0.0
         self.jobs: asyncio.Queue[list[tuple[EventT, Block]]] = asyncio.Queue(MAX_JOBS_AHEAD)
-        self.learned: asyncio.Queue[tuple[list[tuple[EventT, Block]], Outcome]] = (
+        self.learned: asyncio.Queue[tuple[int, list[tuple[EventT, Block]], Outcome]] = (
             asyncio.Queue(MAX_JOBS_AHEAD))
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        self.learned_seq = 0  # jobs in the model; written and read on the learner thread
+        self.checkpointed_seq = 0  # jobs covered by the newest saved snapshot
+        self.unreleased: collections.deque[tuple[int, list[tuple[EventT, Block]]]] = (
+            collections.deque())
 
     async def add(self, event: EventT) -> None:
         """Buffer one Faust event; hand a job to the learner when the batch is full."""
@@ -335,39 +343,57 @@ class Feeder:
                 job = await self.jobs.get()
                 blocks = [block for _, block in job]
                 try:
-                    out = await loop.run_in_executor(self.executor, self.runner.handle_blocks,
-                                                     blocks)
+                    seq, out = await loop.run_in_executor(self.executor, self._learn, blocks)
                 except Exception:  # noqa: BLE001 - never ack it; Kafka redelivers
                     log.exception("learning a job of %d messages failed; not acking it",
                                   sum(len(b.values) for b in blocks))
                     await self.runtime.app.crash(RuntimeError(f"learner of {self.spec.name} "
                                                               "failed"))
                     return
-                await self.learned.put((job, out))
+                await self.learned.put((seq, job, out))
         finally:
             finisher.cancel()
 
+    def _learn(self, blocks: list[Block]) -> tuple[int, Outcome]:
+        """On the learner thread: learn one job and number it, in model order."""
+        out = self.runner.handle_blocks(blocks)
+        self.learned_seq += 1
+        return self.learned_seq, out
+
     async def _finish(self) -> None:
-        """Send a learned job's outputs, then ack and commit its events, in order."""
+        """Send a learned job's outputs; its acks wait for a checkpoint (``release``)."""
         while True:
-            job, out = await self.learned.get()
+            seq, job, out = await self.learned.get()
             try:
                 await self.runtime.send_outcome(self.spec, out)
             except Exception:  # noqa: BLE001 - outputs lost: do not commit past them
                 log.exception("sending the outputs of %d messages failed", len(job))
                 await self.runtime.app.crash(RuntimeError(f"outputs of {self.spec.name} failed"))
                 return
-            for event, _ in job:
-                event.ack()
-            await self.runtime.commit(self.spec.topic, len(job))
+            self.unreleased.append((seq, job))
+            await self.release()
             self.in_flight -= 1
             if not self.in_flight and not self.pending:
                 self.idle.set()
 
-    async def state(self, replica: str) -> dict[str, Any]:
-        """A snapshot state captured on the learner thread, between two jobs."""
+    async def release(self, checkpointed: int | None = None) -> None:
+        """Ack and commit, in order, every job that a saved snapshot includes."""
+        if checkpointed is not None:
+            self.checkpointed_seq = max(self.checkpointed_seq, checkpointed)
+        while self.unreleased and self.unreleased[0][0] <= self.checkpointed_seq:
+            _, job = self.unreleased.popleft()
+            for event, _ in job:
+                event.ack()
+            await self.runtime.commit(self.spec.topic, len(job))
+
+    async def state(self, replica: str) -> tuple[dict[str, Any], int]:
+        """A snapshot state captured on the learner thread, with the jobs it includes."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.runner.snapshot_state, replica)
+
+        def capture() -> tuple[dict[str, Any], int]:
+            return self.runner.snapshot_state(replica), self.learned_seq
+
+        return await loop.run_in_executor(self.executor, capture)
 
 
 class WorkerRuntime:
@@ -518,7 +544,8 @@ class WorkerRuntime:
                 mark = (runner.model.version, runner.telemetry.messages)
                 if not force and self._published.get(name) == mark:
                     continue
-                state = await self.feeders[name].state(self.replica)
+                feeder = self.feeders[name]
+                state, covered = await feeder.state(self.replica)
                 state["worker"] = {"loop_lag_max_ms": round(self.loop_lag_max * 1000, 2)}
                 self.loop_lag_max = 0.0
                 payload = await asyncio.to_thread(snapshots.encode, state)
@@ -526,6 +553,7 @@ class WorkerRuntime:
                 await self.outputs.send(self.settings.kafka.models_topic, key, payload)
                 path = snapshot_path(self.settings.worker.snapshot_dir, name, self.replica)
                 await asyncio.to_thread(snapshots.save, path, payload)
+                await feeder.release(covered)  # only now may Kafka forget these events
                 self._published[name] = (int(state["version"]), state["telemetry"]["messages"])
                 sent += 1
         return sent

@@ -196,7 +196,7 @@ async def test_commits_never_pass_an_unacked_bundle_and_catch_up(committed):
     assert consumer._committed_offset[tp] == start + 400
 
 
-# -- feeder: acks only after learning, in order ---------------------------------------------
+# -- feeder: acks only once a saved snapshot covers the events, in order --------------------
 
 
 class _Runtime:
@@ -211,7 +211,7 @@ class _Runtime:
         self.commits.append((topic, bundles))
 
 
-async def test_feeder_acks_after_learning_in_order(runner, fraud_spec):
+async def test_feeder_acks_only_checkpointed_jobs_in_order(runner, fraud_spec):
     events = FraudStream(seed=8).take(600)
     acked: list[tuple[int, int]] = []  # (offset, messages learned when it was acked)
 
@@ -230,6 +230,10 @@ async def test_feeder_acks_after_learning_in_order(runner, fraud_spec):
             await feeder.add(event(chunk))  # type: ignore[arg-type]
         await feeder.flush()
         await asyncio.wait_for(feeder.idle.wait(), 10)
+        assert acked == [] and runtime.commits == []  # learned, but in no snapshot yet
+        state, covered = await feeder.state("r0")
+        assert state["n_seen"] == 600
+        await feeder.release(covered)
     finally:
         task.cancel()
     assert [offset for offset, _ in acked] == [99, 399, 599]
