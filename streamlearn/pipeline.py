@@ -40,12 +40,8 @@ import orjson
 from streamlearn.batch_format import BatchFormatError, FeatureDecoder, encode_columns, is_batch
 from streamlearn.config import ModelSpec
 from streamlearn.features import _MISSING, FeatureBatch, Vectorizer
+from streamlearn.metrics import LEARN_BUCKETS
 from streamlearn.models import OnlineModel
-
-#: Learn-latency histogram bounds in seconds, shared with the Prometheus metrics.
-LEARN_BUCKETS: tuple[float, ...] = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-)
 
 _NUMBER_TYPES = frozenset({float, int, type(None)})
 _CATEGORY_TYPES = frozenset({str, int, type(None)})
