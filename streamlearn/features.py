@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,9 +197,3 @@ def csr_rows(
     values[:, :n_num] = numeric_z
     indptr = np.arange(0, n * width + 1, width, dtype=np.int64)
     return indptr, indices.reshape(-1), values.reshape(-1)
-
-
-def iter_chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    """Consecutive slices of at most ``size`` items."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

@@ -154,25 +154,6 @@ class Telemetry:
         return t
 
 
-def decode_events(records: Sequence[Record]) -> tuple[list[Any], list[Record], list[DeadLetter]]:
-    """Parse JSON values one by one; undecodable ones become dead letters."""
-    events: list[Any] = []
-    kept: list[Record] = []
-    dead: list[DeadLetter] = []
-    loads = orjson.loads
-    for rec in records:
-        if not rec.value:
-            dead.append(DeadLetter(rec, "empty message"))
-            continue
-        try:
-            events.append(loads(rec.value))
-        except orjson.JSONDecodeError as exc:
-            dead.append(DeadLetter(rec, f"not valid JSON: {exc}"))
-            continue
-        kept.append(rec)
-    return events, kept, dead
-
-
 class JsonDecoder:
     """JSON values to a :class:`FeatureBatch`, one column at a time.
 

@@ -17,7 +17,7 @@ from numba import njit
 from streamlearn.backends import Backend, get_backend
 from streamlearn.config import ModelSpec
 from streamlearn.drift import ConceptDriftMonitor, DataDriftMonitor
-from streamlearn.features import FeatureBatch, Vectorizer, csr_rows
+from streamlearn.features import FeatureBatch, InvalidEvent, Vectorizer, csr_rows
 from streamlearn.kernels import codes
 from streamlearn.prequential import PrequentialMetrics
 from streamlearn.scaler import RunningStandardScaler
@@ -149,8 +149,6 @@ class OnlineModel:
 
     def predict_events(self, events: list[dict[str, Any]]) -> np.ndarray:
         """Score event dicts; raise ``InvalidEvent`` naming the first bad field."""
-        from streamlearn.features import InvalidEvent
-
         batch, rejects = self.vectorizer.transform_many(events)
         if rejects:
             index, reason = rejects[0]
@@ -165,12 +163,11 @@ class OnlineModel:
             return np.empty(0, dtype=np.float32)
         X = batch.numeric
         scaler = self.scaler
-        imputed = scaler.count.copy()
+        count0 = scaler.count.copy()
         scaler.learn_many(X)
-        # Rows that were not counted are the missing (imputed) ones: n - count delta.
-        np.subtract(imputed, scaler.count, out=imputed)
-        imputed += n
-        np.add(self.n_imputed, imputed, out=self.n_imputed, casting="unsafe")
+        # Rows the scaler did not count were missing, and are imputed with the mean.
+        np.add(self.n_imputed, n - (scaler.count - count0), out=self.n_imputed,
+               casting="unsafe")
         self.data_drift.update(X)
         z = scaler.transform_many(X)
         if self.dense:
@@ -252,8 +249,6 @@ class OnlineModel:
         """Additive contributions that sum with the bias to the margin."""
         batch, rejects = self.vectorizer.transform_many([event])
         if rejects:
-            from streamlearn.features import InvalidEvent
-
             raise InvalidEvent(rejects[0][1])
         z = self.scaler.transform_many(batch.numeric)
         _, indices, values = csr_rows(z, batch.hashed)

@@ -71,3 +71,17 @@ def test_model_reports_drift_when_the_fraud_pattern_changes(fraud_spec):
     assert report["concept"]["detector"] == "adwin"
     restored = OnlineModel.from_state(model.to_state())
     assert restored.drift_report()["data"] == report["data"]
+
+
+def test_model_feeds_its_drift_monitor_every_raw_batch(fraud_spec):
+    """process() must give the monitor each batch, missing values included, before scaling."""
+    model = OnlineModel(fraud_spec, device="cpu")
+    direct = DataDriftMonitor(list(fraud_spec.numeric))
+    stream = FraudStream(seed=6)
+    for _ in range(40):  # past the 5,000-event reference window, with missing values
+        batch, _ = model.vectorizer.transform_many(stream.take(256))
+        model.process(batch)
+        direct.update(batch.numeric)
+    assert direct.ready and model.data_drift.ready
+    np.testing.assert_allclose(model.data_drift.recent, direct.recent, rtol=1e-9)
+    np.testing.assert_array_equal(model.data_drift.reference.m2, direct.reference.m2)
