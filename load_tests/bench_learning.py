@@ -42,14 +42,15 @@ Streams
 Systems
 -------
 ``streamlearn (model, arrays)``
-    ``OnlineModel.process`` (running scaler, kernel, optimizer state, prequential metrics
-    and drift monitors: the worker's full step) fed ``FeatureBatch`` objects built from
-    arrays before timing: numeric float64 ``(n, d)``, hashed int64 ``(n, n_cat)`` =
+    ``OnlineModel.process_many`` (running scaler, kernel, optimizer state, prequential
+    metrics and drift monitors: the worker's full step; one compiled call per 4,096 rows,
+    one learning step per 256) fed ``FeatureBatch`` objects built from arrays before timing:
+    numeric float64 ``(n, d)``, hashed int64 ``(n, n_cat)`` =
     ``spec.n_numeric + (stable_hash(field, value) & mask)`` precomputed, float32 labels.
 ``streamlearn (model, events)``
     The same model fed event dicts through ``model.vectorizer.transform_many`` (validation
     and hashing included in the timing, as in the worker after JSON decoding). The dicts
-    are built chunk by chunk; only the transform + process calls are timed.
+    are built chunk by chunk; only the transform + process_many calls are timed.
 ``streamlearn (kernels)``
     The bare kernels driven from a Python loop: ``cpu.scaler_update``, a NumPy z-score,
     ``linear_predict_*`` and ``linear_learn_*``; no metrics, no drift, no bookkeeping.
@@ -157,6 +158,9 @@ from streamlearn.prequential import roc_auc
 THREAD_VARS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 BATCH = 256
 CHUNK = 16_384  # rows per materialization chunk for dicts, DataFrames and VW lines
+#: Rows per ``OnlineModel.process_many`` call (learning still steps every ``BATCH`` rows):
+#: the worker hands the model one bundle or one 4,096-event batch record at a time.
+RECORD = 4096
 EPS = 1e-7
 L2 = 1e-6
 WARM_ROWS = 1_024
@@ -215,6 +219,11 @@ class Stream:
         step = self.batch * max(1, CHUNK // self.batch)
         for s in range(0, len(self), step):
             yield s, min(s + step, len(self))
+
+    def records(self) -> Iterator[tuple[int, int]]:
+        """``[start, stop)`` of each ``process_many`` call: ``RECORD`` rows, like the worker."""
+        for s in range(0, len(self), RECORD):
+            yield s, min(s + RECORD, len(self))
 
     def batches(self, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, int]]:
         hi = len(self) if hi is None else hi
@@ -385,14 +394,14 @@ def _hashed_or_empty(s: Stream) -> np.ndarray:
 def run_sl_model(s: Stream, lr: float) -> Result:
     model = OnlineModel(sl_spec(s, lr), device="cpu")
     hashed = _hashed_or_empty(s)
-    batches = [
+    records = [
         (a, b, FeatureBatch(s.numeric[a:b], hashed[a:b], s.y[a:b], list(range(a, b))))
-        for a, b in s.batches()
+        for a, b in s.records()
     ]
     out = np.empty(len(s))
     with Clock() as clk:
-        for a, b, fb in batches:
-            out[a:b] = model.process(fb)
+        for a, b, fb in records:
+            out[a:b] = model.process_many(fb).scores
     return Result(out, clk.wall, clk.cpu)
 
 
@@ -418,9 +427,9 @@ def run_sl_events(s: Stream, lr: float) -> Result:
     for a, b in s.chunks():
         events = _events(s, a, b)
         with clk:
-            for lo in range(0, b - a, s.batch):
-                batch, _ = model.vectorizer.transform_many(events[lo : lo + s.batch])
-                out[a + lo : a + lo + len(batch)] = model.process(batch)
+            for lo in range(0, b - a, RECORD):
+                batch, _ = model.vectorizer.transform_many(events[lo : lo + RECORD])
+                out[a + lo : a + lo + len(batch)] = model.process_many(batch).scores
     return Result(out, clk.wall, clk.cpu)
 
 

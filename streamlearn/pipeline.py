@@ -124,13 +124,13 @@ class Telemetry:
     learn_sum: float = 0.0
     learn_count: int = 0
 
-    def observe_learn(self, seconds: float) -> None:
-        """Add one mini-batch learn latency to the cumulative histogram."""
+    def observe_learn(self, seconds: float, count: int = 1) -> None:
+        """Add ``count`` mini-batches that took ``seconds`` each to the cumulative histogram."""
         for i, le in enumerate(LEARN_BUCKETS):
             if seconds <= le:
-                self.learn_counts[i] += 1
-        self.learn_sum += seconds
-        self.learn_count += 1
+                self.learn_counts[i] += count
+        self.learn_sum += seconds * count
+        self.learn_count += count
 
     def to_dict(self) -> dict[str, Any]:
         """The snapshot's ``telemetry`` entry."""
@@ -376,38 +376,28 @@ class ModelRunner:
         if n == 0:
             return
         model, size = self.model, self.model.spec.batch_size
-        scores = np.empty(n, dtype=np.float32)
-        versions = np.empty(n, dtype=np.int64) if as_batch else None
-        json_preds = []
-        for start in range(0, n, size):
-            end = min(start + size, n)
-            chunk = FeatureBatch(batch.numeric[start:end], batch.hashed[start:end],
-                                 batch.labels[start:end], batch.ids[start:end])
-            version_before = model.version
-            t0 = time.perf_counter()
-            scores[start:end] = model.process(chunk)
-            seconds = time.perf_counter() - t0
-            out.learn_seconds += seconds
-            learned = int(chunk.has_label.sum())
-            out.learned += learned
-            if learned:
-                self.telemetry.observe_learn(seconds)
-            if versions is not None:
-                versions[start:end] = version_before
-            elif self.emit_predictions:
-                json_preds.extend(_prediction_records(
-                    chunk.ids, scores[start:end], model.spec.name, version_before))
+        t0 = time.perf_counter()
+        steps = model.process_many(batch, size)
+        seconds = time.perf_counter() - t0
+        out.learn_seconds += seconds
+        out.learned += int(steps.learned.sum())
         out.scored += n
+        n_steps = int(np.count_nonzero(steps.learned))
+        if n_steps:  # one compiled call: its time, spread evenly over its mini-batches
+            self.telemetry.observe_learn(seconds / n_steps, n_steps)
         if not self.emit_predictions:
             return
-        if versions is None:
-            out.predictions.extend(json_preds)
-        else:
+        if as_batch:
             ids = batch.ids if isinstance(batch.ids, np.ndarray) else list(batch.ids)
             out.predictions.append(encode_columns(
-                {"id": ids, "score": scores, "version": versions},
+                {"id": ids, "score": steps.scores, "version": np.repeat(steps.versions, size)[:n]},
                 meta={"model": model.spec.name, "kind": "predictions"},
             ))
+            return
+        for c, version in enumerate(steps.versions.tolist()):
+            lo = c * size
+            out.predictions.extend(_prediction_records(
+                batch.ids[lo : lo + size], steps.scores[lo : lo + size], model.spec.name, version))
 
     def _advance_offset(self, block: Block) -> None:
         if not block.offsets:

@@ -82,6 +82,10 @@ class RunningStandardScaler:
         scaler_update(np.ascontiguousarray(X, dtype=np.float64), self.count, self.mean, self.m2)
         self._std = None
 
+    def count_changed(self) -> None:
+        """Drop the cached std after the arrays were updated in place (compiled callers)."""
+        self._std = None
+
     def merge(self, other: RunningStandardScaler) -> None:
         """Fold another scaler's statistics into this one (exact, order-free)."""
         if other.n_features != self.n_features:

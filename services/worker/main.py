@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import importlib
 import logging
+import os
 import sys
 import threading
 
@@ -22,12 +25,37 @@ def _quiet_debug_logging(level: str) -> None:
         logging.disable(logging.DEBUG)
 
 
+#: glibc malloc arenas for the worker (glibc's default is 8 per core).
+MALLOC_ARENAS = 2
+_M_ARENA_MAX = -8  # mallopt parameter number, from glibc's malloc.h
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas, as ``MALLOC_ARENA_MAX`` would; True if applied.
+
+    With the default, the learner, snapshot and Kafka threads each grow an arena of
+    their own, and freed blocks scattered across them are not returned: in a 5-minute
+    soak at 15,000 events/s the worker's RSS crept up by ~4 MiB/min, and with two
+    arenas it stayed flat (``bench_worker.py --soak``).  Must run before the threads
+    start; an explicit ``MALLOC_ARENA_MAX`` wins, and other C libraries are left alone.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError, TypeError):  # musl and others: no mallopt
+        return False
+    return bool(mallopt(_M_ARENA_MAX, arenas))
+
+
 def run(settings: Settings) -> int:
     """Run until SIGINT/SIGTERM; return the exit code."""
     from faust.worker import Worker
 
     from streamlearn.services.worker.app import build_app
 
+    limit_malloc_arenas()
     broker = None
     bootstrap = settings.kafka.bootstrap
     if not bootstrap:

@@ -16,31 +16,35 @@ from numba import njit
 from streamlearn.scaler import RunningStandardScaler
 
 
-@njit(cache=True)
-def _blend_batch_means(X, recent, halflife):  # pragma: no cover - compiled
-    """Fold each feature's batch mean (NaN skipped) into ``recent`` in place (EWMA).
+@njit(cache=True, nogil=True)
+def _blend_batch_means(X, recent, halflife, size):  # pragma: no cover - compiled
+    """Fold the feature means (NaN skipped) of each ``size``-row batch of ``X`` into ``recent``.
 
-    The column sums repeat the first pass of ``kernels.cpu.scaler_update``: deriving
-    the batch means from the scaler's before/after state instead was measured slower
-    (seven small NumPy ops cost more than this compiled pass over a 256-row batch).
+    An EWMA in place, one batch at a time.  The column sums repeat the first pass of
+    ``kernels.cpu.scaler_update``: deriving the batch means from the scaler's
+    before/after state instead was measured slower (seven small NumPy ops cost more
+    than this compiled pass over a 256-row batch).
     """
     n, d = X.shape
     cnt = np.zeros(d)
     tot = np.zeros(d)
-    for r in range(n):
+    for lo in range(0, n, size):
+        cnt[:] = 0.0
+        tot[:] = 0.0
+        for r in range(lo, min(lo + size, n)):
+            for j in range(d):
+                x = X[r, j]
+                if not math.isnan(x):
+                    cnt[j] += 1.0
+                    tot[j] += x
         for j in range(d):
-            x = X[r, j]
-            if not math.isnan(x):
-                cnt[j] += 1.0
-                tot[j] += x
-    for j in range(d):
-        if cnt[j] > 0.0:
-            batch_mean = tot[j] / cnt[j]
-            if math.isnan(recent[j]):
-                recent[j] = batch_mean
-            else:
-                alpha = 1.0 - 0.5 ** (cnt[j] / halflife)
-                recent[j] = (1 - alpha) * recent[j] + alpha * batch_mean
+            if cnt[j] > 0.0:
+                batch_mean = tot[j] / cnt[j]
+                if math.isnan(recent[j]):
+                    recent[j] = batch_mean
+                else:
+                    alpha = 1.0 - 0.5 ** (cnt[j] / halflife)
+                    recent[j] = (1 - alpha) * recent[j] + alpha * batch_mean
 
 
 class DataDriftMonitor:
@@ -75,17 +79,24 @@ class DataDriftMonitor:
         self.recent = np.full(len(features), np.nan)
         self.ready = not self.features  # the reference window is complete
 
-    def update(self, X: np.ndarray) -> None:
-        """Fold a batch of raw numeric features (NaN = missing)."""
-        if X.shape[0] == 0 or not self.features:
+    def update(self, X: np.ndarray, batch_size: int | None = None) -> None:
+        """Fold raw numeric features (NaN = missing), as batches of ``batch_size`` rows.
+
+        ``update(X, b)`` equals ``update`` on each ``b``-row slice of ``X`` in turn; the
+        default is one batch.
+        """
+        n = X.shape[0]
+        if n == 0 or not self.features:
             return
-        if not self.ready:
-            self.reference.learn_many(X)
+        size = batch_size or n
+        start = 0
+        while not self.ready and start < n:  # the batch that completes it is not blended
+            self.reference.learn_many(X[start : start + size])
             self.ready = bool(self.reference.count.min() >= self.reference_size)
-            return
-        _blend_batch_means(
-            np.ascontiguousarray(X, dtype=np.float64), self.recent, float(self.halflife)
-        )
+            start += size
+        if start < n:
+            _blend_batch_means(np.ascontiguousarray(X[start:], dtype=np.float64),
+                               self.recent, float(self.halflife), size)
 
     def scores(self) -> np.ndarray:
         """Standardized mean shift per feature (NaN until the reference is complete)."""

@@ -46,3 +46,19 @@ def test_cuda_model_matches_cpu_model(spec):
     probe = FraudStream(seed=5).take(8)
     np.testing.assert_allclose(restored.predict_events(probe), on_gpu.predict_events(probe),
                                rtol=1e-6)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.task}-{s.optimizer}")
+def test_cuda_process_many_matches_the_fused_cpu_call(spec):
+    """The worker's entry point: a chunk loop on the device, one compiled call on the CPU."""
+    events = FraudStream(seed=6).take(100)
+    for e in events[::9]:
+        del e["is_fraud"]  # partly labelled chunks
+    on_cpu, on_gpu = OnlineModel(spec, device="cpu"), OnlineModel(spec, device="cuda")
+    batch, _ = on_cpu.vectorizer.transform_many(events)
+    cpu, gpu = on_cpu.process_many(batch, 32), on_gpu.process_many(batch, 32)
+    np.testing.assert_allclose(gpu.scores, cpu.scores, rtol=1e-4, atol=1e-6)
+    assert gpu.versions.tolist() == cpu.versions.tolist() == [0, 1, 2, 3]
+    assert gpu.learned.tolist() == cpu.learned.tolist()
+    np.testing.assert_allclose(on_gpu.to_state()["weights"]["w"], on_cpu.w, rtol=1e-4, atol=1e-6)
+    assert on_gpu.n_learned == on_cpu.n_learned == int(cpu.learned.sum())
