@@ -20,3 +20,12 @@ def test_no_top_level_kernels_or_services_package():
             "print(u.find_spec('kernels') is None and u.find_spec('services') is None)")
     out = subprocess.check_output([sys.executable, "-c", code], text=True, cwd="/")
     assert out.strip() == "True"
+
+
+def test_worker_start_path_does_not_import_river():
+    """river.drift (scipy, scikit-learn: seconds) loads in the background, not with these."""
+    code = ("import sys, streamlearn.services.worker.app, streamlearn.models, "
+            "streamlearn.pipeline; print(sorted(m for m in sys.modules if m == 'river' "
+            "or m.startswith(('river.', 'sklearn', 'scipy.stats'))))")
+    out = subprocess.check_output([sys.executable, "-c", code], text=True)
+    assert out.strip() == "[]"

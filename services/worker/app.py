@@ -59,18 +59,25 @@ learning 6%, Faust per bundle 6%, bundling 4%, Faust's commit bookkeeping 4%, sn
 3%.  All of it shares one GIL, so the sum is the bound; more throughput on JSON means
 more replicas (one process per core), the scale-out the design already has.
 
-Batch records (~0.4M events/s at ``batch_size = 256``): ``OnlineModel.process`` 45%,
-socket reads of the fetched records 16%, batch decoding 12%, aiokafka 7%, Faust 6%,
-prediction records 6%.  Learning and consuming add up on the one GIL, so the bound is
-about ``1 / (1/consume + 1/learn)``; kernels that release the GIL (``nogil=True``) would
-let them overlap on two cores.
+Batch records: learning used to run as ``OnlineModel.process`` per 256-row mini-batch,
+~50 us of Python each under the GIL, so learning and consuming added up on one core
+(0.46x of ``process`` alone, 0.24x of the raw aiokafka+decode ceiling in one run).
+``OnlineModel.process_many`` now learns a whole bundle or batch record in one compiled
+``nogil`` call (:mod:`streamlearn.models.fused`), so the learner thread and the event
+loop overlap on two cores: in one run the worker reached 1.22x of ``process`` alone and
+0.51x of the raw ceiling.  What still holds the GIL (busy samples, py-spy): socket reads
+21%, batch decoding 15%, aiokafka 10%, prediction records 10%, Faust 6%.
 
-Start-up (spawn -> first event ~4 s here, Faust ready at ~2.8 s): Faust's group join on
-Tansu (~1 s with the short session below) overlaps the import of the model stack on a
-thread, and that import is the critical path: ``streamlearn.drift`` imports
-``river.drift``, which pulls scipy.stats, scikit-learn and pandas (~2 s of CPU), plus
-numba's kernel cache (~0.3 s).  :class:`PromptTableManager` drops Faust's fixed 1 s
-wait for tables that this worker does not have.
+Start-up: Faust's group join on Tansu (~1 s with the short session below) overlaps the
+load of the model stack on a thread (imports, restore, numba's kernel cache).
+``river.drift`` used to be part of that load and its critical path (spawn -> first event
+~4 s, Faust ready at ~2.8 s): it pulls scipy.stats, scikit-learn and pandas (~2 s of
+CPU), for the concept-drift detector alone.  Now the drift monitors queue their batch
+losses and replay them in order once river is in (same drift points), and the worker
+imports it on a daemon thread only once it has caught up with its backlog (or after
+``DRIFT_IMPORT_DELAY_S``), so that it slows neither the first event nor a catch-up.
+:class:`PromptTableManager` drops Faust's fixed 1 s wait for tables that this worker
+does not have.
 """
 
 from __future__ import annotations
@@ -96,10 +103,11 @@ from faust.types import TP, EventT
 
 from streamlearn import snapshots
 from streamlearn.config import ModelSpec
+from streamlearn.drift.concept import defer_detector_import, load_detectors_in_background
 from streamlearn.services.worker.outputs import Outputs, declare_topics
 from streamlearn.settings import Settings
 
-if TYPE_CHECKING:  # the model stack (numba, river) loads on a thread while Faust starts
+if TYPE_CHECKING:  # the model stack (numba kernels) loads on a thread while Faust starts
     from streamlearn.pipeline import Block, ModelRunner, Outcome
 
 log = logging.getLogger("streamlearn.worker")
@@ -116,6 +124,10 @@ FLUSH_BYTES = 64 * 1024
 MAX_JOBS_AHEAD = 2
 #: Longest a shutdown waits for queued learning before it gives up on it.
 SHUTDOWN_DRAIN_S = 10.0
+#: Longest the import of river's drift detectors waits for the worker to catch up.
+DRIFT_IMPORT_DELAY_S = 30.0
+#: Idle time after which the worker counts as caught up with its topics.
+CAUGHT_UP_IDLE_S = 0.5
 #: Cyclic-GC thresholds while streaming (CPython's default is 700, 10, 10).
 GC_THRESHOLDS = (20_000, 20, 20)
 
@@ -263,7 +275,7 @@ def warm_up(runner: ModelRunner) -> None:
     spec = dataclasses.replace(runner.model.spec, hash_bits=1)
     scratch = OnlineModel(spec, device=runner.model.backend.name)
     batch, _ = scratch.vectorizer.transform_many([{spec.label: 1}])
-    scratch.process(batch)
+    scratch.process_many(batch)
 
 
 def as_block(event: EventT) -> Block:
@@ -296,6 +308,7 @@ class Feeder:
         self.pending_msgs = 0
         self.pending_bytes = 0
         self.pending_since = 0.0
+        self.last_add = 0.0
         self.jobs: asyncio.Queue[list[tuple[EventT, Block]]] = asyncio.Queue(MAX_JOBS_AHEAD)
         self.learned: asyncio.Queue[tuple[int, list[tuple[EventT, Block]], Outcome]] = (
             asyncio.Queue(MAX_JOBS_AHEAD))
@@ -311,6 +324,7 @@ class Feeder:
         """Buffer one Faust event; hand a job to the learner when the batch is full."""
         block = as_block(event)
         value = event.value
+        self.last_add = time.monotonic()
         if not self.pending:
             self.pending_since = time.monotonic()
         self.pending.append((event, block))
@@ -328,6 +342,11 @@ class Feeder:
         self.in_flight += 1
         self.idle.clear()
         await self.jobs.put(job)
+
+    def caught_up(self, quiet_s: float) -> bool:
+        """Past the first message, nothing queued or learning, and none new for ``quiet_s``."""
+        return (self.last_add > 0.0 and self.idle.is_set()
+                and time.monotonic() - self.last_add >= quiet_s)
 
     async def flush_stale(self, within: float) -> None:
         """Timer side of ``take(max_, within=)``: flush a partial batch once it is old."""
@@ -423,6 +442,8 @@ class WorkerRuntime:
         async def flush_tick() -> None:
             for feeder in self.feeders.values():
                 await feeder.flush_stale(within)
+            if self.feeders and all(f.caught_up(CAUGHT_UP_IDLE_S) for f in self.feeders.values()):
+                load_detectors_in_background()  # idempotent
 
         async def snapshot_tick() -> None:  # Faust passes the app to one-argument timers
             # In the background: the state is captured between two learning jobs, which
@@ -447,9 +468,16 @@ class WorkerRuntime:
     async def start(self) -> None:
         """Load models, declare topics and start the producer while Faust joins the group.
 
-        Agents wait for this; loading runs on a thread, so the ~2-3 s import of the model
-        stack and the kernel warm-up overlap Faust's own start instead of preceding it.
+        Agents wait for this; loading runs on a thread, so the import of the model stack
+        and the kernel warm-up overlap Faust's own start instead of preceding it.
         """
+        # river.drift (scipy, scikit-learn: ~2 s of CPU, under the GIL) serves only the
+        # concept-drift monitors, which queue their losses until it is in.  Import it once
+        # the worker has caught up (``flush_tick``), or after a delay, so that it
+        # slows neither the first event nor the draining of a backlog.
+        defer_detector_import()
+        asyncio.get_running_loop().call_later(DRIFT_IMPORT_DELAY_S,
+                                              load_detectors_in_background)
         runners, _ = await asyncio.gather(
             asyncio.to_thread(self._load_runners),
             declare_topics(self.bootstrap, self.topic_configs(), self.settings.kafka.partitions),
@@ -458,10 +486,12 @@ class WorkerRuntime:
             self.runners[spec.name] = runners[spec.name]
             self.feeders[spec.name] = Feeder(self, spec, runners[spec.name])
         await self.outputs.start()
-        # Everything imported so far (numba, river -> scikit-learn, Faust: ~1M objects)
-        # is permanent; frozen, it leaves the cyclic GC's full collections, which took
-        # ~150 ms of stop-the-world every few seconds of streaming here.  Decoded events
-        # are acyclic and die by refcount, so young collections are rarer too (+~7%).
+        # Everything imported so far (numba, Faust, the model stack) is permanent; frozen,
+        # it leaves the cyclic GC's full collections, which took ~150 ms of stop-the-world
+        # every few seconds of streaming here.  Decoded events are acyclic and die by
+        # refcount, so young collections are rarer too (+~7%).  river.drift usually ends
+        # its background import after this and stays unfrozen (measured: ~73k GC-tracked
+        # objects, on top of ~156k for the rest of the stack).
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
         self.ready.set()

@@ -63,9 +63,10 @@ def run(settings: Settings) -> int:
         bootstrap = broker.bootstrap
         print(f"embedded broker on {bootstrap}", file=sys.stderr, flush=True)
     app, runtime = build_app(settings, bootstrap)
-    # The model stack (numba kernels, river -> scipy/scikit-learn) takes seconds of CPU to
-    # import; load it while Faust starts and joins the group (mostly waiting on the
-    # broker).  Started after the app is built, so it does not slow Faust's own path.
+    # The model stack (numba and its kernel cache) takes about a second of CPU to import;
+    # load it while Faust starts and joins the group (mostly waiting on the broker).
+    # Started after the app is built, so it does not slow Faust's own path.  River's
+    # drift detectors (scipy, scikit-learn) load later, off the path to the first event.
     threading.Thread(target=importlib.import_module, args=("streamlearn.pipeline",),
                      name="preload-models", daemon=True).start()
     worker = Worker(app, loglevel=settings.worker.log_level, quiet=True, redirect_stdouts=False)

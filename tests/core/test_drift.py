@@ -55,6 +55,24 @@ def test_data_drift_flags_only_the_shifted_feature_and_round_trips():
     np.testing.assert_array_equal(r.scores(), m.scores())
 
 
+def test_data_drift_update_in_batches_equals_batch_by_batch():
+    """One call over many batches (the fused model path) is the batch-by-batch fold,
+    including the batch that completes the reference window and missing values."""
+    rng = np.random.default_rng(2)
+    X = rng.normal([0, 10], [1, 2], size=(3000, 2))
+    X[rng.random(X.shape) < 0.05] = np.nan
+    X[2000:, 1] += 3.0
+    whole, stepwise = (DataDriftMonitor(["a", "b"], reference_size=700, halflife=300)
+                       for _ in range(2))
+    whole.update(X, 256)
+    for lo in range(0, len(X), 256):
+        stepwise.update(X[lo : lo + 256])
+    assert whole.ready and whole.report()["drifting"] == ["b"]
+    assert whole.to_state()["reference"]["count"].tolist() == (
+        stepwise.to_state()["reference"]["count"].tolist())
+    np.testing.assert_array_equal(whole.recent, stepwise.recent)
+
+
 def test_model_reports_drift_when_the_fraud_pattern_changes(fraud_spec):
     model = OnlineModel(fraud_spec, device="cpu")
     stream = FraudStream(seed=2)
