@@ -423,6 +423,7 @@ async def run_worker(bootstrap: str, *, model: str, topic: str, events: int, mes
                 deadlettered=int(t.get("deadlettered", 0)),
                 rate=consumed / span if span > 0 else 0.0,
                 first_event_s=float(t.get("first_at", 0.0)) - t_spawn if consumed else None,
+                last_event_s=float(t.get("last_at", 0.0)) - t_spawn if consumed else None,
                 rss_start_mb=rss_start, rss_end_mb=rss_mb(proc.pid), rss_peak_mb=rss_peak,
                 loop_lag_max_ms=watch.lag_ms, loop_lags_ms=watch.lags, snapshots=watch.count,
                 snapshot_kb=watch.bytes / max(watch.count, 1) / 1024,
@@ -445,6 +446,12 @@ async def run_worker(bootstrap: str, *, model: str, topic: str, events: int, mes
     if ready:
         stamp = time.mktime(time.strptime(ready.group(1), "%Y-%m-%d %H:%M:%S"))
         result["ready_s"] = stamp + int(ready.group(2)) / 1000 - t_spawn
+    drift = re.search(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\].*importing river's drift "
+                      r"detectors \((.*)\)", text)
+    if drift:
+        stamp = time.mktime(time.strptime(drift.group(1), "%Y-%m-%d %H:%M:%S"))
+        result["drift_import_s"] = stamp + int(drift.group(2)) / 1000 - t_spawn
+        result["drift_import_why"] = drift.group(3)
     result["rebalances"] = max(0, text.count("(Re-)joining group") - 1)
     result["warnings"] = [line[:160] for line in text.splitlines()
                           if "WARNING" in line or "ERROR" in line][:5]
@@ -697,6 +704,10 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
               f"  committed {r.get('committed', 0):,}/{r.get('messages', 0):,} msgs"
               f"  dead {r.get('deadlettered', 0)}  snapshots {r.get('snapshots', 0)}"
               f" x {r.get('snapshot_kb', 0):.0f} KiB")
+        if r.get("drift_import_s") is not None:
+            print(f"       river's drift detectors: import started at "
+                  f"{r['drift_import_s']:.2f}s ({r['drift_import_why']}); "
+                  f"last event learned at {r.get('last_event_s') or 0:.2f}s")
         if r.get("rebalances") or r.get("warnings"):
             print(f"       rebalances {r.get('rebalances')}; log: {r.get('warnings')}")
         if kind == "json" and raw:

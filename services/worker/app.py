@@ -126,8 +126,8 @@ MAX_JOBS_AHEAD = 2
 SHUTDOWN_DRAIN_S = 10.0
 #: Longest the import of river's drift detectors waits for the worker to catch up.
 DRIFT_IMPORT_DELAY_S = 30.0
-#: Idle time after which the worker counts as caught up with its topics.
-CAUGHT_UP_IDLE_S = 0.5
+#: Idle time after which the worker counts as caught up (a fetch can stall ~0.5 s at start).
+CAUGHT_UP_IDLE_S = 2.0
 #: Cyclic-GC thresholds while streaming (CPython's default is 700, 10, 10).
 GC_THRESHOLDS = (20_000, 20, 20)
 
@@ -431,6 +431,7 @@ class WorkerRuntime:
         self._snapshot_lock = asyncio.Lock()
         self._snapshot_task: asyncio.Future[int] | None = None
         self.loop_lag_max = 0.0
+        self._drift_import_started = False
         for spec in settings.specs:
             self._register_agent(spec)
 
@@ -442,8 +443,9 @@ class WorkerRuntime:
         async def flush_tick() -> None:
             for feeder in self.feeders.values():
                 await feeder.flush_stale(within)
-            if self.feeders and all(f.caught_up(CAUGHT_UP_IDLE_S) for f in self.feeders.values()):
-                load_detectors_in_background()  # idempotent
+            if (not self._drift_import_started and self.feeders
+                    and all(f.caught_up(CAUGHT_UP_IDLE_S) for f in self.feeders.values())):
+                self.load_drift_detectors("caught up")
 
         async def snapshot_tick() -> None:  # Faust passes the app to one-argument timers
             # In the background: the state is captured between two learning jobs, which
@@ -476,8 +478,8 @@ class WorkerRuntime:
         # the worker has caught up (``flush_tick``), or after a delay, so that it
         # slows neither the first event nor the draining of a backlog.
         defer_detector_import()
-        asyncio.get_running_loop().call_later(DRIFT_IMPORT_DELAY_S,
-                                              load_detectors_in_background)
+        asyncio.get_running_loop().call_later(DRIFT_IMPORT_DELAY_S, self.load_drift_detectors,
+                                              f"{DRIFT_IMPORT_DELAY_S:.0f} s after start")
         runners, _ = await asyncio.gather(
             asyncio.to_thread(self._load_runners),
             declare_topics(self.bootstrap, self.topic_configs(), self.settings.kafka.partitions),
@@ -495,6 +497,13 @@ class WorkerRuntime:
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
         self.ready.set()
+
+    def load_drift_detectors(self, reason: str) -> None:
+        """Start the background import of river's drift detectors (once)."""
+        if not self._drift_import_started:
+            self._drift_import_started = True
+            log.info("importing river's drift detectors (%s)", reason)
+            load_detectors_in_background()
 
     def _load_runners(self) -> dict[str, ModelRunner]:
         runners = {spec.name: restore_runner(spec, self.settings) for spec in self.settings.specs}
