@@ -189,7 +189,9 @@ def model_ceiling(batch_size: int, seconds: float = 3.0, rows: int = 4096) -> di
                                                                         65536)))
     records = [batch.take(np.arange(lo, min(lo + rows, len(batch))))
                for lo in range(0, len(batch), rows)]
-    model, n, t0 = runner.model, 0, time.perf_counter()
+    model = runner.model
+    model.process_many(records[0], batch_size)  # kernel cache and river's import: not timed
+    n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         for record in records:
             model.process_many(record, batch_size)

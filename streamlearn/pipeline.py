@@ -20,8 +20,9 @@ Where the time goes, and why the code looks like this:
 - Learning keeps the spec's mini-batch size whatever the transport: a batch record of
   4,096 events is learned in ``spec.batch_size`` chunks, like 4,096 JSON events, so the
   model does not depend on how the producer packed its events (a test checks both give
-  the same weights).  ``OnlineModel.process`` has a fixed cost per call, so at
-  ``batch_size = 256`` it bounds batch records well before their decoding does.
+  the same weights).  All the chunks of a call go through one
+  ``OnlineModel.process_many``: on the CPU one compiled call that releases the GIL, so
+  the worker's consuming thread runs while this one learns.
 """
 
 from __future__ import annotations

@@ -480,14 +480,14 @@ class WorkerRuntime:
         defer_detector_import()
         asyncio.get_running_loop().call_later(DRIFT_IMPORT_DELAY_S, self.load_drift_detectors,
                                               f"{DRIFT_IMPORT_DELAY_S:.0f} s after start")
-        runners, _ = await asyncio.gather(
+        runners, _, _ = await asyncio.gather(
             asyncio.to_thread(self._load_runners),
             declare_topics(self.bootstrap, self.topic_configs(), self.settings.kafka.partitions),
+            self.outputs.start(),  # the producer finds the topics' metadata when it sends
         )
         for spec in self.settings.specs:
             self.runners[spec.name] = runners[spec.name]
             self.feeders[spec.name] = Feeder(self, spec, runners[spec.name])
-        await self.outputs.start()
         # Everything imported so far (numba, Faust, the model stack) is permanent; frozen,
         # it leaves the cyclic GC's full collections, which took ~150 ms of stop-the-world
         # every few seconds of streaming here.  Decoded events are acyclic and die by
