@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import importlib
 import logging
 import os
 import sys
-import threading
 
 from streamlearn.broker import EmbeddedBroker
 from streamlearn.settings import Settings
@@ -63,12 +61,11 @@ def run(settings: Settings) -> int:
         bootstrap = broker.bootstrap
         print(f"embedded broker on {bootstrap}", file=sys.stderr, flush=True)
     app, runtime = build_app(settings, bootstrap)
-    # The model stack (numba and its kernel cache) takes about a second of CPU to import;
-    # load it while Faust starts and joins the group (mostly waiting on the broker).
-    # Started after the app is built, so it does not slow Faust's own path.  River's
+    # The model stack (numba, the kernel cache, restore, warm-up) takes about a second of
+    # CPU; load it while Faust starts and joins the group (mostly waiting on the broker).
+    # Started after the app is built, so it does not slow Faust's own set-up.  River's
     # drift detectors (scipy, scikit-learn) load later, off the path to the first event.
-    threading.Thread(target=importlib.import_module, args=("streamlearn.pipeline",),
-                     name="preload-models", daemon=True).start()
+    runtime.begin_loading()
     worker = Worker(app, loglevel=settings.worker.log_level, quiet=True, redirect_stdouts=False)
     logging.getLogger("streamlearn").setLevel(settings.worker.log_level)
     _quiet_debug_logging(settings.worker.log_level)
