@@ -5,9 +5,10 @@ rows, margins, link, learn.  That costs ~50 us of Python per mini-batch, as much
 the kernels themselves at ``batch_size = 256``, and all of it holds the GIL, so the
 worker's learner thread and its consuming event loop cannot run at once.  Here the
 same kernels run chunk by chunk inside one ``nogil`` function: a batch record of
-4,096 events is one call that leaves the GIL to the consumer.  Only the steps that
-live in Python (river's drift detector, the metrics ring buffer) stay outside and
-take the per-chunk results afterwards.  Tests hold this path equal to ``process``.
+4,096 events is one call that leaves the GIL to the consumer.  The monitors stay
+outside and take the per-chunk results afterwards: river's drift detector and the
+metrics ring buffer (Python) and the data-drift fold (its own compiled pass over the
+raw features).  Tests hold this path equal to ``process``, bit for bit.
 """
 
 from __future__ import annotations
