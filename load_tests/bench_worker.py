@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -95,12 +96,21 @@ async def create_topics(bootstrap: str, names: list[str], partitions: int) -> No
         await admin.close()
 
 
-async def preload_json(bootstrap: str, topic: str, n: int, partitions: int, seed: int) -> None:
-    """``n`` JSON events, round-robin over partitions, in producer batches (fast path)."""
+@contextlib.asynccontextmanager
+async def bulk_producer(bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
+    """A started producer with room for large batches and records, stopped on exit."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5,
                                 max_batch_size=1024 * 1024, max_request_size=MAX_REQUEST)
     await producer.start()
     try:
+        yield producer
+    finally:
+        await producer.stop()
+
+
+async def preload_json(bootstrap: str, topic: str, n: int, partitions: int, seed: int) -> None:
+    """``n`` JSON events, round-robin over partitions, in producer batches (fast path)."""
+    async with bulk_producer(bootstrap) as producer:
         stream, sent, part, futures = FraudStream(seed=seed), 0, 0, []
         while sent < n:
             events = stream.take(min(8192, n - sent))
@@ -116,17 +126,12 @@ async def preload_json(bootstrap: str, topic: str, n: int, partitions: int, seed
             part = (part + 1) % partitions
             sent += len(events)
         await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
 
 
 async def preload_batches(bootstrap: str, topic: str, n: int, rows: int, partitions: int,
                           seed: int) -> int:
     """``n`` events in batch records of ``rows`` events; returns the number of records."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5,
-                                max_batch_size=1024 * 1024, max_request_size=MAX_REQUEST)
-    await producer.start()
-    try:
+    async with bulk_producer(bootstrap) as producer:
         stream, sent, records, futures = FraudStream(seed=seed), 0, 0, []
         while sent < n:
             k = min(rows, n - sent)
@@ -136,8 +141,6 @@ async def preload_batches(bootstrap: str, topic: str, n: int, rows: int, partiti
             records += 1
         await asyncio.gather(*futures)
         return records
-    finally:
-        await producer.stop()
 
 
 # -- baselines -------------------------------------------------------------------------------

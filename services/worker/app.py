@@ -65,8 +65,9 @@ Batch records: learning used to run as ``OnlineModel.process`` per 256-row mini-
 ``OnlineModel.process_many`` now learns a whole bundle or batch record in one compiled
 ``nogil`` call (:mod:`streamlearn.models.fused`), so the learner thread and the event
 loop overlap on two cores: in one run the worker reached 1.22x of ``process`` alone and
-0.51x of the raw ceiling.  What still holds the GIL (busy samples, py-spy): socket reads
-21%, batch decoding 15%, aiokafka 10%, prediction records 10%, Faust 6%.
+0.51x of the raw ceiling.  The other busy samples of a py-spy run, all under the GIL:
+socket reads 21%, batch decoding 15%, aiokafka 10%, prediction records 10%, Faust 6%
+(learning, mostly GIL-free now, 34%).
 
 Start-up: Faust's group join on Tansu (~1 s with the short session below) overlaps the
 load of the model stack on a thread (imports, restore, numba's kernel cache), started by

@@ -33,9 +33,10 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
 
     With the default, the learner, snapshot and Kafka threads each grow an arena of
     their own, and freed blocks scattered across them are not returned: in a 5-minute
-    soak at 15,000 events/s the worker's RSS crept up by ~4 MiB/min, and with two
-    arenas it stayed flat (``bench_worker.py --soak``).  Must run before the threads
-    start; an explicit ``MALLOC_ARENA_MAX`` wins, and other C libraries are left alone.
+    soak at 15,000 events/s (``bench_worker.py --soak``) the worker's RSS crept up by
+    ~4 MiB/min; with two arenas one soak ended where it began, later ones still crept
+    by ~2-4 MiB/min (README, Performance).  Must run before the threads start; an
+    explicit ``MALLOC_ARENA_MAX`` wins, and other C libraries are left alone.
     """
     if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
         return False

@@ -18,6 +18,7 @@ import math
 import numpy as np
 from numba import njit
 
+from streamlearn.features import csr_assemble
 from streamlearn.kernels.cpu import (
     fm_learn_csr,
     fm_predict_csr,
@@ -40,27 +41,6 @@ def sigmoid_into(m, out):  # pragma: no cover - compiled
     for i in range(m.shape[0]):
         x = min(max(np.float64(m[i]), -50.0), 50.0)
         out[i] = 1.0 / (1.0 + math.exp(-x))
-
-
-@njit(cache=True, inline="always")
-def _csr(z, hashed):  # pragma: no cover - compiled
-    """``features.csr_rows``: numeric slots ``0..d-1`` first, then the hashed ones."""
-    n, d = z.shape
-    width = d + hashed.shape[1]
-    indptr = np.empty(n + 1, dtype=np.int64)
-    indices = np.empty(n * width, dtype=np.int32)
-    values = np.empty(n * width, dtype=np.float32)
-    for r in range(n):
-        indptr[r] = r * width
-        base = r * width
-        for j in range(d):
-            indices[base + j] = j
-            values[base + j] = z[r, j]
-        for j in range(hashed.shape[1]):
-            indices[base + d + j] = hashed[r, j]
-            values[base + d + j] = 1.0
-    indptr[n] = n * width
-    return indptr, indices, values
 
 
 @njit(cache=True, nogil=True)
@@ -104,14 +84,14 @@ def prequential_chunks(  # pragma: no cover - compiled
                 total = linear_learn_dense(zl, y, w, s1, s2, loss, opt, hyper, step)
         else:
             hc = hashed[lo:hi]
-            indptr, indices, values = _csr(z, hc)
+            indptr, indices, values = csr_assemble(z, hc)
             if kind == KIND_FM:
                 fm_predict_csr(indptr, indices, values, w, V, margins)
             else:
                 linear_predict_csr(indptr, indices, values, w, margins)
             if n_lab:
                 if n_lab < k:
-                    indptr, indices, values = _csr(z[keep], hc[keep])
+                    indptr, indices, values = csr_assemble(z[keep], hc[keep])
                 if kind == KIND_FM:
                     total = fm_learn_csr(indptr, indices, values, y, w, V, s1, s2, s1v, s2v,
                                          loss, opt, hyper, step, grad, gv)
