@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -110,8 +111,23 @@ async def _drive(
     await producer
 
 
-def run(settings: Settings, *, rate: float = 3000.0, duration: float | None = None) -> int:
-    """Start everything, print where to look, stream status until Ctrl-C or ``duration``."""
+def child_env(config: Path | None, bootstrap: str, embedded: bool) -> dict[str, str]:
+    """Environment of every process the demo starts: the same config file (absolute, so a
+    ``-c FILE`` given relative to any directory reaches them) and the same broker."""
+    env = {**os.environ, "STREAMLEARN_KAFKA__BOOTSTRAP": bootstrap}
+    if config is not None:
+        env["STREAMLEARN_CONFIG"] = str(Path(config).resolve())
+    if embedded:
+        env["STREAMLEARN_KAFKA__FAST_JOIN"] = "true"
+    return env
+
+
+def run(settings: Settings, *, rate: float = 3000.0, duration: float | None = None,
+        config: Path | None = None) -> int:
+    """Start everything, print where to look, stream status until Ctrl-C or ``duration``.
+
+    ``config`` is the file ``settings`` came from; the worker and API read it too.
+    """
     if not settings.specs:
         print("the demo needs at least one [[model]] in the config", file=sys.stderr)
         return 2
@@ -120,9 +136,7 @@ def run(settings: Settings, *, rate: float = 3000.0, duration: float | None = No
     if not bootstrap:
         broker = EmbeddedBroker(port=settings.kafka.embedded_port).start()
         bootstrap = broker.bootstrap
-    env = {**os.environ, "STREAMLEARN_KAFKA__BOOTSTRAP": bootstrap}
-    if broker is not None:
-        env["STREAMLEARN_KAFKA__FAST_JOIN"] = "true"
+    env = child_env(config, bootstrap, broker is not None)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         procs.append(_spawn("worker", env))

@@ -8,12 +8,26 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
-from streamlearn.settings import SettingsError, load_settings
+from streamlearn.settings import DEFAULT_CONFIG, SettingsError, load_settings
 
 
 def _settings(args: argparse.Namespace):  # noqa: ANN202 - Settings, imported lazily
     return load_settings(args.config)
+
+
+def config_path(args: argparse.Namespace) -> Path:
+    """The config file this command reads, absolute (it may not exist)."""
+    return Path(args.config or os.environ.get("STREAMLEARN_CONFIG") or DEFAULT_CONFIG).resolve()
+
+
+def _no_models(args: argparse.Namespace, command: str) -> str:
+    path = config_path(args)
+    found = "" if path.exists() else " (no such file)"
+    return (f"streamlearn {command}: no [[model]] configured; read config {path}{found} "
+            "and STREAMLEARN_* environment variables. Pass -c FILE or set STREAMLEARN_CONFIG "
+            "to a file with at least one [[model]] table.")
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -41,7 +55,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """Run the Faust worker."""
     from streamlearn.services.worker.main import run
 
-    return run(_settings(args))
+    settings = _settings(args)
+    if not settings.specs:  # a worker without models would consume nothing, silently
+        print(_no_models(args, "worker"), file=sys.stderr)
+        return 2
+    return run(settings)
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -77,7 +95,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Broker, worker, API and producer in one command."""
     from streamlearn.services.demo import run
 
-    return run(_settings(args), rate=args.rate, duration=args.duration)
+    settings = _settings(args)
+    if not settings.specs:
+        print(_no_models(args, "demo"), file=sys.stderr)
+        return 2
+    path = config_path(args)
+    return run(settings, rate=args.rate, duration=args.duration,
+               config=path if path.exists() else None)
 
 
 def build_parser() -> argparse.ArgumentParser:

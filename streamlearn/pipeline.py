@@ -28,6 +28,8 @@ Where the time goes, and why the code looks like this:
 from __future__ import annotations
 
 import base64
+import hashlib
+import math
 import time
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
@@ -72,22 +74,105 @@ class Block(NamedTuple):
         return Record(self.values[i], self.topic, self.partition, self.offsets[i])
 
 
+#: Original bytes copied into a dead-letter record; a longer message is truncated there
+#: (its size and SHA-256 say what it was), so that a record stays under the producer's
+#: 16 MiB request limit whatever arrived (base64 adds a third).
+DEADLETTER_MAX_VALUE_BYTES = 1024 * 1024
+#: Longest reason kept in a dead-letter record.
+DEADLETTER_MAX_REASON = 1000
+#: Event ids: JSON scalars only (orjson cannot write ids nested 255+ levels deep, so a
+#: nested id used to be learned and then kill the worker when its prediction was sent).
+ID_TYPES = frozenset({str, int, float, type(None)})
+MAX_ID_CHARS = 256
+_INT_RANGE = (-(2**63), 2**64 - 1)  # what orjson can write
+
+
 class DeadLetter(NamedTuple):
     """A rejected message and why."""
 
     record: Record
     reason: str
 
-    def encode(self, model: str) -> bytes:
-        """JSON envelope that keeps the original bytes exactly (base64)."""
-        value = self.record.value or b""
+    def encode(self, model: str, max_value: int = DEADLETTER_MAX_VALUE_BYTES) -> bytes:
+        """JSON envelope: the original bytes (base64), whole unless over ``max_value``.
+
+        ``value_b64`` is null for a tombstone (a null Kafka value); ``size`` and
+        ``sha256`` describe the original message, ``truncated`` says whether
+        ``value_b64`` holds only its first ``max_value`` bytes.
+
+        Examples
+        --------
+        >>> rec = DeadLetter(Record(b"x" * 10, "t", 2, 7), "bad").encode("m", max_value=4)
+        >>> d = orjson.loads(rec)
+        >>> d["size"], d["truncated"], base64.b64decode(d["value_b64"]), d["source"]["partition"]
+        (10, True, b'xxxx', 2)
+        >>> orjson.loads(DeadLetter(Record(None, "t", 0, 1), "tombstone").encode("m"))["value_b64"]
+        """
+        value = self.record.value
+        size = len(value) if value is not None else 0
+        kept = value if value is None or size <= max_value else value[:max_value]
+        reason = self.reason
+        if len(reason) > DEADLETTER_MAX_REASON:
+            reason = reason[:DEADLETTER_MAX_REASON] + "..."
         return orjson.dumps({
             "model": model,
-            "reason": self.reason,
+            "reason": reason,
             "source": {"topic": self.record.topic, "partition": self.record.partition,
                        "offset": self.record.offset},
-            "value_b64": base64.b64encode(value).decode(),
+            "value_b64": None if kept is None else base64.b64encode(kept).decode(),
+            "size": size,
+            "truncated": kept is not value,
+            "sha256": None if value is None else hashlib.sha256(value).hexdigest(),
         })
+
+
+def id_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be an event id, or None when it can.
+
+    Examples
+    --------
+    >>> id_problem("tx-1"), id_problem(7), id_problem(None)
+    (None, None, None)
+    >>> id_problem([1]), id_problem("x" * 300)
+    ('event id must be a string, number or null, got list', 'event id longer than 256 characters')
+    """
+    kind = type(value)
+    if kind not in ID_TYPES:
+        return f"event id must be a string, number or null, got {kind.__name__}"
+    if kind is str and len(value) > MAX_ID_CHARS:
+        return f"event id longer than {MAX_ID_CHARS} characters"
+    if kind is int and not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
+        return "event id is an integer outside 64 bits"
+    if kind is float and not math.isfinite(value):
+        return "event id must be finite"
+    return None
+
+
+def bad_ids(ids: Sequence[Any] | np.ndarray) -> list[tuple[int, str]]:
+    """``(row, reason)`` for each unusable id; one set check when all are plain.
+
+    Examples
+    --------
+    >>> bad_ids([1, "a", None])
+    []
+    >>> bad_ids([1, {"x": 1}, "y" * 999])  # doctest: +NORMALIZE_WHITESPACE
+    [(1, 'event id must be a string, number or null, got dict'),
+     (2, 'event id longer than 256 characters')]
+    """
+    if isinstance(ids, np.ndarray):
+        return [] if ids.dtype.kind in "iu" else [(0, f"event ids of dtype {ids.dtype}")]
+    types = set(map(type, ids))
+    if types <= {int, type(None)} and (int not in types or _ints_fit(ids)):
+        return []
+    if types <= {str, type(None)} and (
+            str not in types or max(len(i) for i in ids if i is not None) <= MAX_ID_CHARS):
+        return []
+    return [(i, why) for i, v in enumerate(ids) if (why := id_problem(v)) is not None]
+
+
+def _ints_fit(ids: Sequence[Any]) -> bool:
+    ints = [i for i in ids if i is not None]
+    return _INT_RANGE[0] <= min(ints) and max(ints) <= _INT_RANGE[1]
 
 
 @dataclass
@@ -268,6 +353,9 @@ def _decode_slow(
     rejects: list[tuple[int, str]] = []
     loads = orjson.loads
     for i, v in enumerate(values):
+        if v is None:
+            rejects.append((i, "tombstone: null message value"))
+            continue
         if not v:
             rejects.append((i, "empty message"))
             continue
@@ -353,6 +441,7 @@ class ModelRunner:
             return
         self.telemetry.consumed += len(values)
         batch, rejects = self.json.decode(values)
+        batch, rejects = _drop_bad_ids(batch, rejects, len(values))
         if rejects:
             starts = [start for start, _ in sources]
             for i, reason in rejects:
@@ -368,6 +457,12 @@ class ModelRunner:
         except BatchFormatError as exc:
             self.telemetry.consumed += 1
             out.dead.append(DeadLetter(block.record(i), f"bad batch record: {exc}"))
+            return
+        bad = bad_ids(batch.ids)
+        if bad:  # rejected whole, like any other schema break
+            self.telemetry.consumed += 1
+            row, why = bad[0]
+            out.dead.append(DeadLetter(block.record(i), f"bad batch record: row {row}: {why}"))
             return
         self.telemetry.consumed += len(batch)
         self._process(batch, out, as_batch=True)
@@ -415,6 +510,24 @@ class ModelRunner:
         state["replica"] = replica
         state["telemetry"] = self.telemetry.to_dict()
         return state
+
+
+def _drop_bad_ids(batch: FeatureBatch, rejects: list[tuple[int, str]],
+                  n: int) -> tuple[FeatureBatch, list[tuple[int, str]]]:
+    """Move events whose id cannot be written to the rejects, before anything learns them.
+
+    ``rejects`` index the ``n`` decoded values; the batch holds the others, in order.
+    """
+    bad = bad_ids(batch.ids)
+    if not bad:
+        return batch, rejects
+    rejected = {i for i, _ in rejects}
+    source = [i for i in range(n) if i not in rejected]  # batch row -> value index
+    keep = np.ones(len(batch), dtype=bool)
+    for row, _ in bad:
+        keep[row] = False
+    kept = batch.take(keep)
+    return kept, rejects + [(source[row], why) for row, why in bad]
 
 
 def _blocks(records: Sequence[Record]) -> list[Block]:

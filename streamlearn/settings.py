@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -43,6 +52,71 @@ class KafkaSettings(_Section):
     # Short consumer-group timeouts. None means: on for the embedded broker only.
     # Set true for a worker pointed at a Tansu started elsewhere (the demo does).
     fast_join: bool | None = None
+    # Security: one set of settings for every Kafka client (worker, producer, API feed).
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_username: str = ""
+    sasl_password: SecretStr = SecretStr("")
+    ssl_cafile: str = Field("", description="CA bundle (PEM); empty: the system's CAs")
+    ssl_certfile: str = Field("", description="client certificate (PEM), for mutual TLS")
+    ssl_keyfile: str = ""
+    ssl_key_password: SecretStr = SecretStr("")
+    ssl_check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _security_complete(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and not self.sasl_username:
+            raise ValueError(f"security_protocol {self.security_protocol} needs sasl_username "
+                             "and sasl_password")
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ValueError("ssl_keyfile needs ssl_certfile")
+        return self
+
+    @property
+    def uses_ssl(self) -> bool:
+        """Whether connections are TLS."""
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for the configured files (None without TLS).
+
+        Examples
+        --------
+        >>> KafkaSettings().ssl_context() is None
+        True
+        >>> ctx = KafkaSettings(security_protocol="SSL", ssl_check_hostname=False).ssl_context()
+        >>> ctx.verify_mode, ctx.check_hostname
+        (<VerifyMode.CERT_REQUIRED: 2>, False)
+        """
+        if not self.uses_ssl:
+            return None
+        context = ssl.create_default_context(cafile=self.ssl_cafile or None)
+        context.check_hostname = self.ssl_check_hostname
+        if self.ssl_certfile:
+            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile or None,
+                                    self.ssl_key_password.get_secret_value() or None)
+        return context
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Security keyword arguments for any aiokafka client (consumer, producer, admin).
+
+        Examples
+        --------
+        >>> KafkaSettings().client_kwargs()
+        {'security_protocol': 'PLAINTEXT'}
+        >>> kw = KafkaSettings(security_protocol="SASL_PLAINTEXT", sasl_mechanism="SCRAM-SHA-256",
+        ...                    sasl_username="u", sasl_password="p").client_kwargs()
+        >>> kw["sasl_mechanism"], kw["sasl_plain_username"], kw["sasl_plain_password"]
+        ('SCRAM-SHA-256', 'u', 'p')
+        """
+        kwargs: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.uses_ssl:
+            kwargs["ssl_context"] = self.ssl_context()
+        if self.security_protocol.startswith("SASL"):
+            kwargs["sasl_mechanism"] = self.sasl_mechanism
+            kwargs["sasl_plain_username"] = self.sasl_username
+            kwargs["sasl_plain_password"] = self.sasl_password.get_secret_value()
+        return kwargs
 
 
 class WorkerSettings(_Section):
@@ -58,6 +132,12 @@ class WorkerSettings(_Section):
     heartbeat_interval_s: float | None = Field(None, gt=0)
     emit_predictions: bool = True
     log_level: str = "WARNING"
+    # A local checkpoint failing this long stops the worker (nothing is committed meanwhile).
+    checkpoint_failure_exit_s: float = Field(60.0, gt=0)
+    # Input held until its checkpoint; past this, the worker stops consuming (back-pressure).
+    max_unacked_mb: float = Field(256.0, gt=0)
+    # At start, read the models topic for a snapshot newer than the local checkpoint.
+    restore_from_topic: bool = True
 
 
 class ApiSettings(_Section):
@@ -81,7 +161,7 @@ class ModelSettings(_Section):
     categorical: list[str] = []
     hash_bits: int = Field(18, ge=1, le=26)
     optimizer: Literal["sgd", "adagrad", "ftrl"] = "adagrad"
-    learning_rate: float = Field(0.05, gt=0)
+    learning_rate: float | None = Field(None, gt=0)
     l1: float = Field(0.0, ge=0)
     l2: float = Field(1e-6, ge=0)
     power_t: float = Field(0.25, ge=0)
@@ -154,6 +234,39 @@ class Settings(BaseSettings):
         return not self.kafka.bootstrap
 
 
+#: Key names whose values are never printed (passwords, keys, tokens, credentials).
+_SECRET_WORDS = ("password", "secret", "token", "credential", "key")
+
+
+def _secret_key(name: object) -> bool:
+    return any(word in str(name).lower() for word in _SECRET_WORDS)
+
+
+def _shown(loc: tuple[Any, ...], value: Any) -> str:
+    """``repr`` of an offending input, with secret values masked wherever they sit.
+
+    Examples
+    --------
+    >>> _shown(("kafka", "sasl_password"), "hunter2")
+    "'***'"
+    >>> _shown(("kafka",), {"bootstrap": "b:9092", "sasl_password": "hunter2"})
+    "{'bootstrap': 'b:9092', 'sasl_password': '***'}"
+    """
+    if loc and _secret_key(loc[-1]):
+        return "'***'"
+    return repr(_masked(value))
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: "***" if _secret_key(k) else _masked(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_masked(v) for v in value)
+    if isinstance(value, SecretStr):
+        return "***"
+    return value
+
+
 def load_settings(config: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
     """Build settings, turning validation errors into one message per offending key.
 
@@ -181,7 +294,9 @@ def load_settings(config: str | os.PathLike[str] | None = None, **overrides: Any
         lines = []
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
-            got = f" (got {err['input']!r})" if "input" in err and err["type"] != "missing" else ""
+            # An unknown key may be a misspelled secret: its value is never shown.
+            got = (f" (got {_shown(err['loc'], err['input'])})" if "input" in err
+                   and err["type"] not in ("missing", "extra_forbidden") else "")
             lines.append(f"  {loc}: {err['msg']}{got}")
         raise SettingsError("invalid configuration:\n" + "\n".join(lines)) from None
     except ValueError as exc:

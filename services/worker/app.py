@@ -102,6 +102,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import faust
+from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from faust.tables.manager import TableManager
 from faust.transport.utils import DefaultSchedulingStrategy
@@ -110,13 +111,17 @@ from faust.types import TP, EventT
 from streamlearn import snapshots
 from streamlearn.config import ModelSpec
 from streamlearn.drift.concept import defer_detector_import, load_detectors_in_background
-from streamlearn.services.worker.outputs import Outputs, declare_topics
+from streamlearn.logs import RateLimitedLog
+from streamlearn.services.worker.outputs import Backoff, Outputs, declare_topics
 from streamlearn.settings import Settings
 
 if TYPE_CHECKING:  # the model stack (numba kernels) loads on a thread while Faust starts
     from streamlearn.pipeline import Block, ModelRunner, Outcome
 
 log = logging.getLogger("streamlearn.worker")
+#: Repeated conditions (dead letters, an outage, a failing checkpoint): one line per key
+#: per interval, with the count of the lines it stood for.
+limited = RateLimitedLog(log, interval_s=10.0)
 
 #: Most records and bytes one bundle carries: bounds the work behind one ack.
 BUNDLE_MAX_RECORDS = 4096
@@ -242,7 +247,24 @@ def faust_settings(settings: Settings, bootstrap: str) -> dict[str, Any]:
         opts["broker_rebalance_timeout"] = session * 2
     if heartbeat:
         opts["broker_heartbeat_interval"] = heartbeat
+    credentials = faust_credentials(settings)
+    if credentials is not None:
+        opts["broker_credentials"] = credentials
     return opts
+
+
+def faust_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
+    """Faust's form of ``kafka.security_protocol`` and friends (None: plaintext)."""
+    k = settings.kafka
+    if k.security_protocol == "PLAINTEXT":
+        return None
+    context = k.ssl_context()
+    if k.security_protocol.startswith("SASL"):
+        creds = faust.SASLCredentials(
+            username=k.sasl_username, password=k.sasl_password.get_secret_value(),
+            ssl_context=context, mechanism=k.sasl_mechanism)
+        return creds
+    return faust.SSLCredentials(context)
 
 
 def snapshot_path(snapshot_dir: str, model: str, replica: str) -> Path:
@@ -294,6 +316,21 @@ def as_block(event: EventT) -> Block:
     return Block(msg.topic, msg.partition, [msg.offset], [value])
 
 
+class Unreleased(NamedTuple):
+    """A learned job waiting for its checkpoint and the delivery of its outputs."""
+
+    seq: int
+    job: list[tuple[EventT, Block]]
+    out: Outcome
+    futures: list[asyncio.Future[Any]]
+    nbytes: int
+
+
+def _nbytes(event: EventT) -> int:
+    value = event.value
+    return value.nbytes if isinstance(value, Bundle) else len(value or b"")
+
+
 class Feeder:
     """Mini-batches of bundles, learned in order on one thread, acked once checkpointed.
 
@@ -323,8 +360,14 @@ class Feeder:
         self.idle.set()
         self.learned_seq = 0  # jobs in the model; written and read on the learner thread
         self.checkpointed_seq = 0  # jobs covered by the newest saved snapshot
-        self.unreleased: collections.deque[tuple[int, list[tuple[EventT, Block]]]] = (
-            collections.deque())
+        # Learned jobs whose outputs are queued, waiting for a checkpoint to be acked.
+        self.unreleased: collections.deque[Unreleased] = collections.deque()
+        self._release_lock = asyncio.Lock()
+        # Input bytes consumed but not yet acked: bounded, so that a checkpoint that keeps
+        # failing (or an outage) stops consumption instead of growing memory.
+        self.held_bytes = 0
+        self.max_held_bytes = int(runtime.settings.worker.max_unacked_mb * 1024 * 1024)
+        self._released = asyncio.Event()
 
     async def add(self, event: EventT) -> None:
         """Buffer one Faust event; hand a job to the learner when the batch is full."""
@@ -334,11 +377,17 @@ class Feeder:
         telemetry = self.runner.telemetry
         if not telemetry.first_at:  # consumed now; learned once its mini-batch fills
             telemetry.first_at = time.time()
+        nbytes = value.nbytes if isinstance(value, Bundle) else len(value or b"")
+        while self.held_bytes >= self.max_held_bytes and (self.unreleased or self.in_flight):
+            # Back-pressure: Faust stops fetching while this agent waits.
+            self._released.clear()
+            await self._released.wait()
         if not self.pending:
             self.pending_since = time.monotonic()
         self.pending.append((event, block))
         self.pending_msgs += len(block.values)
-        self.pending_bytes += value.nbytes if isinstance(value, Bundle) else len(value or b"")
+        self.pending_bytes += nbytes
+        self.held_bytes += nbytes
         if self.pending_msgs >= self.spec.batch_size or self.pending_bytes >= FLUSH_BYTES:
             await self.flush()
 
@@ -392,27 +441,62 @@ class Feeder:
         """Send a learned job's outputs; its acks wait for a checkpoint (``release``)."""
         while True:
             seq, job, out = await self.learned.get()
-            try:
-                await self.runtime.send_outcome(self.spec, out)
-            except Exception:  # noqa: BLE001 - outputs lost: do not commit past them
-                log.exception("sending the outputs of %d messages failed", len(job))
-                await self.runtime.app.crash(RuntimeError(f"outputs of {self.spec.name} failed"))
-                return
-            self.unreleased.append((seq, job))
+            futures = await self._send(out)
+            nbytes = sum(_nbytes(event) for event, _ in job)
+            self.unreleased.append(Unreleased(seq, job, out, futures, nbytes))
             await self.release()
             self.in_flight -= 1
             if not self.in_flight and not self.pending:
                 self.idle.set()
 
+    async def _send(self, out: Outcome) -> list[asyncio.Future[Any]]:
+        """Queue a job's outputs, retrying with jittered back-off while the broker is away."""
+        backoff = Backoff()
+        while True:
+            try:
+                futures = await self.runtime.send_outcome(self.spec, out)
+            except KafkaError as exc:
+                self.runtime.output_failed(exc)
+                await asyncio.sleep(backoff.next())
+                continue
+            return futures
+
+    async def _delivered(self, entry: Unreleased) -> None:
+        """Wait until the broker has acknowledged every output of ``entry``.
+
+        A failed delivery sends the job's outputs again (at least once: some records
+        may then appear twice on the output topics, none is missing).
+        """
+        backoff = Backoff()
+        while True:
+            results = await asyncio.gather(*entry.futures, return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if not errors:
+                if backoff.failures:
+                    self.runtime.output_recovered()
+                return
+            self.runtime.output_failed(errors[0])
+            await asyncio.sleep(backoff.next())
+            entry.futures[:] = await self._send(entry.out)
+
     async def release(self, checkpointed: int | None = None) -> None:
-        """Ack and commit, in order, every job that a saved snapshot includes."""
+        """Ack and commit, in order, every job that a saved snapshot includes.
+
+        A job is acked only once its prediction records and dead letters are on the
+        broker, so a committed input offset never lacks its outputs.
+        """
         if checkpointed is not None:
             self.checkpointed_seq = max(self.checkpointed_seq, checkpointed)
-        while self.unreleased and self.unreleased[0][0] <= self.checkpointed_seq:
-            _, job = self.unreleased.popleft()
-            for event, _ in job:
-                event.ack()
-            await self.runtime.commit(self.spec.topic, len(job))
+        async with self._release_lock:
+            while self.unreleased and self.unreleased[0].seq <= self.checkpointed_seq:
+                entry = self.unreleased[0]
+                await self._delivered(entry)
+                self.unreleased.popleft()
+                for event, _ in entry.job:
+                    event.ack()
+                self.held_bytes -= entry.nbytes
+                self._released.set()
+                await self.runtime.commit(self.spec.topic, len(entry.job))
 
     async def state(self, replica: str) -> tuple[dict[str, Any], int]:
         """A snapshot state captured on the learner thread, with the jobs it includes."""
@@ -424,14 +508,21 @@ class Feeder:
         return await loop.run_in_executor(self.executor, capture)
 
 
+class CheckpointFailure(RuntimeError):
+    """Local checkpoints failed for longer than ``worker.checkpoint_failure_exit_s``."""
+
+
 class WorkerRuntime:
     """Runners, topics and snapshot publishing for one worker process."""
+
+    #: Process exit code requested by the runtime (0: none); ``main.run`` returns it.
+    exit_code = 0
 
     def __init__(self, app: faust.App, settings: Settings, bootstrap: str) -> None:
         self.app = app
         self.settings = settings
         self.bootstrap = bootstrap
-        self.outputs = Outputs(bootstrap)
+        self.outputs = Outputs(bootstrap, settings.kafka.client_kwargs())
         self.ready = asyncio.Event()
         self.replica = settings.worker.replica_id
         self.runners: dict[str, ModelRunner] = {}
@@ -440,6 +531,11 @@ class WorkerRuntime:
         self._snapshot_lock = asyncio.Lock()
         self._snapshot_task: asyncio.Future[int] | None = None
         self.loop_lag_max = 0.0
+        # Health, shipped in each snapshot's ``worker`` entry and logged (rate-limited).
+        self.output_failures = 0
+        self.outage_since: float | None = None
+        self.checkpoint_failures = 0
+        self.checkpoint_failing_since: float | None = None
         self._drift_import_started = False
         self._loading: concurrent.futures.Future[dict[str, ModelRunner]] | None = None
         for spec in settings.specs:
@@ -511,7 +607,8 @@ class WorkerRuntime:
                                               f"{DRIFT_IMPORT_DELAY_S:.0f} s after start")
         runners, _, _ = await asyncio.gather(
             asyncio.wrap_future(self._loading),
-            declare_topics(self.bootstrap, self.topic_configs(), self.settings.kafka.partitions),
+            declare_topics(self.bootstrap, self.topic_configs(), self.settings.kafka.partitions,
+                           self.settings.kafka.client_kwargs()),
             self.outputs.start(),  # the producer finds the topics' metadata when it sends
         )
         for spec in self.settings.specs:
@@ -567,7 +664,10 @@ class WorkerRuntime:
                         "uncommitted and will be read again", SHUTDOWN_DRAIN_S)
         if self._snapshot_task is not None:
             await asyncio.wait([self._snapshot_task], timeout=SHUTDOWN_DRAIN_S)
-        await self.publish_snapshots()
+        try:  # bounded: the broker may be gone
+            await asyncio.wait_for(self.publish_snapshots(), timeout=SHUTDOWN_DRAIN_S)
+        except TimeoutError:
+            log.warning("shutdown: last snapshot not published within %.0f s", SHUTDOWN_DRAIN_S)
         await self.outputs.stop()
 
     def _register_agent(self, spec: ModelSpec) -> None:
@@ -593,14 +693,71 @@ class WorkerRuntime:
             if not await self.app.commit({topic}):
                 break
 
-    async def send_outcome(self, spec: ModelSpec, out: Outcome) -> None:
-        """Predictions, then dead letters, of one learned job."""
-        await self.outputs.send_many(f"{spec.name}.predictions", out.predictions)
+    async def send_outcome(self, spec: ModelSpec, out: Outcome) -> list[asyncio.Future[Any]]:
+        """Queue predictions, then dead letters, of one learned job; their delivery futures."""
+        futures = await self.outputs.send_many(f"{spec.name}.predictions", out.predictions)
         deadletter = self.settings.kafka.deadletter_topic
         for dead in out.dead:
-            log.warning("dead-lettered %s offset %d: %s",
-                        dead.record.topic, dead.record.offset, dead.reason)
-            await self.outputs.send(deadletter, spec.name.encode(), dead.encode(spec.name))
+            rec = dead.record
+            limited.warning(("deadletter", spec.name, dead.reason[:40]),
+                            "dead-lettered %s partition %d offset %d: %s", rec.topic,
+                            rec.partition, rec.offset, dead.reason[:200], model=spec.name,
+                            topic=rec.topic, partition=rec.partition, offset=rec.offset)
+            futures.append(await self.outputs.send(deadletter, spec.name.encode(),
+                                                   dead.encode(spec.name)))
+        return futures
+
+    def output_failed(self, exc: BaseException) -> None:
+        """Count a failed send or delivery; one log line per interval while it lasts."""
+        self.output_failures += 1
+        if self.outage_since is None:
+            self.outage_since = time.monotonic()
+        limited.warning("outputs", "broker unavailable for outputs for %.1f s (%s: %s); "
+                        "retrying with back-off, input not acked meanwhile",
+                        time.monotonic() - self.outage_since, type(exc).__name__, exc,
+                        failures=self.output_failures)
+
+    def output_recovered(self) -> None:
+        """The broker acknowledged outputs again after failures."""
+        if self.outage_since is not None:
+            log.warning("outputs recovered after %.1f s", time.monotonic() - self.outage_since)
+            self.outage_since = None
+            limited.reset("outputs")
+
+    def health(self) -> dict[str, Any]:
+        """The ``worker`` entry of a snapshot: loop lag, output and checkpoint failures."""
+        now = time.monotonic()
+        return {
+            "loop_lag_max_ms": round(self.loop_lag_max * 1000, 2),
+            "output_failures": self.output_failures,
+            "outage_s": 0.0 if self.outage_since is None else round(now - self.outage_since, 1),
+            "checkpoint_failures": self.checkpoint_failures,
+        }
+
+    def checkpoint_failed(self, name: str, exc: BaseException) -> None:
+        """Log a failed local checkpoint; past ``checkpoint_failure_exit_s``, stop the worker.
+
+        Without checkpoints nothing is acked or committed, so running on would learn
+        unprotected (and hold every unacked event): exiting lets a supervisor restart
+        the worker, or a person fix the snapshot directory.
+        """
+        now = time.monotonic()
+        self.checkpoint_failures += 1
+        if self.checkpoint_failing_since is None:
+            self.checkpoint_failing_since = now
+        failing = now - self.checkpoint_failing_since
+        limit = self.settings.worker.checkpoint_failure_exit_s
+        limited.error(("checkpoint", name), "checkpoint of %s to %s failing for %.1f s (%s: "
+                      "%s); nothing is committed meanwhile; the worker exits after %.0f s",
+                      name, self.settings.worker.snapshot_dir, failing, type(exc).__name__,
+                      exc, limit, failures=self.checkpoint_failures)
+        if failing >= limit and not self.app.should_stop:
+            log.critical("checkpoints of %s failed for %.1f s (limit "
+                         "worker.checkpoint_failure_exit_s = %.0f s): exiting", name, failing,
+                         limit)
+            self.exit_code = 3
+            asyncio.ensure_future(self.app.crash(CheckpointFailure(
+                f"checkpoints of {name} failing for {failing:.0f} s: {exc}")))
 
     async def publish_snapshots(self, *, force: bool = False) -> int:
         """Publish and checkpoint each model whose weights or counters moved since last time.
@@ -616,13 +773,25 @@ class WorkerRuntime:
                     continue
                 feeder = self.feeders[name]
                 state, covered = await feeder.state(self.replica)
-                state["worker"] = {"loop_lag_max_ms": round(self.loop_lag_max * 1000, 2)}
+                state["worker"] = self.health()
                 self.loop_lag_max = 0.0
                 payload = await asyncio.to_thread(snapshots.encode, state)
-                key = f"{name}/{self.replica}".encode()
-                await self.outputs.send(self.settings.kafka.models_topic, key, payload)
                 path = snapshot_path(self.settings.worker.snapshot_dir, name, self.replica)
-                await asyncio.to_thread(snapshots.save, path, payload)
+                try:  # the local checkpoint is what a restart restores: it comes first
+                    await asyncio.to_thread(snapshots.save, path, payload)
+                except OSError as exc:
+                    self.checkpoint_failed(name, exc)
+                    continue
+                if self.checkpoint_failing_since is not None:
+                    log.warning("checkpoint of %s to %s works again", name, path)
+                    self.checkpoint_failing_since = None
+                    limited.reset(("checkpoint", name))
+                key = f"{name}/{self.replica}".encode()
+                try:  # for the API; a broker outage must not stop local checkpoints
+                    await self.outputs.send(self.settings.kafka.models_topic, key, payload)
+                except KafkaError as exc:
+                    self.output_failed(exc)
+                    continue
                 await feeder.release(covered)  # only now may Kafka forget these events
                 self._published[name] = (int(state["version"]), state["telemetry"]["messages"])
                 sent += 1

@@ -9,6 +9,7 @@ import os
 import sys
 
 from streamlearn.broker import EmbeddedBroker
+from streamlearn.logs import NOISY_KAFKA_LOGGERS, limit_loggers
 from streamlearn.settings import Settings
 
 
@@ -55,6 +56,9 @@ def run(settings: Settings) -> int:
     from streamlearn.services.worker.app import build_app
 
     limit_malloc_arenas()
+    if not settings.specs:
+        print("streamlearn worker: no [[model]] configured: nothing to consume", file=sys.stderr)
+        return 2
     broker = None
     bootstrap = settings.kafka.bootstrap
     if not bootstrap:
@@ -70,11 +74,15 @@ def run(settings: Settings) -> int:
     worker = Worker(app, loglevel=settings.worker.log_level, quiet=True, redirect_stdouts=False)
     logging.getLogger("streamlearn").setLevel(settings.worker.log_level)
     _quiet_debug_logging(settings.worker.log_level)
+    # A broker outage makes aiokafka and Faust log every retry (~78 lines/s measured):
+    # one line per message template per 30 s, with a count of the ones it stands for.
+    limit_loggers((*NOISY_KAFKA_LOGGERS, "faust"), interval_s=30.0)
+    code = 0
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:
-        return int(exc.code or 0)
+        code = int(exc.code or 0)
     finally:
         if broker is not None:
             broker.stop()
-    return 0
+    return runtime.exit_code or code

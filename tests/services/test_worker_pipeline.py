@@ -21,6 +21,7 @@ from streamlearn.config import ModelSpec
 from streamlearn.models import OnlineModel
 from streamlearn.pipeline import Block, JsonDecoder, ModelRunner
 from streamlearn.services.worker.app import Bundle, Feeder, as_block, bundling_scheduler
+from streamlearn.settings import load_settings
 from streamlearn.synthetic import FraudStream
 
 
@@ -203,9 +204,13 @@ class _Runtime:
     def __init__(self) -> None:
         self.sent: list[Any] = []
         self.commits: list[tuple[str, int]] = []
+        self.settings = load_settings(model=[])
 
-    async def send_outcome(self, spec: ModelSpec, out: Any) -> None:
+    async def send_outcome(self, spec: ModelSpec, out: Any) -> list[asyncio.Future[Any]]:
         self.sent.append(out)
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return [done]
 
     async def commit(self, topic: str, bundles: int) -> None:
         self.commits.append((topic, bundles))
