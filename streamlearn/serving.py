@@ -6,11 +6,22 @@ to :meth:`ModelStore.offer`; request handlers read :meth:`ModelStore.get`.
 A served model is immutable once published.  An offer builds the replacement
 completely, then swaps one reference, so a reader holding a :class:`Served`
 keeps a consistent model, version and metadata even while a newer one lands.
+
+Snapshots are untrusted input.  A :class:`SnapshotPolicy` says what is accepted:
+an HMAC signature (required whenever a key is set), the model specs this
+process is configured for (a snapshot must carry exactly that spec), and size
+bounds derived from the spec, checked before anything is decompressed or
+allocated.  Every refused snapshot is counted by reason
+(``StoreStats.rejected_by_reason``) and logged at most once a minute per
+reason; nothing a record contains can make :meth:`ModelStore.offer` raise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
+import re
 import threading
 import time
 import zlib
@@ -22,12 +33,19 @@ from typing import Any
 import numpy as np
 
 from streamlearn import snapshots
+from streamlearn.config import ModelSpec
+from streamlearn.logs import RateLimitedLog
 from streamlearn.models import OnlineModel, StateError
 from streamlearn.scaler import RunningStandardScaler
 
 log = logging.getLogger(__name__)
 
+_reject_log = RateLimitedLog(log, interval_s=60.0)
+
 _COUNTERS = ("consumed", "scored", "learned", "deadlettered")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+_REPLICA = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, no spaces
+_MAX_COUNT = 2**53  # counters and versions beyond this are not from a real stream
 _WEIGHT_NAMES = ("w", "s1", "s2", "V", "s1v", "s2v")
 
 
@@ -282,6 +300,155 @@ class _Shard:
     model: OnlineModel
 
 
+def _spec_identity(spec: ModelSpec) -> ModelSpec:
+    """The spec as compared between a snapshot and the configuration (device aside)."""
+    return dataclasses.replace(spec, device="auto")
+
+
+def state_limits(spec: ModelSpec, base: snapshots.Limits = snapshots.DEFAULT_LIMITS
+                 ) -> snapshots.Limits:
+    """Decode bounds for a snapshot of ``spec``: arrays sized by its weights and window.
+
+    Generous (twice the arrays the current learning rule keeps), but proportional
+    to the model, so a forged size or a decompression bomb is refused before
+    anything is allocated.
+
+    Examples
+    --------
+    >>> spec = ModelSpec(name="m", topic="t", numeric=("x",), categorical=("c",), hash_bits=10)
+    >>> lim = state_limits(spec)
+    >>> lim.max_array_elements, lim.max_decoded_bytes // 2**20
+    (87588, 24)
+    """
+    k = spec.fm_factors + 1 if spec.task == "ranking" else 1
+    per_array = 2 * (spec.n_weights + 1) * k + 2 * spec.rolling_window + 65_536
+    # weights, optimizer state and FM factors: at most 6 such arrays, 8 bytes each, twice
+    total = 2 * 6 * 8 * per_array + 16 * 2**20
+    return snapshots.tighten(base, max_array_elements=per_array, max_decoded_bytes=total)
+
+
+def model_bytes(spec: ModelSpec) -> int:
+    """Bytes the weights of a model of ``spec`` take (before any is allocated)."""
+    k = spec.fm_factors + 1 if spec.task == "ranking" else 1
+    return 3 * 4 * (spec.n_weights + 1) * k
+
+
+@dataclass(frozen=True)
+class SnapshotPolicy:
+    """What a :class:`ModelStore` accepts.
+
+    Attributes
+    ----------
+    key
+        HMAC key snapshots are signed with (bytes, str or a ``SecretStr``);
+        ``None``: no verification.
+    require_signature
+        ``None``: required exactly when a key is set.  ``True`` without a key
+        refuses every snapshot (callers turn that into a start-up error).
+    specs
+        Model name -> the configured spec.  When given, a snapshot must name a
+        configured model and carry its spec (the device aside); ``None`` accepts
+        any model whose weights fit in ``limits.max_decoded_bytes``.
+    limits
+        Base decode bounds; tightened per model by :func:`state_limits`.
+    max_replicas
+        Replica shards kept per model; snapshots of further replicas are refused.
+    max_clock_skew_s
+        How far in the future a snapshot's ``updated_at`` may be.
+
+    Examples
+    --------
+    >>> SnapshotPolicy(key="k").signatures_required, SnapshotPolicy().signatures_required
+    (True, False)
+    """
+
+    key: snapshots.KeyLike = None
+    require_signature: bool | None = None
+    specs: Mapping[str, ModelSpec] | None = None
+    limits: snapshots.Limits = snapshots.DEFAULT_LIMITS
+    max_replicas: int = 64
+    max_clock_skew_s: float = 300.0
+
+    @property
+    def key_bytes(self) -> bytes | None:
+        """The key as bytes, ``None`` when unset or empty."""
+        return snapshots.key_bytes(self.key)
+
+    @property
+    def signatures_required(self) -> bool:
+        """Whether unsigned snapshots are refused."""
+        if self.require_signature is None:
+            return self.key_bytes is not None
+        return self.require_signature
+
+    def __repr__(self) -> str:  # never show the key
+        return (f"SnapshotPolicy(key={'set' if self.key_bytes else None}, "
+                f"require_signature={self.signatures_required}, "
+                f"specs={sorted(self.specs) if self.specs is not None else None})")
+
+
+def _finite(what: str, value: Any) -> None:
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "biuf":
+        raise StateError(f"{what} is not numeric")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise StateError(f"{what} holds NaN or infinite values")
+
+
+def _count(state: Mapping[str, Any], name: str) -> int:
+    v = state.get(name)
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < _MAX_COUNT:
+        raise StateError(f"{name!r} must be an integer in [0, 2**53)")
+    return v
+
+
+def validate_state(state: Any, *, now: float, max_clock_skew_s: float = 300.0) -> None:
+    """Refuse a decoded state whose numbers cannot come from a real model.
+
+    Weights, optimizer state, scaler, label statistics and the prequential window
+    must be finite; counters and the version integers in [0, 2**53); ``updated_at``
+    finite and not in the future beyond the clock skew.  (Consistent but forged
+    numbers are caught only by the signature.)
+
+    Examples
+    --------
+    >>> spec = ModelSpec(name="m", topic="t", numeric=("x",), hash_bits=2)
+    >>> state = OnlineModel(spec, device="cpu").to_state()
+    >>> validate_state(state, now=state["updated_at"])
+    >>> state["weights"]["w"][0] = np.nan
+    >>> validate_state(state, now=state["updated_at"])
+    Traceback (most recent call last):
+    ...
+    streamlearn.models.online.StateError: weights 'w' holds NaN or infinite values
+    """
+    if not isinstance(state, Mapping):
+        raise StateError("snapshot state is not an object")
+    for name in ("version", "step", "n_seen", "n_learned"):
+        _count(state, name)
+    updated = state.get("updated_at", 0.0)
+    if not isinstance(updated, int | float) or not math.isfinite(updated):
+        raise StateError("'updated_at' must be a finite number")
+    if updated > now + max_clock_skew_s:
+        raise StateError(f"'updated_at' is {updated - now:.0f} s in the future")
+    weights = state.get("weights")
+    if not isinstance(weights, Mapping) or not weights:
+        raise StateError("'weights' must be an object of arrays")
+    for name, arr in weights.items():
+        _finite(f"weights {name!r}", arr)
+    scaler = state.get("scaler")
+    if not isinstance(scaler, Mapping):
+        raise StateError("'scaler' must be an object")
+    for name, arr in scaler.items():
+        _finite(f"scaler {name!r}", arr)
+    if "target" in state:
+        _finite("target statistics", state["target"])
+    metrics = state.get("metrics")
+    if isinstance(metrics, Mapping):
+        for name in ("y", "p"):
+            if name in metrics:
+                _finite(f"metrics {name!r}", metrics[name])
+
+
 @dataclass
 class StoreStats:
     """Outcome counts of :meth:`ModelStore.offer`.
@@ -312,6 +479,8 @@ class ModelStore:
     device
         Where served models compute (``cpu``: scoring single requests does not
         pay for a GPU round trip).
+    policy
+        What is accepted: signatures, configured specs, size bounds.
     clock, monotonic
         Time sources, injectable for tests.
 
@@ -338,13 +507,16 @@ class ModelStore:
         self,
         *,
         device: str = "cpu",
+        policy: SnapshotPolicy | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.device = device
+        self.policy = policy if policy is not None else SnapshotPolicy()
         self._clock = clock
         self._monotonic = monotonic
         self._lock = threading.Lock()
+        self._stats_lock = threading.Lock()
         self._shards: dict[str, dict[str, _Shard]] = {}
         # Copy-on-write: readers take this reference without locking.
         self._served: Mapping[str, Served] = MappingProxyType({})
@@ -368,53 +540,150 @@ class ModelStore:
         return len(self._served)
 
     # -- writes ----------------------------------------------------------------
-    def offer(self, key: str, payload: bytes) -> bool:
+    def offer(self, key: str, payload: bytes | None) -> bool:
         """Decode and serve one snapshot; return True when the served model changed."""
-        crc = zlib.crc32(payload)
-        name, replica = _split_key(key)
-        current = self._shards.get(name, {}).get(replica)
-        if current is not None and current.crc == crc:
-            self.stats.duplicate += 1
-            return False
+        return self.submit(key, payload) == "accepted"
+
+    def screen(self, key: str, value: bytes | None) -> str | None:
+        """Cheap checks of a raw Kafka record (key, tombstone, size, signature).
+
+        Returns ``None`` when the record may be decoded, else the reason it was
+        refused (counted and logged).  The snapshot feed screens every record, so
+        an unauthenticated one never supersedes an authentic one.
+        """
         try:
-            state = snapshots.decode(payload)
+            if value is None:
+                # A tombstone cannot carry a signature, so it cannot be trusted to
+                # delete a served model; retiring a replica is an operator action.
+                return self.count_reject(key, "tombstone", "null value ignored")
+            name, replica = _split_key(key)
+            if not _NAME.match(name) or not _REPLICA.match(replica):
+                return self.count_reject(key, "bad_key", "key must be '<model>/<replica>'")
+            if self.policy.specs is not None and name not in self.policy.specs:
+                return self.count_reject(key, "unknown_model",
+                                         f"no model {name!r} is configured here")
+            if len(value) > self.policy.limits.max_payload_bytes:
+                return self.count_reject(key, "too_large", f"{len(value)} bytes, over the "
+                                         f"limit of {self.policy.limits.max_payload_bytes}")
+            snapshots.verify(value, self.policy.key, context=key,
+                             require=self.policy.signatures_required)
         except snapshots.SnapshotError as exc:
-            return self._reject(key, "undecodable", str(exc))
-        return self.offer_state(key, state, crc=crc, size=len(payload))
+            return self.count_reject(key, exc.reason, str(exc))
+        except Exception as exc:  # noqa: BLE001 - no record may raise out of the store
+            return self.count_reject(key, "internal_error", f"{type(exc).__name__}: {exc}")
+        return None
+
+    def submit(self, key: str, payload: bytes | None) -> str:
+        """Like :meth:`offer`, with the outcome: ``accepted``, ``duplicate``,
+        ``stale`` or ``rejected:<reason>``."""
+        reason = self.screen(key, payload)
+        if reason is not None:
+            return f"rejected:{reason}"
+        assert payload is not None
+        try:
+            crc = zlib.crc32(payload)
+            name, replica = _split_key(key)
+            current = self._shards.get(name, {}).get(replica)
+            if current is not None and current.crc == crc:
+                self.stats.duplicate += 1
+                return "duplicate"
+            state = snapshots.decode(
+                payload, key=self.policy.key, context=key,
+                require_signature=self.policy.signatures_required,
+                limits=self.policy.limits, vet=lambda meta: self._vet(name, meta),
+            )
+        except snapshots.SnapshotError as exc:
+            return "rejected:" + self.count_reject(key, exc.reason, str(exc))
+        except Exception as exc:  # noqa: BLE001 - MemoryError, anything: count, never raise
+            return "rejected:" + self.count_reject(key, "internal_error",
+                                                   f"{type(exc).__name__}: {exc}")
+        return self._offer_state(key, state, crc=crc, size=len(payload))
 
     def offer_state(
         self, key: str, state: dict[str, Any], *, crc: int | None = None, size: int = 0
     ) -> bool:
         """Serve an already decoded snapshot state (see :meth:`offer`)."""
+        return self._offer_state(key, state, crc=crc, size=size) == "accepted"
+
+    def _vet(self, name: str, meta: dict[str, Any]) -> snapshots.Limits:
+        """Check a snapshot's spec from its metadata, before any array is decoded."""
+        spec = self._spec_of(name, meta)
+        if model_bytes(spec) > self.policy.limits.max_decoded_bytes:
+            raise snapshots.SnapshotError(
+                f"a model of this spec needs {model_bytes(spec)} bytes, over the limit of "
+                f"{self.policy.limits.max_decoded_bytes}", "too_large")
+        return state_limits(spec, self.policy.limits)
+
+    def _spec_of(self, name: str, state: Mapping[str, Any]) -> ModelSpec:
+        raw = state.get("spec")
+        try:
+            spec = ModelSpec.from_dict(dict(raw))  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - any malformed spec is one reason
+            raise snapshots.SnapshotError(f"snapshot has no valid model spec: {exc}",
+                                          "invalid_state") from None
+        if spec.name != name:
+            raise snapshots.SnapshotError(
+                f"key names {name!r}, state names {spec.name!r}", "name_mismatch")
+        expected = None if self.policy.specs is None else self.policy.specs.get(name)
+        if self.policy.specs is not None and expected is None:
+            raise snapshots.SnapshotError(f"no model {name!r} is configured here",
+                                          "unknown_model")
+        if expected is not None and _spec_identity(spec) != _spec_identity(expected):
+            diff = sorted(k for k, v in expected.to_dict().items()
+                          if spec.to_dict().get(k) != v and k != "device")
+            raise snapshots.SnapshotError(
+                f"snapshot spec differs from the configured model in {diff}", "spec_mismatch")
+        return spec
+
+    def _offer_state(
+        self, key: str, state: dict[str, Any], *, crc: int | None = None, size: int = 0
+    ) -> str:
+        try:
+            return self._offer_checked(key, state, crc=crc, size=size)
+        except snapshots.SnapshotError as exc:
+            reason = exc.reason
+            message = str(exc)
+        except (StateError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+                OverflowError, ZeroDivisionError, RecursionError) as exc:
+            reason, message = "invalid_state", f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - MemoryError, numba errors: never raise
+            reason, message = "internal_error", f"{type(exc).__name__}: {exc}"
+        return "rejected:" + self.count_reject(key, reason, message)
+
+    def _offer_checked(
+        self, key: str, state: dict[str, Any], *, crc: int | None, size: int
+    ) -> str:
         name, replica = _split_key(key)
-        if not name:
-            return self._reject(key, "bad_key", "key must be '<model>/<replica>'")
-        try:
-            shard_model = OnlineModel.from_state(state, device=self.device)
-        except (StateError, ValueError, TypeError, KeyError) as exc:
-            return self._reject(key, "invalid_state", str(exc))
-        if shard_model.spec.name != name:
-            return self._reject(
-                key, "name_mismatch", f"key names {name!r}, state names {shard_model.spec.name!r}"
-            )
-        try:
-            summary = Replica(
-                replica=replica,
-                version=shard_model.version,
-                n_seen=shard_model.n_seen,
-                n_learned=shard_model.n_learned,
-                updated_at=shard_model.updated_at,
-                received_at=self._clock(),
-                telemetry=clean_telemetry(state.get("telemetry")),
-                metrics=shard_model.metrics.report(),
-                size_bytes=size,
-            )
-        except (ValueError, TypeError) as exc:
-            return self._reject(key, "invalid_state", str(exc))
+        if not _NAME.match(name) or not _REPLICA.match(replica):
+            return "rejected:" + self.count_reject(key, "bad_key",
+                                                   "key must be '<model>/<replica>'")
+        if not isinstance(state, dict) or state.get("kind") != "streamlearn.model":
+            raise StateError("payload is not a streamlearn model state")
+        spec = self._spec_of(name, state)
+        if model_bytes(spec) > self.policy.limits.max_decoded_bytes:
+            raise snapshots.SnapshotError("model too large for the configured limits",
+                                          "too_large")
+        validate_state(state, now=self._clock(), max_clock_skew_s=self.policy.max_clock_skew_s)
+        shard_model = OnlineModel.from_state(state, device=self.device)
+        summary = Replica(
+            replica=replica,
+            version=shard_model.version,
+            n_seen=shard_model.n_seen,
+            n_learned=shard_model.n_learned,
+            updated_at=shard_model.updated_at,
+            received_at=self._clock(),
+            telemetry=clean_telemetry(state.get("telemetry")),
+            metrics=shard_model.metrics.report(),
+            size_bytes=size,
+        )
         shard = _Shard(key, state, summary, crc if crc is not None else -1, shard_model)
         with self._lock:
             shards = dict(self._shards.get(name, {}))
             old = shards.get(replica)
+            if old is None and len(shards) >= self.policy.max_replicas:
+                return "rejected:" + self.count_reject(
+                    key, "too_many_replicas",
+                    f"model {name!r} already has {len(shards)} replicas")
             if (
                 old is not None
                 and summary.version < old.summary.version
@@ -423,22 +692,23 @@ class ModelStore:
                 self.stats.stale += 1
                 log.info("ignoring stale snapshot %s v%d (have v%d)", key, summary.version,
                          old.summary.version)
-                return False
+                return "stale"
             shards[replica] = shard
-            spec = state["spec"]
-            dropped = [r for r, s in shards.items() if s.state["spec"] != spec]
+            spec_dict = state["spec"]
+            dropped = [r for r, s in shards.items() if s.state["spec"] != spec_dict]
             for r in dropped:
                 log.warning("dropping replica %s/%s: its spec differs from the newest", name, r)
                 del shards[r]
             try:
                 served = self._build(name, shards)
-            except (StateError, ValueError, TypeError, KeyError) as exc:
-                return self._reject(key, "merge_failed", str(exc))
+            except Exception as exc:  # noqa: BLE001 - a bad merge keeps the old model
+                return "rejected:" + self.count_reject(key, "merge_failed",
+                                                       f"{type(exc).__name__}: {exc}")
             self._shards[name] = shards
             self._publish(name, served)
             self.stats.accepted += 1
         log.info("serving %s v%d from %d replica(s)", name, served.version, len(shards))
-        return True
+        return "accepted"
 
     def remove(self, key: str) -> bool:
         """Forget one replica (a tombstone); the model is rebuilt from the others."""
@@ -484,12 +754,17 @@ class ModelStore:
     def _publish(self, name: str, served: Served) -> None:
         self._served = MappingProxyType({**self._served, name: served})
 
-    def _reject(self, key: str, reason: str, message: str) -> bool:
-        self.stats.rejected += 1
-        self.stats.rejected_by_reason[reason] = self.stats.rejected_by_reason.get(reason, 0) + 1
-        self.stats.last_error = f"{key}: {message}"
-        log.warning("rejected snapshot %s (%s): %s", key, reason, message)
-        return False
+    def count_reject(self, key: str, reason: str, message: str) -> str:
+        """Count and log (at most once a minute per reason) a refused snapshot; return reason."""
+        key = key[:300]
+        with self._stats_lock:  # not self._lock: rejects are counted while it is held
+            self.stats.rejected += 1
+            self.stats.rejected_by_reason[reason] = (
+                self.stats.rejected_by_reason.get(reason, 0) + 1)
+            self.stats.last_error = f"{key}: {message}"[:1000]
+        _reject_log.warning(reason, "rejected snapshot %s (%s): %s", key, reason,
+                            message[:500], snapshot_key=key, reason=reason)
+        return reason
 
 
 def _split_key(key: str) -> tuple[str, str]:

@@ -62,6 +62,8 @@ class KafkaSettings(_Section):
     ssl_keyfile: str = ""
     ssl_key_password: SecretStr = SecretStr("")
     ssl_check_hostname: bool = True
+    # HMAC-SHA256 key the workers sign snapshots with and the API verifies (never logged).
+    snapshot_key: SecretStr = SecretStr("")
 
     @model_validator(mode="after")
     def _security_complete(self) -> KafkaSettings:
@@ -147,6 +149,13 @@ class ApiSettings(_Section):
     port: int = Field(8000, ge=0, le=65535)
     max_instances: int = Field(1000, ge=1)
     snapshot_dir: str = ""
+    # Larger request bodies get 413 before they are read whole.
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    # None: signatures required exactly when kafka.snapshot_key is set; true: a missing
+    # key is a start-up error (production); false: unsigned snapshots are accepted too.
+    require_signed_snapshots: bool | None = None
+    # Largest snapshot record accepted from the models topic (compressed, as received).
+    max_snapshot_bytes: int = Field(64 * 1024 * 1024, ge=1024)
 
 
 class ModelSettings(_Section):

@@ -1,32 +1,190 @@
-"""Versioned, checksummed binary snapshots of ``to_state()`` payloads.
+"""Versioned, checksummed binary snapshots of ``to_state()`` payloads, optionally signed.
 
 Layout: ``MAGIC | u16 format | u32 crc32(body) | body`` where ``body`` is
 zlib-compressed ``u32 len(meta) | meta (JSON) | array bytes``.  Arrays are
 lifted out of the nested state into the blob; mostly-zero arrays (hashed
 weights) are stored as (index, value) pairs, which keeps snapshots small
 enough to publish twice a second to a broker that never compacts.
+
+Snapshots that travel over Kafka may be *signed* (:func:`sign`): the envelope
+``SIGNED_MAGIC | HMAC-SHA256(key, domain | len(context) | context | payload) |
+payload`` authenticates the payload and its context (the Kafka key
+``<model>/<replica>``, so a valid snapshot cannot be replayed under another
+replica's key).  :func:`decode` verifies it when given the key.
+
+:func:`decode` treats its input as hostile: it bounds the payload size, the
+metadata size and every declared array *before* decompressing or allocating
+(:class:`Limits`), so a decompression bomb or a forged shape costs at most the
+limits, and every failure is a :class:`SnapshotError` with a short ``reason``
+(never a ``KeyError`` or a ``MemoryError``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import math
 import os
 import struct
 import tempfile
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
 
 MAGIC = b"SLSNAP"
+SIGNED_MAGIC = b"SLSIG1"
 FORMAT_VERSION = 1
 _HEADER = struct.Struct("<6sHI")
+_MAC_SIZE = hashlib.sha256().digest_size
+_MAC_DOMAIN = b"streamlearn.snapshot.hmac-sha256.v1\n"
 _SPARSE_BELOW = 0.25  # store as (index, value) when under a quarter is non-zero
+#: dtypes an array in a snapshot may have (no objects, no structured or void types).
+_ARRAY_KINDS = frozenset("biuf")
+_MAX_NDIM = 4
 
 
 class SnapshotError(ValueError):
-    """A payload that is not a valid streamlearn snapshot."""
+    """A payload that is not a valid (or not an acceptable) streamlearn snapshot.
+
+    ``reason`` is a short, stable label for counting (``undecodable``, ``truncated``,
+    ``too_large``, ``unsigned``, ``bad_signature``, ``bad_array``...).
+    """
+
+    def __init__(self, message: str, reason: str = "undecodable") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds :func:`decode` enforces before it decompresses or allocates.
+
+    Attributes
+    ----------
+    max_payload_bytes
+        Largest payload accepted, as received (compressed, with its envelope).
+    max_meta_bytes
+        Largest JSON metadata block.
+    max_decoded_bytes
+        Largest total of decompressed bytes and of the arrays' dense sizes.
+    max_array_elements
+        Most elements one array may declare (``None``: only the total bounds it).
+
+    Examples
+    --------
+    >>> Limits().max_payload_bytes // 2**20
+    64
+    """
+
+    max_payload_bytes: int = 64 * 2**20
+    max_meta_bytes: int = 4 * 2**20
+    max_decoded_bytes: int = 2**30
+    max_array_elements: int | None = None
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class _Secret(Protocol):
+    def get_secret_value(self) -> str: ...
+
+
+KeyLike = bytes | str | _Secret | None
+
+
+def key_bytes(key: KeyLike) -> bytes | None:
+    """Normalize a signing key (bytes, str or pydantic ``SecretStr``); empty means none.
+
+    Examples
+    --------
+    >>> key_bytes("s3cret"), key_bytes(""), key_bytes(None)
+    (b's3cret', None, None)
+    """
+    if key is None:
+        return None
+    if hasattr(key, "get_secret_value"):
+        key = key.get_secret_value()
+    raw = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+    return raw or None
+
+
+def _mac(key: bytes, context: bytes, payload: bytes) -> bytes:
+    h = hmac.new(key, _MAC_DOMAIN, hashlib.sha256)
+    h.update(struct.pack("<I", len(context)))
+    h.update(context)
+    h.update(payload)
+    return h.digest()
+
+
+def _ctx(context: bytes | str) -> bytes:
+    return context.encode("utf-8") if isinstance(context, str) else bytes(context)
+
+
+def sign(payload: bytes, key: KeyLike, *, context: bytes | str = b"") -> bytes:
+    """Wrap ``payload`` in an HMAC-SHA256 envelope; without a key, return it unchanged.
+
+    ``context`` is authenticated with the payload: pass the Kafka key.
+
+    Examples
+    --------
+    >>> signed = sign(encode({"n": 1}), "k", context="m/r1")
+    >>> is_signed(signed), decode(signed, key="k", context="m/r1")
+    (True, {'n': 1})
+    >>> try:
+    ...     decode(signed, key="k", context="m/r2")
+    ... except SnapshotError as exc:
+    ...     print(exc.reason)
+    bad_signature
+    >>> sign(b"x", None)
+    b'x'
+    """
+    raw = key_bytes(key)
+    if raw is None:
+        return payload
+    return SIGNED_MAGIC + _mac(raw, _ctx(context), payload) + payload
+
+
+def is_signed(value: bytes) -> bool:
+    """True when ``value`` is a :func:`sign` envelope."""
+    return value[: len(SIGNED_MAGIC)] == SIGNED_MAGIC
+
+
+def verify(
+    value: bytes,
+    key: KeyLike,
+    *,
+    context: bytes | str = b"",
+    require: bool | None = None,
+) -> bytes:
+    """Check and strip a signature envelope; return the inner payload.
+
+    With a key, the envelope must be present and its MAC valid.  Without one, a
+    signed payload is unwrapped unverified, and an unsigned one passes, unless
+    ``require`` (default: whether a key is given) says a signature is required.
+    """
+    raw = key_bytes(key)
+    required = raw is not None if require is None else require
+    if not is_signed(value):
+        if required:
+            raise SnapshotError("snapshot is not signed and signatures are required", "unsigned")
+        return value
+    if len(value) < len(SIGNED_MAGIC) + _MAC_SIZE:
+        raise SnapshotError("signed snapshot envelope is truncated", "truncated")
+    mac = value[len(SIGNED_MAGIC) : len(SIGNED_MAGIC) + _MAC_SIZE]
+    payload = value[len(SIGNED_MAGIC) + _MAC_SIZE :]
+    if raw is None:
+        if required:
+            raise SnapshotError("signed snapshot but no key to verify it", "unsigned")
+        return payload
+    if not hmac.compare_digest(mac, _mac(raw, _ctx(context), payload)):
+        raise SnapshotError("snapshot signature does not match (wrong key, forged or "
+                            "replayed under another key)", "bad_signature")
+    return payload
 
 
 def encode(state: dict[str, Any], *, level: int = 1) -> bytes:
@@ -71,52 +229,236 @@ def encode(state: dict[str, Any], *, level: int = 1) -> bytes:
     return _HEADER.pack(MAGIC, FORMAT_VERSION, zlib.crc32(body)) + body
 
 
-def decode(payload: bytes) -> dict[str, Any]:
-    """Parse :func:`encode` output; raise :class:`SnapshotError` on anything else."""
+@dataclass(frozen=True, slots=True)
+class _ArraySpec:
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    size: int
+    offset: int
+    end: int
+    sparse: tuple[np.dtype[Any], int] | None
+
+
+def _int(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise SnapshotError(f"array {what} must be a non-negative integer", "bad_array")
+    return value
+
+
+def _dtype(value: Any) -> np.dtype[Any]:
+    try:
+        dtype = np.dtype(value) if isinstance(value, str) and len(value) <= 8 else None
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.kind not in _ARRAY_KINDS or dtype.itemsize > 8:
+        raise SnapshotError(f"array dtype {str(value)[:20]!r} is not allowed", "bad_array")
+    return dtype
+
+
+def _array_spec(desc: Any, limits: Limits) -> _ArraySpec:
+    """Validate one array descriptor, from metadata alone (nothing allocated yet)."""
+    if not isinstance(desc, dict):
+        raise SnapshotError("array descriptor is not an object", "bad_array")
+    dtype = _dtype(desc.get("dtype"))
+    shape_raw = desc.get("shape")
+    if not isinstance(shape_raw, list) or len(shape_raw) > _MAX_NDIM:
+        raise SnapshotError("array shape must be a list of at most 4 sizes", "bad_array")
+    shape = tuple(_int(n, "shape") for n in shape_raw)
+    size = math.prod(shape)
+    if limits.max_array_elements is not None and size > limits.max_array_elements:
+        raise SnapshotError(f"array of {size} elements is larger than the model allows "
+                            f"({limits.max_array_elements})", "too_large")
+    offset, end = _int(desc.get("offset"), "offset"), _int(desc.get("end"), "end")
+    sparse: tuple[np.dtype[Any], int] | None = None
+    if "sparse" in desc:
+        sp = desc["sparse"]
+        if not isinstance(sp, list) or len(sp) != 2:
+            raise SnapshotError("sparse descriptor must be [index dtype, count]", "bad_array")
+        idx_dtype, nnz = _dtype(sp[0]), _int(sp[1], "sparse count")
+        if idx_dtype.kind != "u" or nnz > size:
+            raise SnapshotError("sparse indices must be unsigned and no more than the "
+                                "array's size", "bad_array")
+        expected = nnz * (idx_dtype.itemsize + dtype.itemsize)
+        sparse = (idx_dtype, nnz)
+    else:
+        expected = size * dtype.itemsize
+    if end - offset != expected:
+        raise SnapshotError(f"array declares {end - offset} bytes, its shape needs {expected}",
+                            "bad_array")
+    return _ArraySpec(dtype, shape, size, offset, end, sparse)
+
+
+def _collect(meta: Any, limits: Limits) -> list[_ArraySpec]:
+    """Every array descriptor in the metadata (iteratively: no recursion limit to hit)."""
+    found: list[_ArraySpec] = []
+    stack = [meta]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            desc = value.get("__nd__")
+            if desc is not None:
+                found.append(_array_spec(desc, limits))
+            else:
+                stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return found
+
+
+class _Inflater:
+    """Incremental zlib decompression that never produces more than asked for."""
+
+    def __init__(self, body: bytes) -> None:
+        self._z = zlib.decompressobj()
+        self._tail = body
+
+    def take(self, n: int) -> bytes:
+        out = bytearray()
+        try:
+            while len(out) < n and (self._tail or not self._z.eof):
+                chunk = self._z.decompress(self._tail, n - len(out))
+                self._tail = self._z.unconsumed_tail
+                out += chunk
+                if not chunk and not self._tail:
+                    out += self._z.flush(n - len(out)) if not self._z.eof else b""
+                    break
+        except zlib.error as exc:
+            raise SnapshotError(f"snapshot body unreadable: {exc}", "undecodable") from exc
+        return bytes(out)
+
+    def finished(self) -> bool:
+        return not self.take(1) and self._z.eof and not self._z.unused_data
+
+
+def decode(
+    payload: bytes,
+    *,
+    key: KeyLike = None,
+    context: bytes | str = b"",
+    require_signature: bool | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    vet: Callable[[dict[str, Any]], Limits | None] | None = None,
+) -> dict[str, Any]:
+    """Parse :func:`encode` output (optionally :func:`sign` ed); raise :class:`SnapshotError`.
+
+    Parameters
+    ----------
+    key, context, require_signature
+        See :func:`verify`; with a key, only a valid signature is accepted.
+    limits
+        Size bounds, checked before anything is decompressed or allocated.
+    vet
+        Called with the metadata (arrays still undecoded, as ``{"__nd__": ...}``)
+        before any array is read: raise :class:`SnapshotError` to refuse the
+        snapshot, or return tighter :class:`Limits` (say, from its model spec).
+
+    Examples
+    --------
+    >>> bomb = _HEADER.pack(MAGIC, 1, 0)[:-4]
+    >>> body = zlib.compress(struct.pack("<I", 2) + b"{}" + bytes(50_000_000), 9)
+    >>> payload = bomb + struct.pack("<I", zlib.crc32(body)) + body
+    >>> len(payload) < 100_000
+    True
+    >>> try:
+    ...     decode(payload, limits=Limits(max_decoded_bytes=2**20))
+    ... except SnapshotError as exc:
+    ...     print(exc.reason)
+    too_large
+    """
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise SnapshotError(f"snapshot must be bytes, not {type(payload).__name__}")
+    payload = bytes(payload)
+    if len(payload) > limits.max_payload_bytes:
+        raise SnapshotError(f"snapshot of {len(payload)} bytes is over the limit of "
+                            f"{limits.max_payload_bytes}", "too_large")
+    payload = verify(payload, key, context=context, require=require_signature)
     if len(payload) < _HEADER.size:
-        raise SnapshotError(f"snapshot too short ({len(payload)} bytes)")
+        raise SnapshotError(f"snapshot too short ({len(payload)} bytes)", "truncated")
     magic, version, crc = _HEADER.unpack_from(payload)
     if magic != MAGIC:
         raise SnapshotError("not a streamlearn snapshot (bad magic bytes)")
     if version > FORMAT_VERSION:
-        raise SnapshotError(f"snapshot format {version} is newer than supported {FORMAT_VERSION}")
+        raise SnapshotError(f"snapshot format {version} is newer than supported {FORMAT_VERSION}",
+                            "unsupported_format")
     body = payload[_HEADER.size :]
     if zlib.crc32(body) != crc:
-        raise SnapshotError("snapshot checksum mismatch (corrupt or truncated)")
+        raise SnapshotError("snapshot checksum mismatch (corrupt or truncated)", "bad_checksum")
+    inflater = _Inflater(body)
+    head = inflater.take(4)
+    if len(head) < 4:
+        raise SnapshotError("snapshot body is truncated", "truncated")
+    (meta_len,) = struct.unpack("<I", head)
+    if meta_len > min(limits.max_meta_bytes, limits.max_decoded_bytes):
+        raise SnapshotError(f"snapshot metadata of {meta_len} bytes is over the limit of "
+                            f"{limits.max_meta_bytes}", "too_large")
+    meta_raw = inflater.take(meta_len)
+    if len(meta_raw) < meta_len:
+        raise SnapshotError("snapshot metadata is truncated", "truncated")
     try:
-        raw = zlib.decompress(body)
-        (meta_len,) = struct.unpack_from("<I", raw)
-        meta = orjson.loads(raw[4 : 4 + meta_len])
-    except (zlib.error, struct.error, orjson.JSONDecodeError) as exc:
-        raise SnapshotError(f"snapshot body unreadable: {exc}") from exc
-    blob = memoryview(raw)[4 + meta_len :]
+        meta = orjson.loads(meta_raw)
+    except orjson.JSONDecodeError as exc:
+        raise SnapshotError(f"snapshot metadata unreadable: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise SnapshotError("snapshot metadata is not an object")
+    if vet is not None:
+        limits = vet(meta) or limits
+    arrays = _collect(meta, limits)
+    blob_len = max((a.end for a in arrays), default=0)
+    dense = sum(a.size * a.dtype.itemsize for a in arrays)
+    if blob_len + meta_len > limits.max_decoded_bytes or dense > limits.max_decoded_bytes:
+        raise SnapshotError(f"snapshot arrays need {max(blob_len, dense)} bytes, over the "
+                            f"limit of {limits.max_decoded_bytes}", "too_large")
+    blob = inflater.take(blob_len)
+    if len(blob) < blob_len:
+        raise SnapshotError("snapshot arrays are truncated", "truncated")
+    if not inflater.finished():
+        raise SnapshotError("snapshot decompresses to more bytes than it declares",
+                            "too_large")
+    view = memoryview(blob)
 
     def lower(value: Any) -> Any:
         if isinstance(value, dict):
-            desc = value.get("__nd__")
-            if desc is not None:
-                return _array(desc, blob)
+            if "__nd__" in value:
+                return _array(_array_spec(value["__nd__"], limits), view)
             return {k: lower(v) for k, v in value.items()}
         if isinstance(value, list):
             return [lower(v) for v in value]
         return value
 
-    if not isinstance(meta, dict):
-        raise SnapshotError("snapshot metadata is not an object")
-    return lower(meta)  # type: ignore[no-any-return]
+    try:
+        return lower(meta)  # type: ignore[no-any-return]
+    except RecursionError as exc:
+        raise SnapshotError("snapshot metadata is nested too deeply", "undecodable") from exc
 
 
-def _array(desc: dict[str, Any], blob: memoryview) -> np.ndarray:
-    dtype, shape = np.dtype(desc["dtype"]), tuple(desc["shape"])
-    raw = blob[desc["offset"] : desc["end"]]
-    if "sparse" in desc:
-        idx_dtype, nnz = np.dtype(desc["sparse"][0]), desc["sparse"][1]
+def _array(spec: _ArraySpec, blob: memoryview) -> np.ndarray:
+    raw = blob[spec.offset : spec.end]
+    if spec.sparse is not None:
+        idx_dtype, nnz = spec.sparse
         split = nnz * idx_dtype.itemsize
         idx = np.frombuffer(raw[:split], dtype=idx_dtype)
-        out = np.zeros(int(np.prod(shape)), dtype=dtype)
-        out[idx] = np.frombuffer(raw[split:], dtype=dtype)
-        return out.reshape(shape)
-    return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+        if nnz and int(idx.max()) >= spec.size:
+            raise SnapshotError("sparse index out of the array's range", "bad_array")
+        out = np.zeros(spec.size, dtype=spec.dtype)
+        out[idx] = np.frombuffer(raw[split:], dtype=spec.dtype)
+        return out.reshape(spec.shape)
+    return np.frombuffer(raw, dtype=spec.dtype).reshape(spec.shape).copy()
+
+
+def tighten(limits: Limits, **bounds: int | None) -> Limits:
+    """``limits`` with each given bound lowered (never raised).
+
+    Examples
+    --------
+    >>> tighten(Limits(max_decoded_bytes=100), max_decoded_bytes=500).max_decoded_bytes
+    100
+    """
+    changes: dict[str, int | None] = {}
+    for name, value in bounds.items():
+        current = getattr(limits, name)
+        changes[name] = value if current is None else (
+            current if value is None else min(current, value))
+    return replace(limits, **changes)
 
 
 def save(path: str | os.PathLike[str], payload: bytes) -> None:
@@ -135,6 +477,6 @@ def save(path: str | os.PathLike[str], payload: bytes) -> None:
         raise
 
 
-def load(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and decode a snapshot file."""
-    return decode(Path(path).read_bytes())
+def load(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """Read and decode a snapshot file (an unverified signature envelope is unwrapped)."""
+    return decode(Path(path).read_bytes(), limits=limits)

@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import (
     CollectorRegistry,
@@ -25,21 +26,102 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from streamlearn import __version__
+from streamlearn import __version__, snapshots
 from streamlearn.metrics import SnapshotTelemetryCollector, build_api_metrics
-from streamlearn.services.api.deps import SettingsLike
-from streamlearn.services.api.feed import MODELS_TOPIC, SnapshotFeed, load_snapshot_dir
+from streamlearn.services.api.deps import SettingsLike, max_instances
+from streamlearn.services.api.feed import (
+    MODELS_TOPIC,
+    FeedCollector,
+    SnapshotFeed,
+    load_snapshot_dir,
+)
 from streamlearn.services.api.routes import health, models
 from streamlearn.services.api.schemas import OrjsonResponse
-from streamlearn.serving import ModelStore
+from streamlearn.serving import ModelStore, SnapshotPolicy
+from streamlearn.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
 DESCRIPTION = """Predictions from online models learned on Kafka streams.
 
 Models are hot-swapped from worker snapshots (topic `streamlearn.models`); replica
-shards of one model are merged. Bodies must be strict JSON: `NaN`/`Infinity` are refused.
+shards of one model are merged. Bodies must be strict JSON: `NaN`/`Infinity` are refused,
+and bodies over `api.max_body_bytes` get 413. Every 4xx body has a `detail` message.
 """
+
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` when a streamed body passes the limit (FastAPI renders 413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, detail=f"request body is larger than the limit of {limit} bytes "
+                                     "(api.max_body_bytes)")
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``limit`` bytes with 413, without reading them whole.
+
+    A declared ``Content-Length`` over the limit is refused before the app runs;
+    a chunked (or lying) body is counted as it streams, and the read that passes
+    the limit raises :class:`BodyTooLarge`.  Pure ASGI: nothing is buffered here.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared > self.limit or declared < 0:
+                    status = 413 if declared > self.limit else 400
+                    detail = (BodyTooLarge(self.limit).detail if status == 413
+                              else "invalid Content-Length header")
+                    await _send_json(send, status, {"detail": detail})
+                    return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge as exc:  # raised outside a route (no exception handler saw it)
+            if started:
+                raise
+            await _send_json(send, 413, {"detail": exc.detail})
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    raw = orjson.dumps(body)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(raw)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": raw})
+
 
 
 class ErrorCountMiddleware:
@@ -95,6 +177,32 @@ async def _value_error(request: Request, exc: Exception) -> OrjsonResponse:
     )
 
 
+def snapshot_policy(settings: SettingsLike) -> SnapshotPolicy:
+    """What snapshots this API accepts, from ``kafka.snapshot_key``,
+    ``api.require_signed_snapshots``, ``api.max_snapshot_bytes`` and the configured models.
+
+    Raises :class:`SettingsError` when signatures are required and no key is set.
+    """
+    key = getattr(settings.kafka, "snapshot_key", None)
+    require = getattr(settings.api, "require_signed_snapshots", None)
+    if require and snapshots.key_bytes(key) is None:
+        raise SettingsError(
+            "invalid configuration: api.require_signed_snapshots is true but "
+            "kafka.snapshot_key (STREAMLEARN_KAFKA__SNAPSHOT_KEY) is not set")
+    try:
+        specs = list(getattr(settings, "specs", None) or [])
+    except (TypeError, ValueError):
+        specs = []
+    max_bytes = getattr(settings.api, "max_snapshot_bytes", None)
+    limits = snapshots.DEFAULT_LIMITS
+    if max_bytes:
+        limits = snapshots.tighten(limits, max_payload_bytes=int(max_bytes))
+    return SnapshotPolicy(
+        key=key, require_signature=require,
+        specs={spec.name: spec for spec in specs} if specs else None, limits=limits,
+    )
+
+
 def create_app(
     settings: SettingsLike,
     store: ModelStore | None = None,
@@ -106,16 +214,24 @@ def create_app(
     ----------
     settings
         ``.kafka.bootstrap`` (empty: no snapshot feed), ``.api.max_instances``,
-        optional ``.api.snapshot_dir`` (snapshot files loaded at start-up) and
-        ``.kafka.models_topic``.
+        optional ``.api.snapshot_dir`` (snapshot files loaded at start-up),
+        ``.api.max_body_bytes``, ``.kafka.models_topic`` and the snapshot policy
+        (:func:`snapshot_policy`).
     store
-        The model store to serve from (a fresh one by default).
+        The model store to serve from (a fresh one by default).  A given store
+        keeps its own policy unless it has the default one.
     registry
         Prometheus registry for /metrics.  By default a fresh one that also
         carries the process, platform and GC collectors.  One registry serves
         one app.
     """
-    store = store if store is not None else ModelStore()
+    policy = snapshot_policy(settings)
+    if store is None:
+        store = ModelStore(policy=policy)
+    elif store.policy == SnapshotPolicy():
+        store.policy = policy
+    if store.policy.key_bytes is not None and len(store.policy.key_bytes) < 16:
+        log.warning("kafka.snapshot_key is shorter than 16 bytes: use 32 random bytes")
     if registry is None:
         registry = CollectorRegistry()
         process_collector.ProcessCollector(registry=registry)
@@ -123,6 +239,7 @@ def create_app(
         gc_collector.GCCollector(registry=registry)
     api_metrics = build_api_metrics(registry)
     registry.register(SnapshotTelemetryCollector(store))
+    max_body = int(getattr(settings.api, "max_body_bytes", DEFAULT_MAX_BODY_BYTES))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -134,7 +251,8 @@ def create_app(
         bootstrap = settings.kafka.bootstrap
         if bootstrap:
             topic = getattr(settings.kafka, "models_topic", MODELS_TOPIC) or MODELS_TOPIC
-            feed = SnapshotFeed(bootstrap, store, topic=topic)
+            feed = SnapshotFeed(bootstrap, store, topic=topic,
+                                consumer_options=_consumer_options(settings))
             feed.start()
         app.state.feed = feed
         try:
@@ -159,8 +277,41 @@ def create_app(
     app.include_router(health.router)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ValueError, _value_error)
+    _document_limits(app, settings)
+    app.add_middleware(BodyLimitMiddleware, limit=max_body)
     app.add_middleware(ErrorCountMiddleware, counter=api_metrics.request_errors)
+    registry.register(FeedCollector(store, lambda: app.state.feed))
     return app
+
+
+def _document_limits(app: FastAPI, settings: SettingsLike) -> None:
+    """Put the configured ``max_instances`` into the OpenAPI schema (``maxItems``)."""
+    build = app.openapi
+    limit = max_instances(settings)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            props = (schema.get("components", {}).get("schemas", {})
+                     .get("PredictRequest", {}).get("properties", {}))
+            if "instances" in props:
+                props["instances"]["maxItems"] = limit
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _consumer_options(settings: SettingsLike) -> dict[str, Any]:
+    """Kafka security options for the feed's consumer, when the settings provide them."""
+    build = getattr(settings.kafka, "client_kwargs", None)
+    if not callable(build):
+        return {}
+    try:
+        options = build()
+    except TypeError:
+        return {}
+    return dict(options) if isinstance(options, dict) else {}
 
 
 async def serve(settings: SettingsLike, store: ModelStore | None = None) -> None:

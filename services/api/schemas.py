@@ -166,22 +166,52 @@ _EXAMPLE = {"amount": 42.5, "hour": 3.2, "distance_km": 850.0, "card_age_days": 
             "channel": "online"}
 
 
-class PredictRequest(BaseModel):
-    """Exactly one of ``features`` (one event) or ``instances`` (a batch)."""
+def _exactly_one_schema(schema: dict[str, Any]) -> None:
+    """Make the JSON schema say what the validator enforces: exactly one key, never null."""
+    props = schema.get("properties", {})
+    for name in ("features", "instances"):
+        prop = props.get(name)
+        if prop is None or "anyOf" not in prop:
+            continue
+        branches = [b for b in prop.pop("anyOf") if b.get("type") != "null"]
+        prop.pop("default", None)
+        if len(branches) == 1:
+            prop.update(branches[0])
+        else:
+            prop["anyOf"] = branches
+    schema["oneOf"] = [{"required": ["features"]}, {"required": ["instances"]}]
+    schema["examples"] = [{"features": _EXAMPLE}, {"instances": [_EXAMPLE]}]
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"features": _EXAMPLE}, {"instances": [_EXAMPLE]}]},
-    )
+
+class PredictRequest(BaseModel):
+    """Exactly one of ``features`` (one event) or ``instances`` (a batch).
+
+    Field values are then checked against the served model's spec (a number for a
+    numeric field, 0/1 for a binary label...); a mismatch is a 422 naming the field.
+    """
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_exactly_one_schema)
 
     features: Features | None = Field(None, description="One event's fields.")
     instances: list[Features] | None = Field(
         None, min_length=1, description="Several events (at most api.max_instances)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _exactly_one(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            present = [k for k in ("features", "instances") if k in data]
+            if len(present) > 1:
+                raise ValueError("give exactly one of 'features' or 'instances'")
+            if present and data[present[0]] is None:
+                raise ValueError(f"'{present[0]}' must not be null")
+        return data
+
     @model_validator(mode="after")
-    def _exactly_one(self) -> PredictRequest:
-        if (self.features is None) == (self.instances is None):
+    def _one_given(self) -> PredictRequest:
+        # Neither key: checked after the fields, so a misspelt key is named first.
+        if self.features is None and self.instances is None:
             raise ValueError("give exactly one of 'features' or 'instances'")
         return self
 
@@ -264,11 +294,13 @@ class DriftResponse(BaseModel):
 
 
 class Health(BaseModel):
-    """Liveness or readiness."""
+    """Liveness or readiness: ``ok``, ``ready``, ``degraded`` or ``not ready``."""
 
     status: str
     models: list[str] = []
     reason: str | None = None
+    degraded: bool = Field(False, description="Models are served but may be stale "
+                                              "(broker unreachable).")
     feed: dict[str, Any] | None = None
 
 

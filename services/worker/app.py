@@ -788,7 +788,8 @@ class WorkerRuntime:
                     limited.reset(("checkpoint", name))
                 key = f"{name}/{self.replica}".encode()
                 try:  # for the API; a broker outage must not stop local checkpoints
-                    await self.outputs.send(self.settings.kafka.models_topic, key, payload)
+                    signed = snapshots.sign(payload, self.settings.kafka.snapshot_key, context=key)
+                    await self.outputs.send(self.settings.kafka.models_topic, key, signed)
                 except KafkaError as exc:
                     self.output_failed(exc)
                     continue

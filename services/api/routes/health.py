@@ -22,17 +22,42 @@ async def healthz() -> Response:
 
 
 @router.get("/readyz", response_model=Health, summary="Readiness",
-            responses={503: {"model": Health, "description": "No model snapshot loaded yet"}})
+            responses={503: {"model": Health, "description":
+                             "No model snapshot loaded yet, or the snapshot feed has stopped"}})
 async def readyz(store: StoreDep, feed: FeedDep) -> Response:
-    """200 once at least one model snapshot is loaded; 503 with the reason before."""
+    """Readiness of the model serving.
+
+    - 200 ``ready``: a model is served and the snapshot feed (if any) is healthy;
+    - 200 ``degraded`` (``degraded: true``, with a ``reason``): models are served but
+      the broker does not answer, so they may be stale; the API keeps serving them;
+    - 503 ``not ready``: no model is loaded yet, or the snapshot feed task has stopped
+      (a restart is needed: the served model would never change again).
+    """
     names = store.names()
     feed_status = feed.status() if feed is not None else None
+    if feed is not None and not feed.alive:
+        reason = f"snapshot feed stopped ({feed.died or 'unknown error'}); restart the API"
+        return OrjsonResponse(
+            {"status": "not ready", "models": names, "reason": reason, "feed": feed_status,
+             "degraded": True},
+            status_code=503,
+        )
     if names:
-        return OrjsonResponse({"status": "ready", "models": names, "feed": feed_status})
+        body: dict[str, object] = {"status": "ready", "models": names, "feed": feed_status}
+        if feed is not None and feed.broker_up is False:
+            body.update(
+                status="degraded", degraded=True,
+                reason=(f"broker {feed.bootstrap} unreachable for "
+                        f"{feed.broker_down_for_s():.0f} s (last error: {feed.last_error}); "
+                        "serving the models loaded before"),
+            )
+        return OrjsonResponse(body)
     if feed is None:
         reason = "no model snapshot loaded and no snapshot feed (kafka.bootstrap is empty)"
     else:
         reason = f"no model snapshot loaded yet; snapshot feed is {feed.state}"
+        if feed.broker_up is False:
+            reason += f", broker unreachable for {feed.broker_down_for_s():.0f} s"
         if feed.last_error:
             reason += f" (last error: {feed.last_error})"
     if store.stats.last_error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from typing import Any
@@ -65,6 +66,16 @@ def _invalid(exc: InvalidEvent, single: bool) -> RequestValidationError:
     return RequestValidationError([{"type": "invalid_event", "loc": loc, "msg": msg}])
 
 
+def _not_finite(loc: tuple[str | int, ...], what: str) -> RequestValidationError:
+    # A finite but extreme input (say 1e308) can overflow the standardized value;
+    # the response schema promises numbers, so refuse rather than answer null.
+    return RequestValidationError([{
+        "type": "non_finite_result", "loc": loc,
+        "msg": f"{what} is not a finite number for these inputs: a feature value is too "
+               "extreme for this model",
+    }])
+
+
 @router.get("", response_model=list[ModelSummary], summary="List served models")
 async def list_models(store: StoreDep) -> Response:
     """Every served model: version, events seen, prequential metrics, features."""
@@ -109,6 +120,11 @@ async def predict(
     except InvalidEvent as exc:
         raise _invalid(exc, single=body.features is not None) from exc
     predictions = scores.tolist()
+    bad = [i for i, p in enumerate(predictions) if not math.isfinite(p)]
+    if bad:
+        single = body.features is not None
+        raise _not_finite(("body", "features") if single else ("body", "instances", bad[0]),
+                          "the score" if single else f"the score of instance {bad[0]}")
     out: dict[str, Any] = {
         "model": name, "version": served.version,
         "snapshot_age_s": round(served.age_s(), 3), "predictions": predictions,
@@ -124,12 +140,19 @@ async def predict(
 @router.post("/{name}/explain", response_model=ExplainResponse, responses=_NOT_FOUND,
              summary="Explain one score")
 async def explain(name: str, body: ExplainRequest, store: StoreDep) -> Response:
-    """Per-feature additive contributions (``w_i * z_i``); they sum with the bias to the margin."""
+    """Per-feature additive contributions (``w_i * z_i``); they sum with the bias to the margin.
+
+    Every number in the answer is finite: an input too extreme for that (a 422) is refused.
+    """
     served = served_or_404(store, name)
     try:
         result = served.model.explain_one(body.features)
     except InvalidEvent as exc:
         raise _invalid(exc, single=True) from exc
+    bad = [n for n, c in result["contributions"].items() if not math.isfinite(c)]
+    if bad or not all(math.isfinite(result[k]) for k in ("bias", "margin", "score")):
+        raise _not_finite(("body", "features"),
+                          f"the contribution of {bad[:5]}" if bad else "the margin")
     return OrjsonResponse({
         "model": name, "version": served.version,
         "snapshot_age_s": round(served.age_s(), 3), **result,
