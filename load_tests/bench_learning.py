@@ -55,7 +55,8 @@ Every system runs at its defaults, prequentially (each row scored before it is l
   ``process_many``; decoding is timed. Its scores equal the arrays path's.
 * ``river learn_one`` (``river-one``): ``StandardScaler`` on the numerics and
   ``OneHotEncoder`` on the categoricals (not scaled), then ``LogisticRegression()`` or
-  ``LinearRegression()``; ``facto.FMClassifier()`` on the raw strings for ranking.
+  ``LinearRegression()``; ``facto.FMClassifier(seed=42)`` on the raw strings for ranking
+  (a fixed seed only, so that runs repeat).
   Missing values are left out of the dicts.
 * ``sklearn SGD`` (``sklearn``): ``StandardScaler.partial_fit`` then
   ``SGDClassifier(loss="log_loss")`` / ``SGDRegressor()`` per mini-batch of 256, on CSR
@@ -1094,6 +1095,7 @@ RIVER_ONE = REAL_SYSTEMS["river-one"]
 REAL_ANCHORS = (RIVER_ONE, REAL_SYSTEMS["sklearn"], REAL_SYSTEMS["vw"])
 GRID_SYSTEMS_REAL = (SL_ARRAYS, *REAL_ANCHORS)
 LR_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+RIVER_FM_SEED = 42  # river's FM draws its initial factors from an unseeded RNG by default
 RARE = 0.10  # positive rate under which a stream is "rare-positive" (log loss target)
 FIXED_FIELDS = ("name", "topic", "task", "numeric", "categorical", "label")
 
@@ -1275,7 +1277,8 @@ def real_river_model(rs: RealStream, lr: float | None) -> Any:
                 "latent_optimizer": optim.SGD(lr),
                 "intercept_lr": lr,
             }
-        est: Any = facto.FMClassifier(**kw)  # one-hot encodes string values itself
+        # One-hot encodes string values itself; seeded (its default draws fresh factors).
+        est: Any = facto.FMClassifier(seed=RIVER_FM_SEED, **kw)
     else:
         kw = {} if lr is None else {"optimizer": optim.SGD(lr), "intercept_lr": lr}
         cls = (
