@@ -1230,13 +1230,19 @@ def real_events(rs: RealStream, a: int, b: int) -> list[dict[str, Any]]:
 _JSON_CACHE: dict[tuple[str, int], list[list[bytes]]] = {}
 
 
+def _evict(cache: dict[tuple[str, int], Any], name: str) -> None:
+    """Keep only ``name``'s entries (its warm-up prefix and its full stream)."""
+    for key in [k for k in cache if k[0] != name]:
+        del cache[key]
+
+
 def real_json_records(rs: RealStream) -> list[list[bytes]]:
     """orjson-encoded events, one list per ``RECORD`` rows (built once, untimed)."""
     import orjson
 
     key = (rs.name, len(rs))
     if key not in _JSON_CACHE:
-        _JSON_CACHE.clear()
+        _evict(_JSON_CACHE, rs.name)
         _JSON_CACHE[key] = [
             [orjson.dumps(ev) for ev in real_events(rs, a, b)] for a, b in rs.slices(RECORD)
         ]
@@ -1416,7 +1422,7 @@ def real_vw_lines(rs: RealStream) -> list[str]:
                 groups.setdefault(ns[f], []).append(f"{f}={vocab[j][c]}")
         parts += [f"|{g} {' '.join(fs)}" for g, fs in groups.items()]
         lines.append(" ".join(parts))
-    _VW_CACHE.clear()
+    _evict(_VW_CACHE, rs.name)
     _VW_CACHE[key] = lines
     return lines
 
