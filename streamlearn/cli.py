@@ -1,4 +1,4 @@
-"""``streamlearn`` command line: demo, broker, worker, api, produce."""
+"""``streamlearn`` command line: demo, broker, worker, api, produce, evaluate."""
 
 from __future__ import annotations
 
@@ -91,6 +91,13 @@ def cmd_produce(args: argparse.Namespace) -> int:
     return run(bootstrap, topic, args.count, args.rate, args.seed, args.format, args.batch_rows)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Replay a file or topic through the learning path, test-then-train."""
+    from streamlearn.evaluate_cli import run
+
+    return run(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Broker, worker, API and producer in one command."""
     from streamlearn.services.demo import run
@@ -141,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-rows", type=int, default=4096, help="events per batch record (default 4096)"
     )
     produce.set_defaults(func=cmd_produce)
+    from streamlearn.evaluate_cli import DESCRIPTION, add_arguments
+
+    evaluate = sub.add_parser(
+        "evaluate", help="replay a CSV/Parquet file or a topic, test-then-train, with metrics",
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
     return p
 
 

@@ -34,6 +34,105 @@ def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def _ranked(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Cumulative true and false positives at each distinct score, highest score first."""
+    y = np.asarray(y) > 0.5
+    p = np.asarray(p, dtype=np.float64)
+    order = np.argsort(-p, kind="mergesort")
+    y, p = y[order], p[order]
+    last = np.r_[np.flatnonzero(np.diff(p)), len(p) - 1]  # last row of each run of ties
+    tps = np.cumsum(y)[last]
+    fps = last + 1 - tps
+    n_pos = int(y.sum())
+    return tps, fps, n_pos, len(y) - n_pos
+
+
+def average_precision(y: np.ndarray, p: np.ndarray) -> float:
+    """Average precision (area under the precision-recall curve, step rule); NaN if no positive.
+
+    ``sum((R_k - R_{k-1}) * P_k)`` over distinct score thresholds, ties counted together:
+    the definition of ``sklearn.metrics.average_precision_score``.
+
+    Examples
+    --------
+    >>> round(average_precision(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])), 6)
+    0.833333
+    >>> average_precision(np.array([1, 1, 0]), np.array([0.5, 0.5, 0.5]))  # one tie: P = 2/3
+    0.666...
+    """
+    if len(y) == 0:
+        return float("nan")
+    tps, fps, n_pos, _ = _ranked(y, p)
+    if n_pos == 0:
+        return float("nan")
+    recall_steps = np.diff(tps, prepend=0) / n_pos
+    return float(np.sum(recall_steps * tps / (tps + fps)))
+
+
+def recall_at_fpr(y: np.ndarray, p: np.ndarray, max_fpr: float = 0.01) -> float:
+    """Highest recall (true positive rate) of any score threshold whose false positive rate
+    is at most ``max_fpr``; NaN if one class.
+
+    What a fraud team asks: flagging at most 1% of legitimate events, how much fraud is caught.
+
+    Examples
+    --------
+    >>> y = np.array([0, 1, 0, 0, 1, 0, 1, 1, 0, 0])
+    >>> p = np.array([.9, .8, .7, .7, .6, .5, .4, .3, .2, .1])
+    >>> recall_at_fpr(y, p, 0.2), recall_at_fpr(y, p, 0.5), recall_at_fpr(y, p, 0.0)
+    (0.25, 0.5, 0.0)
+    """
+    if len(y) == 0:
+        return float("nan")
+    tps, fps, n_pos, n_neg = _ranked(y, p)
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ok = fps <= max_fpr * n_neg
+    return float(tps[ok].max() / n_pos) if ok.any() else 0.0
+
+
+def log_loss(y: np.ndarray, p: np.ndarray, eps: float = _EPS) -> float:
+    """Mean binary cross-entropy, probabilities clipped to ``[eps, 1 - eps]``; NaN if empty.
+
+    Examples
+    --------
+    >>> round(log_loss(np.array([1, 0]), np.array([0.8, 0.4])), 6)  # -(ln 0.8 + ln 0.6) / 2
+    0.366985
+    """
+    if len(y) == 0:
+        return float("nan")
+    y = np.asarray(y, dtype=np.float64)
+    pc = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
+    return float(-(y * np.log(pc) + (1 - y) * np.log(1 - pc)).mean())
+
+
+def mae(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean absolute error; NaN if empty.
+
+    Examples
+    --------
+    >>> mae(np.array([1.0, 2.0, 4.0]), np.array([1.5, 2.0, 3.0]))
+    0.5
+    """
+    if len(y) == 0:
+        return float("nan")
+    return float(np.abs(np.asarray(y, np.float64) - np.asarray(p, np.float64)).mean())
+
+
+def rmse(y: np.ndarray, p: np.ndarray) -> float:
+    """Root mean squared error; NaN if empty.
+
+    Examples
+    --------
+    >>> rmse(np.array([1.0, 2.0, 4.0]), np.array([1.0, 2.0, 1.0]))
+    1.7320508075688772
+    """
+    if len(y) == 0:
+        return float("nan")
+    err = np.asarray(y, np.float64) - np.asarray(p, np.float64)
+    return float(np.sqrt((err * err).mean()))
+
+
 class PrequentialMetrics:
     """Rolling log loss and ROC AUC (binary, ranking) or MAE (regression).
 
@@ -78,11 +177,10 @@ class PrequentialMetrics:
         if len(y) == 0:
             return out
         if self.task == "regression":
-            out["mae"] = float(np.abs(y - p).mean())
-            out["rmse"] = float(np.sqrt(((y - p) ** 2).mean()))
+            out["mae"] = mae(y, p)
+            out["rmse"] = rmse(y, p)
         else:
-            pc = np.clip(p.astype(np.float64), _EPS, 1 - _EPS)
-            out["log_loss"] = float(-(y * np.log(pc) + (1 - y) * np.log(1 - pc)).mean())
+            out["log_loss"] = log_loss(y, p)
             auc = roc_auc(y, p)
             out["auc"] = None if np.isnan(auc) else round(auc, 6)
             out["positive_rate"] = float(y.mean())

@@ -1,0 +1,355 @@
+"""``streamlearn evaluate`` on small offline files: the worker's path, the metrics, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+from sklearn import metrics as skm
+
+from streamlearn import prequential
+from streamlearn.batch_format import encode_batch
+from streamlearn.cli import main
+from streamlearn.config import ModelSpec
+from streamlearn.evaluate import (
+    ArrowDecoder,
+    EvaluateError,
+    MessageDecoder,
+    Replay,
+    TableFile,
+    Variant,
+    _coerce,
+    needed_columns,
+    spec_with,
+    split_assignments,
+)
+from streamlearn.models import OnlineModel
+from streamlearn.pipeline import JsonDecoder
+from streamlearn.synthetic import FraudStream
+
+NUMERIC = ("amount", "hour", "distance_km", "card_age_days", "tx_last_hour")
+CATEGORICAL = ("merchant_category", "country", "channel")
+N_ROWS = 6000
+FLAGS = ["--numeric", ",".join(NUMERIC), "--categorical", ",".join(CATEGORICAL),
+         "--label", "is_fraud", "--set", "hash_bits=10", "--set", "batch_size=64", "-q"]
+
+
+@pytest.fixture(scope="module")
+def events() -> list[dict[str, Any]]:
+    # 10% unlabelled, 0.5% missing distance_km: both paths must agree on those too.
+    return FraudStream(seed=11, fraud_rate=0.03, label_fraction=0.9).take(N_ROWS)
+
+
+@pytest.fixture(scope="module")
+def spec() -> ModelSpec:
+    return ModelSpec(name="fraud", topic="t", label="is_fraud", numeric=NUMERIC,
+                     categorical=CATEGORICAL, hash_bits=10, batch_size=64, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def files(events: list[dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+          ) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("evaluate")
+    keys = list(dict.fromkeys(k for e in events for k in e))  # from_pylist reads row 0 only
+    table = pa.table({k: [e.get(k) for e in events] for k in keys})
+    pacsv.write_csv(table, tmp / "fraud.csv")
+    pq.write_table(table, tmp / "fraud.parquet", row_group_size=1000)
+    return {"csv": tmp / "fraud.csv", "parquet": tmp / "fraud.parquet"}
+
+
+def _replay(path: Path, spec: ModelSpec, window: int = 1000, **kw: Any) -> Any:
+    table = TableFile(path, needed_columns([spec]), batch_rows=700, csv_block_bytes=16_384)
+    replay = Replay([Variant(spec.name, spec, ArrowDecoder(spec, source=str(path)))],
+                    window=window, **kw)
+    for chunk in table:
+        replay.feed(chunk)
+        if replay.done:
+            break
+    return replay.finish()
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# -- the worker's path ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_file_replay_scores_are_the_json_workers(fmt: str, files: dict[str, Path],
+                                                 events: list[dict[str, Any]],
+                                                 spec: ModelSpec) -> None:
+    """Same rows as JSON events through the worker's decoder and step: identical scores."""
+    report = _replay(files[fmt], spec)
+    model = OnlineModel(spec, device="cpu")
+    batch, rejects = JsonDecoder(spec, model.vectorizer).decode(
+        [orjson.dumps(e) for e in events])
+    assert rejects == []
+    expected = model.process_many(batch, spec.batch_size).scores
+    got = report.variants[0]
+    assert got.rows == N_ROWS and got.labelled == int(batch.has_label.sum())
+    np.testing.assert_array_equal(got.scores, expected)
+    np.testing.assert_array_equal(got.labels, batch.labels)
+
+
+def test_metrics_match_sklearn_overall_and_per_window(files: dict[str, Path],
+                                                     spec: ModelSpec) -> None:
+    v = _replay(files["parquet"], spec, window=1500).variants[0]
+    y, p = v.labels, v.scores
+    mask = ~np.isnan(y)
+    yl, pl = y[mask], p[mask].astype(np.float64)
+    assert v.overall["n"] == mask.sum()
+    assert v.overall["auc"] == pytest.approx(skm.roc_auc_score(yl, pl), abs=1e-12)
+    assert v.overall["pr_auc"] == pytest.approx(skm.average_precision_score(yl, pl), abs=1e-12)
+    clipped = np.clip(pl, 1e-7, 1 - 1e-7)
+    assert v.overall["log_loss"] == pytest.approx(skm.log_loss(yl, clipped), rel=1e-9)
+    fpr, tpr, _ = skm.roc_curve(yl, pl)
+    assert v.overall["recall_at_1pct_fpr"] == pytest.approx(tpr[fpr <= 0.01].max())
+    assert v.overall["auc"] > 0.9  # the synthetic fraud is learnable
+    assert [(w["start"], w["end"]) for w in v.windows] == [
+        (0, 1500), (1500, 3000), (3000, 4500), (4500, 6000)]
+    for w in v.windows:
+        wy, wp = y[w["start"]:w["end"]], p[w["start"]:w["end"]]
+        m = ~np.isnan(wy)
+        assert w["n"] == m.sum()
+        assert w["auc"] == pytest.approx(skm.roc_auc_score(wy[m], wp[m]), abs=1e-12)
+        assert w["pr_auc"] == pytest.approx(skm.average_precision_score(wy[m], wp[m]),
+                                            abs=1e-12)
+
+
+def test_regression_metrics_match_sklearn(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    n = 3000
+    x = rng.normal(size=(n, 2))
+    y = 40.0 + 3.0 * x[:, 0] - 2.0 * x[:, 1] + rng.normal(scale=0.5, size=n)
+    pq.write_table(pa.table({"a": x[:, 0], "b": x[:, 1], "c": rng.integers(0, 5, n),
+                             "y": y}), tmp_path / "r.parquet")
+    spec = ModelSpec(name="r", topic="t", task="regression", numeric=("a", "b"),
+                     categorical=("c",), label="y", hash_bits=6, device="cpu")
+    v = _replay(tmp_path / "r.parquet", spec, window=1000).variants[0]
+    np.testing.assert_array_equal(v.labels, y.astype(np.float32))
+    p = v.scores.astype(np.float64)
+    yl = v.labels.astype(np.float64)
+    assert v.overall["mae"] == pytest.approx(skm.mean_absolute_error(yl, p), rel=1e-9)
+    assert v.overall["rmse"] == pytest.approx(skm.root_mean_squared_error(yl, p), rel=1e-9)
+    assert v.windows[2]["rmse"] == pytest.approx(
+        skm.root_mean_squared_error(yl[2000:], p[2000:]), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metric_functions_match_sklearn_with_ties(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    y = (rng.random(2000) < 0.1).astype(np.float64)
+    p = np.round(np.clip(rng.normal(0.3 + 0.3 * y, 0.2), 0, 1), 2)  # many tied scores
+    assert prequential.average_precision(y, p) == pytest.approx(
+        skm.average_precision_score(y, p), abs=1e-12)
+    fpr, tpr, _ = skm.roc_curve(y, p)
+    for limit in (0.0, 0.01, 0.1, 0.5):
+        assert prequential.recall_at_fpr(y, p, limit) == pytest.approx(
+            tpr[fpr <= limit].max(), abs=1e-12)
+    pc = np.clip(p, 1e-7, 1 - 1e-7)
+    assert prequential.log_loss(y, p) == pytest.approx(skm.log_loss(y, pc), rel=1e-9)
+    assert prequential.mae(y, p) == pytest.approx(skm.mean_absolute_error(y, p))
+    assert prequential.rmse(y, p) == pytest.approx(skm.root_mean_squared_error(y, p))
+
+
+def test_metric_functions_are_undefined_on_one_class() -> None:
+    ones = np.ones(5)
+    assert np.isnan(prequential.recall_at_fpr(ones, ones))
+    assert np.isnan(prequential.average_precision(np.zeros(5), ones))
+    assert prequential.average_precision(ones, np.linspace(0, 1, 5)) == 1.0
+
+
+def test_limit_stops_early(files: dict[str, Path], spec: ModelSpec) -> None:
+    report = _replay(files["csv"], spec, limit=1234)
+    assert report.rows == 1234 and len(report.variants[0].scores) == 1234
+
+
+def test_message_decoder_drops_what_the_worker_dead_letters(
+        events: list[dict[str, Any]], spec: ModelSpec) -> None:
+    dec = MessageDecoder(spec)
+    values = [orjson.dumps(e) for e in events[:300]]
+    values += [b"not json", orjson.dumps({"amount": "lots", "is_fraud": 1}),
+               encode_batch(events[300:1000], spec), b"\xffSLB broken"]
+    batch = dec.decode(values)
+    assert len(batch) == 1000
+    assert sum(dec.dropped.values()) == 3
+    assert any("amount" in reason for reason in dec.dropped)
+    assert any(reason.startswith("bad batch record") for reason in dec.dropped)
+
+
+# -- model specs from flags ----------------------------------------------------------------
+
+
+def test_assignments_are_coerced_from_the_field_types() -> None:
+    assert _coerce(bool, "false", "x") is False
+    assert _coerce(float | None, "none", "x") is None
+    assert _coerce(float | None, "0.25", "x") == 0.25
+    assert _coerce(tuple[str, ...], "a, b,", "x") == ("a", "b")
+    assert _coerce(int, "1e3", "x") == 1000
+    assert _coerce(dict[str, Any], '{"k": 1}', "x") == {"k": 1}
+    with pytest.raises(EvaluateError, match="expected one of 'a', 'b'"):
+        _coerce(Literal["a", "b"], "c", "x=c")
+    with pytest.raises(EvaluateError, match="expected an integer"):
+        _coerce(int, "2.5", "x=2.5")
+    spec = spec_with({"name": "m", "topic": "t"},
+                     ["numeric=a,b", "hash_bits=9", "optimizer=sgd", "l1=0.001"])
+    assert (spec.numeric, spec.hash_bits, spec.optimizer, spec.l1) == (("a", "b"), 9, "sgd",
+                                                                       0.001)
+    with pytest.raises(EvaluateError, match="not a model setting"):
+        spec_with(spec.to_dict(), ["colour=red"])
+    with pytest.raises(EvaluateError, match="invalid model spec"):
+        spec_with(spec.to_dict(), ["hash_bits=40"])
+    assert split_assignments("numeric=a,b,l2=0") == ["numeric=a,b", "l2=0"]
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+def test_cli_table_json_png_and_compare(files: dict[str, Path], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out_json, out_png = tmp_path / "out.json", tmp_path / "out.png"
+    rc, out, err = _run(["evaluate", str(files["csv"]), *FLAGS, "--window", "2000",
+                         "--json", str(out_json), "--plot", str(out_png),
+                         "--compare", "l2=0.01", "--compare", "hash_bits=8,batch_size=32"],
+                        capsys)
+    assert rc == 0, err
+    for text in ("ROC AUC", "PR AUC", "log loss", "recall @ 1% FPR", "learn rows/s",
+                 "rows/s end to end", "l2=0.01", "hash_bits=8,batch_size=32"):
+        assert text in out
+    report = json.loads(out_json.read_text())
+    assert report["rows"] == N_ROWS and report["window"] == 2000 and report["rows_per_s"] > 0
+    names = [v["name"] for v in report["variants"]]
+    assert names == ["model", "l2=0.01", "hash_bits=8,batch_size=32"]
+    base, l2, small = report["variants"]
+    assert (l2["spec"]["l2"], small["spec"]["hash_bits"], small["spec"]["batch_size"]) == (
+        0.01, 8, 32)
+    assert len(base["windows"]) == 3 and base["windows"][-1]["end"] == N_ROWS
+    assert base["learn_rows_per_s"] > 0 and set(base["overall"]) >= {
+        "auc", "pr_auc", "log_loss", "recall_at_1pct_fpr"}
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A compared variant is the same replay as that spec alone.
+    alone = tmp_path / "alone.json"
+    rc, _, err = _run(["evaluate", str(files["csv"]), *FLAGS, "--window", "2000",
+                       "--set", "l2=0.01", "--json", str(alone)], capsys)
+    assert rc == 0, err
+    assert json.loads(alone.read_text())["variants"][0]["overall"] == l2["overall"]
+    assert l2["overall"] != base["overall"]
+
+
+def test_cli_html_plot_is_self_contained(files: dict[str, Path], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    page = tmp_path / "auc.html"
+    rc, _, err = _run(["evaluate", str(files["parquet"]), *FLAGS, "--limit", "3000",
+                       "--window", "500", "--plot", str(page)], capsys)
+    assert rc == 0, err
+    text = page.read_text()
+    assert text.startswith("<!doctype html>") and "<svg" in text and "</svg>" in text
+    assert "<script" not in text and "<link" not in text and "<img" not in text
+    assert "3,000 rows" in text
+
+
+def test_cli_spec_from_config(files: dict[str, Path], tmp_path: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "streamlearn.toml"
+    cfg.write_text(
+        '[[model]]\nname = "other"\ntopic = "x"\nnumeric = ["amount"]\n\n'
+        '[[model]]\nname = "fraud"\ntopic = "transactions"\nlabel = "is_fraud"\n'
+        f"numeric = {list(NUMERIC)!r}\ncategorical = {list(CATEGORICAL)!r}\n"
+        "hash_bits = 10\n".replace("'", '"'))
+    out_json = tmp_path / "o.json"
+    rc, out, err = _run(["-c", str(cfg), "evaluate", str(files["parquet"]), "--model", "fraud",
+                         "--set", "batch_size=128", "--json", str(out_json), "-q"], capsys)
+    assert rc == 0, err
+    v = json.loads(out_json.read_text())["variants"][0]
+    assert (v["name"], v["spec"]["hash_bits"], v["spec"]["batch_size"]) == ("fraud", 10, 128)
+    # The first model reads a column the file lacks: named, with the file's columns.
+    rc, _, err = _run(["-c", str(cfg), "evaluate", str(files["parquet"]), "-q"], capsys)
+    assert rc == 2 and "column 'label' (label in the model spec) is not in" in err
+
+
+def _write(path: Path, text: str | bytes) -> Path:
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+@pytest.mark.parametrize(("name", "content", "args", "message"), [
+    ("none.csv", None, [], "none.csv: no such file"),
+    ("bin.csv", b"\x89PNG\r\n\x1a\n\0\0\0", [], "not a CSV or Parquet file"),
+    ("bad.parquet", b"PAR1 not really", [], "not a readable Parquet file"),
+    ("missing.csv", "amount,country,y\n1,FR,0\n", ["--numeric", "amount,speed"],
+     "column 'speed' (numeric in the model spec) is not in the file"),
+    ("text.csv", "amount,country,y\n1,FR,0\n2,DE,1\nlots,FR,1\n", [],
+     "column 'amount' (numeric): 'lots' at data row 3 is not a number"),
+    ("inf.csv", "amount,country,y\n1,FR,0\ninf,DE,1\n", [],
+     "column 'amount' (numeric): inf at data row 2 is not finite"),
+    ("label.csv", "amount,country,y\n1,FR,0\n2,DE,2\n", [],
+     "column 'y' (label): 2.0 at data row 2 is not 0 or 1"),
+    ("words.csv", "amount,country,y\n1,FR,no\n2,DE,yes\n", [],
+     "label column 'y' holds text ('no', 'yes'); a binary label is 0/1 or true/false: "
+     "pass --positive VALUE"),
+    ("three.csv", "amount,country,y\n1,FR,no\n2,DE,yes\n3,DE,maybe\n", ["--positive", "yes"],
+     "label column 'y' has more than two values"),
+    ("rtext.csv", "amount,country,y\n1,FR,1.5\n2,DE,much\n", ["--task", "regression"],
+     "column 'y' (label): 'much' at data row 2 is not a number"),
+    ("ok.csv", "amount,country,y\n1,FR,0\n", ["--set", "optimizer=adam"],
+     "optimizer=adam: expected one of 'sgd', 'adagrad', 'ftrl'"),
+])
+def test_cli_errors_name_the_problem(name: str, content: str | bytes | None, args: list[str],
+                                     message: str, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / name if content is None else _write(tmp_path / name, content)
+    argv = ["evaluate", str(path), "--numeric", "amount", "--categorical", "country",
+            "--label", "y", "-q", *args]
+    rc, _, err = _run(argv, capsys)
+    assert rc == 2
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("labels", "args"), [
+    (["true", "FALSE", "", "True"], []),
+    (["yes", "no", "", "yes"], ["--positive", "yes"]),
+    (["1", "0", "", "1"], []),
+])
+def test_cli_reads_binary_labels(labels: list[str], args: list[str], tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    rows = "".join(f"{i},{'ab'[i % 2]},{y}\n" for i, y in enumerate(labels * 50))
+    path = _write(tmp_path / "l.csv", "amount,country,y\n" + rows)
+    out_json = tmp_path / "l.json"
+    rc, _, err = _run(["evaluate", str(path), "--numeric", "amount", "--categorical", "country",
+                       "--label", "y", "--json", str(out_json), "-q", *args], capsys)
+    assert rc == 0, err
+    v = json.loads(out_json.read_text())["variants"][0]
+    assert (v["rows"], v["labelled"]) == (200, 150)
+    assert v["overall"]["positive_rate"] == pytest.approx(2 / 3)
+
+
+def test_cli_parquet_bool_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pq.write_table(pa.table({"x": [1.0, 2.0, 3.0, 4.0], "y": [True, False, None, True]}),
+                   tmp_path / "b.parquet")
+    out_json = tmp_path / "b.json"
+    rc, _, err = _run(["evaluate", str(tmp_path / "b.parquet"), "--numeric", "x", "--label", "y",
+                       "--json", str(out_json), "-q"], capsys)
+    assert rc == 0, err
+    v = json.loads(out_json.read_text())["variants"][0]
+    assert (v["labelled"], v["overall"]["positive_rate"]) == (3, pytest.approx(2 / 3))
+
+
+def test_cli_topic_needs_a_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("STREAMLEARN_KAFKA__BOOTSTRAP", raising=False)
+    monkeypatch.delenv("STREAMLEARN_CONFIG", raising=False)
+    rc, _, err = _run(["evaluate", "--topic", "transactions", "--numeric", "amount", "-q"],
+                      capsys)
+    assert rc == 2 and "--topic needs a running broker: pass --bootstrap host:port" in err
