@@ -30,6 +30,7 @@ from streamlearn.evaluate import (
     spec_with,
     split_assignments,
 )
+from streamlearn.features import Vectorizer
 from streamlearn.models import OnlineModel
 from streamlearn.pipeline import JsonDecoder
 from streamlearn.synthetic import FraudStream
@@ -353,3 +354,13 @@ def test_cli_topic_needs_a_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     rc, _, err = _run(["evaluate", "--topic", "transactions", "--numeric", "amount", "-q"],
                       capsys)
     assert rc == 2 and "--topic needs a running broker: pass --bootstrap host:port" in err
+
+
+def test_integer_and_missing_categoricals_hash_like_the_worker() -> None:
+    spec = ModelSpec(name="m", topic="t", categorical=("c",), label="y", hash_bits=8)
+    rb = pa.record_batch({"c": pa.array([5, None, 7, 5]), "y": pa.array([1, 0, None, 1])})
+    batch = ArrowDecoder(spec).decode((rb, 0))
+    json_batch, _ = JsonDecoder(spec, Vectorizer(spec)).decode(
+        [b'{"c": 5, "y": 1}', b'{"y": 0}', b'{"c": 7}', b'{"c": "5", "y": 1}'])
+    np.testing.assert_array_equal(batch.hashed, json_batch.hashed)
+    np.testing.assert_array_equal(batch.labels, json_batch.labels)
