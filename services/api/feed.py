@@ -20,10 +20,13 @@ Hardening (every record is untrusted input):
   minute per reason.  Should the task end anyway, :attr:`SnapshotFeed.alive` is
   false and ``/readyz`` answers 503.
 - Every ``probe_interval_s`` the feed asks the broker for metadata and the
-  topic's offsets: the answer (or its absence) is ``broker_up``, and a topic
-  whose end offset went backwards, or now lies behind the feed's position (a
-  broker restarted without its data, a topic recreated), is read again from the
-  beginning.
+  topic's offsets: the answer (or its absence) is ``broker_up``.  A topic whose
+  end offset went backwards, or now lies behind the feed's position (a broker
+  restarted without its data, a topic recreated), is read again from the
+  beginning, and so is every partition once the broker answers again after an
+  outage: a recreated topic may already hold as many records as the old one, so
+  offsets alone cannot tell.  Re-reading costs one screening per record and a
+  decode only where a key's newest value changed (duplicates are skipped by CRC).
 - Repeated lines of the Kafka client's own loggers are rate-limited
   (:func:`streamlearn.logs.limit_loggers`).
 """
@@ -103,6 +106,7 @@ class SnapshotFeed:
         self.died: str = ""
         self._task: asyncio.Task[None] | None = None
         self._last_end: dict[TopicPartition, int] = {}
+        self._rewind = False  # read everything again once the broker is back
 
     # -- status ------------------------------------------------------------------
     @property
@@ -218,6 +222,7 @@ class SnapshotFeed:
             log.warning("broker %s answers again after %.1fs", self.bootstrap,
                         self.broker_down_for_s())
             _rlog.reset("feed_retry")
+            self._rewind = True
         self.broker_up = True
         self.broker_down_since = None
 
@@ -235,6 +240,11 @@ class SnapshotFeed:
         assigned = list(consumer.assignment())
         if not assigned:
             return
+        if self._rewind:
+            self._rewind = False
+            for tp in assigned:
+                await self._reset(consumer, tp, "the broker was unreachable")
+            return
         try:
             ends = await asyncio.wait_for(consumer.end_offsets(assigned), self.probe_timeout_s)
         except asyncio.CancelledError:
@@ -251,15 +261,16 @@ class SnapshotFeed:
                 continue
             last = self._last_end.get(tp, 0)
             if end < last or position > end:
-                self._reset(consumer, tp, f"end offset {end} (was {last}), position {position}")
+                await self._reset(consumer, tp,
+                                  f"end offset {end} (was {last}), position {position}")
             self._last_end[tp] = end
 
-    def _reset(self, consumer: AIOKafkaConsumer, tp: TopicPartition, why: str) -> None:
+    async def _reset(self, consumer: AIOKafkaConsumer, tp: TopicPartition, why: str) -> None:
         self.resets += 1
         self._last_end.pop(tp, None)
         log.warning("topic %s partition %d was reset (%s): reading it again from the start",
                     tp.topic, tp.partition, why)
-        consumer.seek_to_beginning(tp)
+        await consumer.seek_to_beginning(tp)
 
     # -- consuming -----------------------------------------------------------------------
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
@@ -275,9 +286,9 @@ class SnapshotFeed:
                 batches = await consumer.getmany(timeout_ms=self.poll_timeout_ms)
             except OffsetOutOfRangeError as exc:  # a topic truncated or recreated
                 for tp in exc.args[0] if exc.args and isinstance(exc.args[0], dict) else ():
-                    self._reset(consumer, tp, "offset out of range")
+                    await self._reset(consumer, tp, "offset out of range")
                 if not exc.args:
-                    consumer.seek_to_beginning()
+                    await consumer.seek_to_beginning()
                 continue
             messages = [m for ms in batches.values() for m in ms]
             if messages:

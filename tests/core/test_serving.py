@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import struct
 import threading
+import time
+import zlib
 from typing import Any
 
 import numpy as np
@@ -13,7 +17,13 @@ from streamlearn.config import ModelSpec
 from streamlearn.metrics import LEARN_BUCKETS
 from streamlearn.models import OnlineModel
 from streamlearn.scaler import RunningStandardScaler
-from streamlearn.serving import ModelStore, clean_telemetry, merge_states, sum_telemetry
+from streamlearn.serving import (
+    ModelStore,
+    SnapshotPolicy,
+    clean_telemetry,
+    merge_states,
+    sum_telemetry,
+)
 from streamlearn.synthetic import FraudStream
 
 SPEC = ModelSpec(
@@ -287,3 +297,123 @@ def test_readers_see_consistent_models_during_swaps(model_a: OnlineModel,
         reader.join()
     assert not errors
     assert store.stats.accepted == 21
+
+
+# -- snapshot policy: authentication, configured spec, bounds, tombstones -----------
+
+KEY = "a-test-key-of-32-bytes-length!!!"
+
+
+def signed(model: OnlineModel, key: str = "fraud/r1", secret: str = KEY,
+           **changes: Any) -> bytes:
+    state = model.to_state() | {"replica": key.partition("/")[2]} | changes
+    return snapshots.sign(snapshots.encode(state), secret, context=key)
+
+
+def strict_store() -> ModelStore:
+    return ModelStore(policy=SnapshotPolicy(key=KEY, specs={"fraud": SPEC}))
+
+
+def test_only_authentic_snapshots_of_the_configured_spec_are_served(model_a: OnlineModel) -> None:
+    store = strict_store()
+    assert store.submit("fraud/r1", signed(model_a)) == "accepted"
+    served = store.get("fraud")
+    other = dataclasses.replace(SPEC, hash_bits=4)
+    forged = trained(other, n=500)
+    attempts = {
+        "unsigned": ("fraud/evil", snapshots.encode(model_a.to_state() | {"version": 10**12})),
+        "bad_signature": ("fraud/evil", signed(model_a, secret="x" * 32, version=10**12)),
+        "spec_mismatch": ("fraud/evil", signed(forged, key="fraud/evil", version=10**12)),
+        "unknown_model": ("other/r1", signed(model_a, key="other/r1")),
+        "tombstone": ("fraud/r1", None),
+        "bad_key": ("fraud/r 1", signed(model_a, key="fraud/r 1")),
+    }
+    for reason, (key, value) in attempts.items():
+        assert store.submit(key, value) == f"rejected:{reason}", reason
+        assert store.get("fraud") is served  # the served model never changed
+    # A valid snapshot replayed under another replica's key fails its signature too.
+    assert store.submit("fraud/r2", signed(model_a)) == "rejected:bad_signature"
+    assert store.stats.rejected_by_reason == {
+        "unsigned": 1, "bad_signature": 2, "spec_mismatch": 1, "unknown_model": 1,
+        "tombstone": 1, "bad_key": 1}
+    assert store.stats.rejected == 7 and store.stats.accepted == 1
+
+
+@pytest.mark.parametrize("mangle, reason", [
+    (lambda s: s["weights"]["w"].__setitem__(0, np.inf), "invalid_state"),
+    (lambda s: s["weights"]["s1"].__setitem__(1, np.nan), "invalid_state"),
+    (lambda s: s["scaler"]["m2"].__setitem__(0, np.inf), "invalid_state"),
+    (lambda s: s.__setitem__("version", -1), "invalid_state"),
+    (lambda s: s.__setitem__("version", 2**60), "invalid_state"),
+    (lambda s: s.__setitem__("updated_at", time.time() + 86_400), "invalid_state"),
+    (lambda s: s.__setitem__("updated_at", float("nan")), "invalid_state"),
+    (lambda s: s.__setitem__("spec", {"name": "fraud"}), "invalid_state"),
+    (lambda s: s.__setitem__("spec", "x"), "invalid_state"),
+    (lambda s: s.__setitem__("weights", {"w": s["weights"]["w"][:3]}), "invalid_state"),
+    (lambda s: s.__setitem__("scaler", {"mean": [1, 2]}), "invalid_state"),
+    (lambda s: s.__setitem__("metrics", {"window": "x"}), "invalid_state"),
+    (lambda s: s.pop("n_seen"), "invalid_state"),
+])
+def test_states_that_no_real_model_has_are_refused(model_a: OnlineModel, mangle: Any,
+                                                   reason: str) -> None:
+    store = strict_store()
+    assert store.offer("fraud/r1", signed(model_a))
+    served = store.get("fraud")
+    state = model_a.to_state() | {"replica": "r2"}
+    mangle(state)
+    value = snapshots.sign(snapshots.encode(state), KEY, context="fraud/r2")
+    assert store.submit("fraud/r2", value) == f"rejected:{reason}"
+    assert store.get("fraud") is served and store.stats.rejected == 1
+
+
+def test_oversized_and_bomb_snapshots_are_refused_before_allocating(model_a: OnlineModel) -> None:
+    store = ModelStore(policy=SnapshotPolicy(specs={"fraud": SPEC}))
+    assert store.offer("fraud/r1", payload(model_a))
+    # Arrays far larger than SPEC's 2**8 weights (the model's own spec is used for bounds).
+    state = model_a.to_state() | {"replica": "r2"}
+    state["weights"] = {k: np.ones(2**22, dtype=np.float32) for k in ("w", "s1", "s2")}
+    assert store.submit("fraud/r2", snapshots.encode(state)) == "rejected:too_large"
+    small = ModelStore(policy=SnapshotPolicy(limits=snapshots.Limits(max_payload_bytes=512)))
+    assert small.submit("fraud/r1", payload(model_a)) == "rejected:too_large"
+    # Without configured specs, a spec whose weights alone exceed the limit is refused.
+    huge = dataclasses.replace(SPEC, hash_bits=26, task="ranking", fm_factors=256)
+    meta = {"kind": "streamlearn.model", "spec": huge.to_dict()}
+    loose = ModelStore()
+    assert loose.submit("fraud/r1", snapshots.encode(meta)) == "rejected:too_large"
+
+
+def test_too_many_replicas_are_refused(model_a: OnlineModel) -> None:
+    store = ModelStore(policy=SnapshotPolicy(max_replicas=2))
+    assert store.offer("fraud/r1", payload(model_a, "r1"))
+    assert store.offer("fraud/r2", payload(model_a, "r2"))
+    assert store.submit("fraud/r3", payload(model_a, "r3")) == "rejected:too_many_replicas"
+    assert sorted(store.get("fraud").replicas) == ["r1", "r2"]  # type: ignore[union-attr]
+
+
+def test_no_mutated_payload_escapes_the_store(model_a: OnlineModel) -> None:
+    """Random truncations and byte flips (with the CRC fixed): counted, never raised."""
+    good = payload(model_a)
+    store = ModelStore(policy=SnapshotPolicy(specs={"fraud": SPEC}))
+    assert store.offer("fraud/r1", good)
+    served = store.get("fraud")
+    rng = np.random.default_rng(7)
+    header = struct.calcsize("<6sHI")
+    raw = bytearray(zlib.decompress(good[header:]))
+    outcomes = set()
+    for i in range(150):
+        mutated = bytearray(raw)
+        for pos in rng.integers(0, len(mutated), 1 + i % 4):
+            mutated[pos] = int(rng.integers(0, 256))
+        body = zlib.compress(bytes(mutated))
+        value = struct.pack("<6sHI", snapshots.MAGIC, 1, zlib.crc32(body)) + body
+        outcomes.add(store.submit("fraud/r1", value[: len(value) - int(i % 3 == 2)]).split(":")[0])
+    assert outcomes <= {"rejected", "accepted", "duplicate", "stale"}
+    assert "rejected" in outcomes and store.stats.rejected >= 1
+    current = store.get("fraud")
+    assert current is not None and current.name == "fraud" and served is not None
+
+
+def test_require_signature_without_a_key_refuses_everything(model_a: OnlineModel) -> None:
+    store = ModelStore(policy=SnapshotPolicy(require_signature=True))
+    assert store.submit("fraud/r1", payload(model_a)) == "rejected:unsigned"
+    assert "key=None" in repr(store.policy) and KEY not in repr(strict_store().policy)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Iterator
@@ -10,6 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
@@ -18,6 +21,7 @@ from streamlearn.broker import free_port
 from streamlearn.config import ModelSpec
 from streamlearn.models import OnlineModel
 from streamlearn.services.api.deps import get_settings
+from streamlearn.services.api.feed import SnapshotFeed
 from streamlearn.services.api.main import create_app
 from streamlearn.serving import ModelStore
 from streamlearn.synthetic import FraudStream
@@ -40,6 +44,7 @@ class ApiCfg(BaseModel):
     port: int = 0
     max_instances: int = MAX_INSTANCES
     snapshot_dir: str = ""
+    max_body_bytes: int = 1024 * 1024
 
 
 class Cfg(BaseModel):
@@ -333,3 +338,176 @@ def test_drift_report_is_served(client: TestClient, model: OnlineModel) -> None:
     assert body["concept"] == model.drift_report()["concept"]
     assert set(body["data"]["features"]) == set(model.spec.numeric)
     assert client.get("/models/nope/drift").status_code == 404
+
+
+# -- hardening: body limit, readiness, non-finite results, schema, signed snapshots --
+
+
+def test_bodies_over_the_limit_get_413_before_being_read(store: ModelStore) -> None:
+    cfg = Cfg(api=ApiCfg(max_body_bytes=4096))  # type: ignore[call-arg]
+    with TestClient(create_app(cfg, store, CollectorRegistry())) as c:
+        ok = c.post("/models/fraud/predict", json={"features": GOOD})
+        assert ok.status_code == 200
+        big = b'{"features": {"amount": 1, "pad": "' + b"x" * 5000 + b'"}}'
+        r = post_raw(c, "/models/fraud/predict", big)  # Content-Length says it all
+        assert r.status_code == 413 and "4096" in r.json()["detail"]
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it streams
+            yield b'{"instances": ['
+            for _ in range(100):
+                yield b'{"amount": 1, "hour": 2, "country": "FR"},'
+            yield b'{"amount": 1}]}'
+
+        r = c.post("/models/fraud/predict", content=chunks(),
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "max_body_bytes" in r.json()["detail"]
+        text = c.get("/metrics").text
+        assert 'streamlearn_request_errors_total{status="413"} 2.0' in text
+
+
+def test_default_body_limit_refuses_a_large_body(client: TestClient) -> None:
+    r = post_raw(client, "/models/fraud/explain", b" " * (1024 * 1024 + 1))
+    assert r.status_code == 413
+
+
+class _FakeFeed(SnapshotFeed):
+    def __init__(self, store: ModelStore) -> None:
+        super().__init__("127.0.0.1:9", store)
+
+
+def test_readyz_reports_a_dead_feed_and_a_broker_outage(store: ModelStore) -> None:
+    app = create_app(Cfg(), store, CollectorRegistry())
+    with TestClient(app) as c:
+        feed = _FakeFeed(store)
+        app.state.feed = feed
+        feed.broker_up = True
+        r = c.get("/readyz")
+        assert r.status_code == 200 and r.json()["status"] == "ready"
+        assert "streamlearn_broker_up 1.0" in c.get("/metrics").text
+        # The broker stops answering: still serving, but degraded, with the reason.
+        feed._mark_down()
+        feed.last_error = "KafkaConnectionError: no broker"
+        r = c.get("/readyz")
+        body = r.json()
+        assert r.status_code == 200 and body["status"] == "degraded" and body["degraded"]
+        assert "unreachable" in body["reason"] and body["feed"]["broker_up"] is False
+        assert "streamlearn_broker_up 0.0" in c.get("/metrics").text
+        # The feed task dies: not ready, whatever is served.
+        loop = asyncio.new_event_loop()
+        try:
+            task = loop.create_future()
+            task.set_exception(RuntimeError("boom"))
+            feed._task = task  # type: ignore[assignment]
+            feed._on_done(task)  # type: ignore[arg-type]
+        finally:
+            loop.close()
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "feed stopped" in r.json()["reason"]
+        assert "boom" in r.json()["reason"]
+        assert "streamlearn_snapshot_feed_up 0.0" in c.get("/metrics").text
+
+
+def test_rejected_snapshots_are_counted_in_metrics(client: TestClient, store: ModelStore) -> None:
+    store.offer("fraud/r1", b"garbage")
+    store.offer("fraud/r9", None)  # type: ignore[arg-type]
+    text = client.get("/metrics").text
+    assert 'streamlearn_snapshots_rejected_total{reason="truncated"} 1.0' in text
+    assert 'streamlearn_snapshots_rejected_total{reason="tombstone"} 1.0' in text
+    assert client.get("/models/fraud").status_code == 200
+
+
+@pytest.mark.parametrize("features", [
+    {"amount": 1e308}, {"amount": 1.7e308, "hour": -1.7e308}, {"amount": -1e300},
+    {"amount": 1e15, "hour": -1e15},
+])
+def test_extreme_values_never_give_null_numbers(client: TestClient,
+                                                features: dict[str, Any]) -> None:
+    for path in ("/models/fraud/explain", "/models/fraud/predict"):
+        r = client.post(path, json={"features": features})
+        assert r.status_code in (200, 422), r.text
+        if r.status_code == 422:
+            (err,) = r.json()["detail"]
+            assert err["loc"][:2] == ["body", "features"] and err["msg"]
+        else:
+            numbers = [v for v in r.json().values() if not isinstance(v, str | dict | list)]
+            assert all(isinstance(v, int | float) and math.isfinite(v) for v in numbers)
+
+
+def test_a_non_finite_result_is_a_422_not_null(client: TestClient, store: ModelStore,
+                                               monkeypatch: Any) -> None:
+    # Whatever the model computes, the API never answers null where a number is promised.
+    model = store.get("fraud").model  # type: ignore[union-attr]
+    monkeypatch.setattr(model, "explain_one", lambda event: {
+        "bias": 0.1, "contributions": {"amount": math.inf, "hour": 0.0},
+        "margin": math.inf, "score": 1.0})
+    monkeypatch.setattr(model, "predict_events",
+                        lambda events: np.array([0.5, math.nan][: len(events)]))
+    r = client.post("/models/fraud/explain", json={"features": GOOD})
+    assert r.status_code == 422
+    (err,) = r.json()["detail"]
+    assert err["type"] == "non_finite_result" and "amount" in err["msg"]
+    r = client.post("/models/fraud/predict", json={"instances": [GOOD, GOOD]})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["body", "instances", 1]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(values=st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=3,
+                       max_size=3))
+def test_explain_is_finite_or_a_422_for_any_finite_input(client: TestClient,
+                                                         values: list[float]) -> None:
+    features = dict(zip(("amount", "hour", "distance_km"), values, strict=True))
+    r = client.post("/models/fraud/explain", json={"features": features})
+    if r.status_code == 422:
+        assert r.json()["detail"][0]["msg"]
+        return
+    assert r.status_code == 200
+    body = r.json()
+    assert all(math.isfinite(body[k]) for k in ("bias", "margin", "score"))
+    assert all(isinstance(v, float) and math.isfinite(v) for v in body["contributions"].values())
+
+
+def test_openapi_says_exactly_one_of_features_or_instances(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["PredictRequest"]
+    assert schema["oneOf"] == [{"required": ["features"]}, {"required": ["instances"]}]
+    assert schema["additionalProperties"] is False
+    instances = schema["properties"]["instances"]
+    assert instances["type"] == "array" and instances["maxItems"] == MAX_INSTANCES
+    assert schema["properties"]["features"]["type"] == "object"  # null is not allowed
+    for body in (b'{"features": null}', b'{"instances": null}',
+                 b'{"features": null, "instances": [{"amount": 1}]}'):
+        r = post_raw(client, "/models/fraud/predict", body)
+        assert r.status_code == 422 and r.json()["detail"][0]["msg"], body
+
+
+def test_required_signatures_without_a_key_fail_at_start() -> None:
+    from streamlearn.settings import SettingsError, load_settings
+
+    settings_ = load_settings(api={"require_signed_snapshots": True})
+    with pytest.raises(SettingsError, match="snapshot_key"):
+        create_app(settings_, ModelStore(), CollectorRegistry())
+
+
+def test_signed_snapshot_settings_reach_the_store(model: OnlineModel, monkeypatch: Any) -> None:
+    from streamlearn.settings import load_settings
+
+    secret = "0123456789abcdef0123456789abcdef"
+    monkeypatch.setenv("STREAMLEARN_KAFKA__SNAPSHOT_KEY", secret)
+    settings_ = load_settings(model=[{"name": "fraud", "topic": "transactions",
+                                      "label": "is_fraud", **{
+                                          k: list(getattr(SPEC, k)) if isinstance(
+                                              getattr(SPEC, k), tuple) else getattr(SPEC, k)
+                                          for k in ("numeric", "categorical", "hash_bits",
+                                                    "learning_rate")}}])
+    assert secret not in repr(settings_) and secret not in str(settings_.model_dump())
+    store = ModelStore()
+    app = create_app(settings_, store, CollectorRegistry())
+    assert store.policy.signatures_required and set(store.policy.specs or {}) == {"fraud"}
+    with TestClient(app) as c:
+        unsigned = snapshot(model)
+        assert not store.offer("fraud/r1", unsigned)
+        assert c.get("/readyz").status_code == 503
+        good = snapshots.sign(unsigned, secret, context="fraud/r1")
+        assert store.offer("fraud/r1", good)
+        assert c.get("/readyz").status_code == 200
+        assert secret not in c.get("/readyz").text + c.get("/metrics").text
