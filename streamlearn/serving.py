@@ -18,7 +18,6 @@ reason; nothing a record contains can make :meth:`ModelStore.offer` raise.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import re
@@ -300,9 +299,17 @@ class _Shard:
     model: OnlineModel
 
 
-def _spec_identity(spec: ModelSpec) -> ModelSpec:
-    """The spec as compared between a snapshot and the configuration (device aside)."""
-    return dataclasses.replace(spec, device="auto")
+#: Spec fields a snapshot must share with the configured model: what the served model
+#: reads from a request and the shape of its weights.  Learning-only settings (rates,
+#: optimizer, batch size, the device...) may differ, say for a replica restored from an
+#: older checkpoint whose rule is kept; forged weights are the signature's business.
+SERVING_FIELDS = ("name", "task", "numeric", "categorical", "hash_bits", "fm_factors",
+                  "label", "id_field")
+
+
+def _spec_identity(spec: ModelSpec) -> tuple[Any, ...]:
+    """The spec as compared between a snapshot and the configuration."""
+    return tuple(getattr(spec, f) for f in SERVING_FIELDS)
 
 
 def state_limits(spec: ModelSpec, base: snapshots.Limits = snapshots.DEFAULT_LIMITS
@@ -629,8 +636,7 @@ class ModelStore:
             raise snapshots.SnapshotError(f"no model {name!r} is configured here",
                                           "unknown_model")
         if expected is not None and _spec_identity(spec) != _spec_identity(expected):
-            diff = sorted(k for k, v in expected.to_dict().items()
-                          if spec.to_dict().get(k) != v and k != "device")
+            diff = [f for f in SERVING_FIELDS if getattr(spec, f) != getattr(expected, f)]
             raise snapshots.SnapshotError(
                 f"snapshot spec differs from the configured model in {diff}", "spec_mismatch")
         return spec

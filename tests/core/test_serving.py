@@ -417,3 +417,13 @@ def test_require_signature_without_a_key_refuses_everything(model_a: OnlineModel
     store = ModelStore(policy=SnapshotPolicy(require_signature=True))
     assert store.submit("fraud/r1", payload(model_a)) == "rejected:unsigned"
     assert "key=None" in repr(store.policy) and KEY not in repr(strict_store().policy)
+
+
+def test_learning_only_settings_may_differ_from_the_configured_spec(model_a: OnlineModel) -> None:
+    configured = dataclasses.replace(SPEC, learning_rate=0.5, batch_size=64, device="cpu")
+    store = ModelStore(policy=SnapshotPolicy(specs={"fraud": configured}))
+    assert store.submit("fraud/r1", payload(model_a)) == "accepted"
+    for change in ({"numeric": ("amount",)}, {"task": "regression"}, {"label": "y"}):
+        other = ModelStore(policy=SnapshotPolicy(
+            specs={"fraud": dataclasses.replace(SPEC, **change)}))
+        assert other.submit("fraud/r1", payload(model_a)) == "rejected:spec_mismatch", change
