@@ -3,7 +3,11 @@
 Settings are not built here.  ``create_app`` accepts any object shaped like
 ``streamlearn.settings.Settings`` (``.kafka.bootstrap``, ``.api.host``,
 ``.api.port``, ``.api.max_instances``); tests pass a small pydantic model or
-use ``app.dependency_overrides``.
+use ``app.dependency_overrides``.  Optional, read with defaults when absent:
+``.api.max_body_bytes``, ``.api.snapshot_dir``, ``.api.require_signed_snapshots``,
+``.api.max_snapshot_bytes``, ``.kafka.models_topic``, ``.kafka.snapshot_key``,
+``.kafka.client_kwargs()`` (TLS/SASL for the feed) and ``.specs`` (the configured
+models a snapshot must match).
 """
 
 from __future__ import annotations
