@@ -198,6 +198,15 @@ def test_hostile_records_never_stop_the_feed(broker: EmbeddedBroker) -> None:
         assert "streamlearn_broker_up 1.0" in text
         assert store.stats.rejected == len(hostile)
         assert client.get("/readyz").json()["status"] == "ready"
+    # An API restarted over the same topic (every hostile record in its backlog, an
+    # authentic but malformed one newest under the real key) serves the newest good one.
+    crafted = hostile["58-byte KeyError"]
+    asyncio.run(publish_raw(broker.bootstrap, topic, crafted.key, crafted.value))
+    restarted = create_app(_Cfg(kafka=_Kafka(bootstrap=broker.bootstrap, models_topic=topic)),
+                           _strict_store(), CollectorRegistry())
+    with TestClient(restarted) as client:
+        _wait(lambda: client.get("/readyz").status_code == 200, "the restarted API")
+        assert client.get("/models/fraud").json()["version"] == new.version
 
 
 def test_broker_outage_is_reported_and_a_restarted_broker_is_read_again(
