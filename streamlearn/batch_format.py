@@ -38,12 +38,13 @@ Schema rules, checked against the model spec when a batch is turned into feature
 (a batch that breaks any of them is rejected whole, with the reason):
 
 - every ``spec.numeric`` field is a column of dtype ``<f8`` or ``<f4``; NaN marks a
-  missing value, infinities are refused;
+  missing value, infinities and magnitudes above ``features.MAX_ABS_VALUE`` (1e15) are
+  refused, as in JSON events;
 - every ``spec.categorical`` field is a dictionary-encoded column (integer codes
   ``<i1``/``<i2``/``<i4`` with a ``values`` list of strings or integers) or a pre-hashed
   ``<u4`` column with ``"encoding": "crc32"``;
 - the label column (``spec.label``) is optional, ``<f4`` or ``<f8``, and for binary
-  and ranking tasks holds 0, 1 or NaN;
+  and ranking tasks holds 0, 1 or NaN (for regression: finite, within the same bound);
 - the id column (``spec.id_field``) is optional, ``<i8`` or ``json``;
 - other columns are allowed and ignored, as extra fields of a JSON event are;
   column names are unique; offsets and lengths must lie inside the payload.
@@ -88,7 +89,7 @@ import numpy as np
 import orjson
 
 from streamlearn.config import ModelSpec
-from streamlearn.features import _MISSING, FeatureBatch, Vectorizer, stable_hash
+from streamlearn.features import _MISSING, MAX_ABS_VALUE, FeatureBatch, Vectorizer, stable_hash
 
 MAGIC = b"\xffSLB"
 FORMAT_VERSION = 1
@@ -251,9 +252,15 @@ class FeatureDecoder:
                     f"want one of {NUMERIC_DTYPES}"
                 )
             numeric[:, j] = col.data
-        if n and np.isinf(numeric).any():
-            bad = [spec.numeric[j] for j in np.flatnonzero(np.isinf(numeric).any(axis=0))]
-            raise BatchFormatError(f"numeric columns {bad} hold infinite values")
+        over = np.abs(numeric) > MAX_ABS_VALUE  # +-inf too; NaN (missing) is not
+        if n and over.any():
+            if np.isinf(numeric).any():
+                bad = [spec.numeric[j] for j in np.flatnonzero(np.isinf(numeric).any(axis=0))]
+                raise BatchFormatError(f"numeric columns {bad} hold infinite values")
+            bad = [spec.numeric[j] for j in np.flatnonzero(over.any(axis=0))]
+            raise BatchFormatError(
+                f"numeric columns {bad} hold values of magnitude above {MAX_ABS_VALUE:g}"
+            )
         hashed = np.empty((n, len(spec.categorical)), dtype=np.int64)
         for j, name in enumerate(spec.categorical):
             hashed[:, j] = self._slots(cols[name], n)
@@ -317,6 +324,10 @@ def _labels(col: Column | None, spec: ModelSpec, n: int) -> np.ndarray:
             raise BatchFormatError(f"label column {col.name!r}: labels must be 0, 1 or NaN")
     elif np.isinf(labels).any():
         raise BatchFormatError(f"label column {col.name!r} holds infinite values")
+    elif (np.abs(labels) > MAX_ABS_VALUE).any():
+        raise BatchFormatError(
+            f"label column {col.name!r} holds values of magnitude above {MAX_ABS_VALUE:g}"
+        )
     return labels
 
 
@@ -451,6 +462,8 @@ def _float_column(values: Any, name: str, n: int, dtype: type) -> np.ndarray:
         arr = np.array([math.nan if v is None else v for v in values], dtype=dtype)
     if np.isinf(arr).any():
         raise ValueError(f"field {name!r}: values must be finite")
+    if (np.abs(arr) > MAX_ABS_VALUE).any():
+        raise ValueError(f"field {name!r}: magnitude must be at most {MAX_ABS_VALUE:g}")
     return arr
 
 

@@ -1,17 +1,36 @@
 """Event dicts to feature arrays: numeric fields plus hashed categorical fields.
 
 Validation lives here too, because a field that cannot be vectorized is exactly
-what makes an event malformed.
+what makes an event malformed.  The rules, one home for all input paths (event
+dicts here, JSON via ``pipeline.JsonDecoder``, batch records via ``batch_format``):
+
+- a numeric field (and the label) is a JSON number, or null/absent (missing);
+  never a string, a bool, NaN or an infinity;
+- its magnitude is at most :data:`MAX_ABS_VALUE` (``1e15``): one ``1e308`` would
+  otherwise overflow the running variance and silence the feature for good;
+- a categorical field is a string or an integer (not a bool), or null/absent;
+- a binary or ranking label is 0 or 1;
+- an event is a JSON object.
+
+How it is fast (``load_tests/bench_vectorize.py``): events are checked against these
+rules by msgspec, in C, as typed structs derived from the spec (a bound on a float
+field rejects NaN and infinities too), and only an event that fails goes through the
+per-field Python checks, which say why.  The structs' fields become one float64 row per
+event through ``struct.pack`` (no per-value Python call) and the categoricals go through
+a per-field cache of hashed slots.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from operator import itemgetter
+from typing import Annotated, Any
 
+import msgspec
 import numpy as np
 from numba import njit
 
@@ -19,6 +38,31 @@ from streamlearn.config import ModelSpec
 
 _MISSING = "\x00missing"
 _CACHE_LIMIT = 100_000
+
+MAX_ABS_VALUE = 1e15
+"""Largest magnitude a numeric field or label may have; larger values are invalid.
+
+Why 1e15: it admits amounts in minor currency units up to ten trillion, millisecond
+timestamps (~1.7e12), counters and ids far beyond any real stream, while squares of
+differences stay below 4e30, so running sums stay finite in float64 over any stream and
+even in float32 (the label's and the kernels' type) over 1e8 events.  Microsecond or
+nanosecond timestamps exceed it: send seconds or milliseconds.
+"""
+
+# msgspec types of the fast path.  Ints are accepted for floats (as the Python rules
+# do); a bool is neither.  For dicts a bound also rejects NaN and +-inf; JSON has neither
+# (msgspec refuses numbers past double range), so there :meth:`Vectorizer.assemble`
+# checks the bound on the packed floats, which measured cheaper than msgspec's check.
+_Number = Annotated[float, msgspec.Meta(ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)] | None
+_JsonNumber = float | None
+_Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+_Category = str | _Int64 | None
+# JSON ids: what orjson decodes to the same value (it turns integers past 64 bits into
+# floats); anything else takes the orjson path, so ids stay byte-identical.
+_JsonId = _Int64 | str | None
+# Whatever the fast path refuses (a DecodeError, a RecursionError on deep nesting, a
+# TypeError for a None message...) goes the careful way, which decides and says why.
+_CHUNK_ERRORS = (Exception,)
 
 
 def stable_hash(field: str, value: str) -> int:
@@ -93,9 +137,12 @@ class Vectorizer:
     ...     {"event_id": 1, "amount": 12.5, "country": "FR", "y": 1},
     ...     {"event_id": 2, "country": "DE"},
     ...     {"event_id": 3, "amount": "lots"},
+    ...     {"event_id": 4, "amount": 1e308},
     ... ])
-    >>> batch.numeric.tolist(), batch.labels.tolist()[0], rejects
-    ([[12.5], [nan]], 1.0, [(2, "field 'amount': expected a number, got str")])
+    >>> batch.numeric.tolist(), batch.labels.tolist()[0], rejects[0]
+    ([[12.5], [nan]], 1.0, (2, "field 'amount': expected a number, got str"))
+    >>> rejects[1]
+    (3, "field 'amount': magnitude must be at most 1e+15, got 1e+308")
     >>> bool((batch.hashed >= spec.n_numeric).all() and (batch.hashed < spec.n_weights).all())
     True
     """
@@ -104,6 +151,18 @@ class Vectorizer:
         self.spec = spec
         self._mask = (1 << spec.hash_bits) - 1
         self._cache: dict[tuple[str, str], int] = {}
+        self._slots: dict[str, dict[Any, int]] = {}
+        d1 = spec.n_numeric + 1
+        # One row's numerics and label as float64, from the whole row tuple: "?" takes any
+        # object (the categoricals and the id), so no slice is needed; padded to 8 bytes.
+        tail = len(spec.categorical) + 1
+        self._pack = struct.Struct(f"<{d1}d{tail}?{-tail % 8}x").pack
+        self._width = d1 + (tail + 7) // 8  # float64 slots per packed row
+        self._cat_get = [itemgetter(d1 + j) for j in range(len(spec.categorical))]
+        self._id_get = itemgetter(d1 + len(spec.categorical))
+        self._dict_row = _row_type(spec, _Number, Any)
+        json_row = _row_type(spec, _JsonNumber, _JsonId)
+        self._json_decode = None if json_row is None else msgspec.json.Decoder(json_row).decode
 
     def slot(self, field: str, value: Any) -> int:
         """Weight index of a categorical value (offset past the numeric block)."""
@@ -122,47 +181,162 @@ class Vectorizer:
         return list(self.spec.numeric) + cats
 
     def transform_many(self, events: Sequence[Any]) -> tuple[FeatureBatch, list[tuple[int, str]]]:
-        """Vectorize events; return the batch of valid ones and ``(index, reason)`` rejects."""
-        spec = self.spec
-        n_num, n_cat = spec.n_numeric, len(spec.categorical)
-        numeric = np.empty((len(events), n_num), dtype=np.float64)
-        hashed = np.empty((len(events), n_cat), dtype=np.int64)
-        labels = np.empty(len(events), dtype=np.float32)
-        ids: list[Any] = []
-        rejects: list[tuple[int, str]] = []
-        row = 0
-        for i, event in enumerate(events):
-            try:
-                self._fill(event, numeric[row], hashed[row], labels, row)
-            except InvalidEvent as exc:
-                rejects.append((i, str(exc)))
-                continue
-            ids.append(event.get(spec.id_field))
-            row += 1
-        batch = FeatureBatch(numeric[:row], hashed[:row], labels[:row], ids)
-        return batch, rejects
+        """Vectorize events; return the batch of valid ones and ``(index, reason)`` rejects.
 
-    def _fill(
-        self, event: Any, num_row: np.ndarray, cat_row: np.ndarray, labels: np.ndarray, row: int
-    ) -> None:
+        Rejects come in event order, each with the reason of the first rule it breaks.
+        """
+        rows: list[tuple[Any, ...]] | None = None
+        if self._dict_row is not None:
+            try:
+                rows = list(map(msgspec.structs.astuple,
+                                msgspec.convert(list(events), list[self._dict_row])))
+            except _CHUNK_ERRORS:
+                rows = None
+        if rows is not None:
+            kept = list(range(len(events)))
+            rejects: list[tuple[int, str]] = []
+        else:
+            rows, kept, rejects = self._rows_one_by_one(events)
+        batch, bad = self.assemble(rows)
+        if bad is None:
+            return batch, rejects
+        for r in np.flatnonzero(bad).tolist():  # a label the struct types cannot rule out
+            rejects.append((kept[r], self._reason(events[kept[r]])))
+        rejects.sort()
+        return batch.take(~bad), rejects
+
+    def row(self, event: Any) -> tuple[Any, ...]:
+        """One event as a row for :meth:`assemble`; raise :class:`InvalidEvent` naming the
+        first field that breaks a rule (the careful path, in Python)."""
         if not isinstance(event, Mapping):
             raise InvalidEvent(f"event must be a JSON object, got {type(event).__name__}")
         spec = self.spec
-        for j, name in enumerate(spec.numeric):
-            num_row[j] = _number(event.get(name), name, allow_missing=True)
-        for j, name in enumerate(spec.categorical):
-            value = event.get(name, _MISSING)
-            if value is None:
-                value = _MISSING
-            elif not isinstance(value, str | int) or isinstance(value, bool):
+        nums = [_number(event.get(name), name, allow_missing=True) for name in spec.numeric]
+        cats = []
+        for name in spec.categorical:
+            value = event.get(name)
+            if value is not None and (not isinstance(value, str | int) or isinstance(value, bool)):
                 raise InvalidEvent(
                     f"field {name!r}: expected a string or integer, got {type(value).__name__}"
                 )
-            cat_row[j] = self.slot(name, value)
+            cats.append(value)
         label = _number(event.get(spec.label), spec.label, allow_missing=True)
         if spec.task != "regression" and not (math.isnan(label) or label in (0.0, 1.0)):
             raise InvalidEvent(f"field {spec.label!r}: label must be 0 or 1, got {label!r}")
-        labels[row] = label
+        return (*nums, label, *cats, event.get(spec.id_field))
+
+    def rows_from_json(self, values: Sequence[bytes | None]) -> list[tuple[Any, ...]] | None:
+        """Decode and check JSON messages in C; None when any needs the careful path.
+
+        A message decoded here is one that ``orjson`` plus :meth:`row` would accept with
+        the same values (tested), except that fields the spec does not name are only
+        checked for JSON syntax and UTF-8, not for numbers beyond double range.
+        """
+        decode = self._json_decode
+        if decode is None:
+            return None
+        try:
+            structs = list(map(decode, values))
+        except _CHUNK_ERRORS:
+            return None
+        joined = b"".join(values)  # type: ignore[arg-type]
+        if not joined.isascii():
+            # msgspec skips unread strings without checking their UTF-8; orjson refuses
+            # such a message, and so do we.  Every message here starts with "{" and ends
+            # with "}" (plus ASCII blanks), so no character straddles two of them.
+            try:
+                joined.decode()
+            except UnicodeDecodeError:
+                return None
+        return list(map(msgspec.structs.astuple, structs))
+
+    def assemble(self, rows: list[tuple[Any, ...]]) -> tuple[FeatureBatch, np.ndarray | None]:
+        """Columns of checked rows (:meth:`row`'s layout); also the mask of rows that
+        break a rule the struct types leave to this vectorized check (a binary label
+        neither 0 nor 1, a magnitude above :data:`MAX_ABS_VALUE`), None when none does."""
+        spec = self.spec
+        n, d = len(rows), spec.n_numeric
+        pack = self._pack
+        try:
+            packed = [pack(*t) for t in rows]
+        except struct.error:  # an explicit null (None) somewhere: those rows one by one
+            packed = [_pack_nulls(pack, t, d + 1) for t in rows]
+        flat = np.frombuffer(b"".join(packed), dtype=np.float64).reshape(n, self._width)
+        flat = flat[:, : d + 1]
+        numeric = np.ascontiguousarray(flat[:, :d])
+        with np.errstate(over="ignore"):  # a label past float32 is caught below, on flat
+            labels = flat[:, d].astype(np.float32)
+        hashed = np.empty((n, len(spec.categorical)), dtype=np.int64)
+        for j, name in enumerate(spec.categorical):
+            hashed[:, j] = self._hash(name, list(map(self._cat_get[j], rows)))
+        batch = FeatureBatch(numeric, hashed, labels, list(map(self._id_get, rows)))
+        wrong = (np.abs(flat) > MAX_ABS_VALUE).any(axis=1)  # NaN (missing) compares False
+        if spec.task != "regression":
+            wrong |= ~((labels == 0.0) | (labels == 1.0) | np.isnan(labels))
+        return batch, (wrong if wrong.any() else None)
+
+    def _rows_one_by_one(
+        self, events: Sequence[Any]
+    ) -> tuple[list[tuple[Any, ...]], list[int], list[tuple[int, str]]]:
+        rows: list[tuple[Any, ...]] = []
+        kept: list[int] = []
+        rejects: list[tuple[int, str]] = []
+        dict_row, astuple = self._dict_row, msgspec.structs.astuple
+        for i, event in enumerate(events):
+            try:
+                if dict_row is None:
+                    raise TypeError
+                row = astuple(msgspec.convert(event, dict_row))
+            except _CHUNK_ERRORS:
+                try:
+                    row = self.row(event)
+                except InvalidEvent as exc:
+                    rejects.append((i, str(exc)))
+                    continue
+            rows.append(row)
+            kept.append(i)
+        return rows, kept, rejects
+
+    def _reason(self, event: Any) -> str:
+        try:
+            self.row(event)
+        except InvalidEvent as exc:
+            return str(exc)
+        raise AssertionError("the struct types and the Python rules disagree")  # pragma: no cover
+
+    def _hash(self, name: str, col: list[Any]) -> list[int]:
+        """Slots of one categorical column, through a per-field cache (None = missing)."""
+        cache = self._slots.get(name)
+        if cache is None or len(cache) > _CACHE_LIMIT:
+            cache = self._slots[name] = {None: self.slot(name, _MISSING)}
+        out = list(map(cache.get, col))
+        if None in out:
+            slot = self.slot
+            for i, s in enumerate(out):
+                if s is None:
+                    v = col[i]
+                    out[i] = cache[v] = slot(name, v)
+        return out  # type: ignore[return-value]
+
+
+def _pack_nulls(pack: Any, row: tuple[Any, ...], d1: int) -> bytes:
+    try:
+        return pack(*row)
+    except struct.error:
+        return pack(*[math.nan if v is None else v for v in row[:d1]], *row[d1:])
+
+
+def _row_type(spec: ModelSpec, number: Any, id_type: Any) -> Any:
+    """The msgspec struct of one event under ``spec`` (fields renamed from the spec's, so
+    any field name works); None when the spec's names collide (the careful path only)."""
+    num = [(f"n{j}", number, math.nan) for j in range(spec.n_numeric)]
+    cat = [(f"c{j}", _Category, None) for j in range(len(spec.categorical))]
+    fields = [*num, ("y", number, math.nan), *cat, ("id", id_type, None)]
+    names = [*spec.numeric, spec.label, *spec.categorical, spec.id_field]
+    if len(set(names)) != len(names):
+        return None
+    rename = {f[0]: name for f, name in zip(fields, names, strict=True)}
+    return msgspec.defstruct("Event", fields, rename=rename, gc=False)
 
 
 def _number(value: Any, name: str, *, allow_missing: bool) -> float:
@@ -170,10 +344,22 @@ def _number(value: Any, name: str, *, allow_missing: bool) -> float:
         return math.nan
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidEvent(f"field {name!r}: expected a number, got {type(value).__name__}")
+    if isinstance(value, int) and abs(value) > MAX_ABS_VALUE:  # before float(): 10**400
+        raise InvalidEvent(_too_large(name, value))
     x = float(value)
     if not math.isfinite(x):
         raise InvalidEvent(f"field {name!r}: must be finite, got {value!r}")
+    if abs(x) > MAX_ABS_VALUE:
+        raise InvalidEvent(_too_large(name, value))
     return x
+
+
+def _too_large(name: str, value: float) -> str:
+    if isinstance(value, int) and abs(value) >= 10**300:  # no float (nor, past 4300 digits, str)
+        shown = f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    else:
+        shown = f"{value:.6g}"
+    return f"field {name!r}: magnitude must be at most {MAX_ABS_VALUE:g}, got {shown}"
 
 
 @njit(cache=True, inline="always")

@@ -1,4 +1,12 @@
-"""Running per-feature standardization, mergeable across replicas."""
+"""Running per-feature standardization, mergeable across replicas.
+
+Robustness: raw values reach the scaler only after event validation, which bounds
+their magnitude by ``features.MAX_ABS_VALUE`` (1e15), so ``mean`` and ``m2`` stay
+finite over any stream (``m2 <= count * 4e30``).  Z-scores are clipped to
+``+-Z_CLIP`` (50): a far-out but valid value moves a weight by at most as much as a
+50-sigma one, instead of by its raw distance.  A state that is not finite anyway (a
+snapshot written before the bound existed) has those features reset on load.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +18,15 @@ from numba import njit
 
 from streamlearn.kernels.cpu import scaler_update
 
+Z_CLIP = 50.0
+"""Bound on the magnitude of a z-score (a normal feature exceeds 50 sigma with
+probability ~0, so only outliers are clipped)."""
+
 
 @njit(cache=True)
 def _zscore(X, mean, std, out):  # pragma: no cover - compiled
-    """``out = float32((X - mean) * (1 / std))``, with NaN results (missing inputs) set to 0.
+    """``out = float32(clip((X - mean) * (1 / std), -Z_CLIP, Z_CLIP))``, NaN results
+    (missing inputs) set to 0.
 
     A multiply by the reciprocal rather than a divide: ~5x faster, and it agrees with
     ``(X - mean) / std`` to within one float64 rounding, far below the float32 output's.
@@ -23,16 +36,18 @@ def _zscore(X, mean, std, out):  # pragma: no cover - compiled
     for r in range(n):
         for j in range(d):
             z = (X[r, j] - mean[j]) * inv[j]
-            out[r, j] = 0.0 if math.isnan(z) else z
+            if math.isnan(z):
+                z = 0.0
+            out[r, j] = min(max(z, -Z_CLIP), Z_CLIP)
 
 
 @njit(cache=True)
 def _std(count, m2):  # pragma: no cover - compiled
-    """``sqrt(var)``, with 0 (also: no observations yet) mapped to 1."""
+    """``sqrt(var)``, with 0 (also: no observations yet) and non-finite values mapped to 1."""
     out = np.empty(count.shape[0])
     for j in range(count.shape[0]):
         s = math.sqrt(m2[j] / count[j]) if count[j] > 0 else 0.0
-        out[j] = 1.0 if s == 0.0 else s
+        out[j] = s if s > 0.0 and s < math.inf else 1.0  # NaN fails both tests
     return out
 
 
@@ -117,10 +132,22 @@ class RunningStandardScaler:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> RunningStandardScaler:
-        """Rebuild from :meth:`to_state` output."""
+        """Rebuild from :meth:`to_state` output; features whose statistics are not finite
+        (or negative) start over, since nothing can be standardized with them."""
         mean = np.asarray(state["mean"], dtype=np.float64)
         scaler = cls(len(mean))
         scaler.count = np.asarray(state["count"], dtype=np.float64).copy()
         scaler.mean = mean.copy()
         scaler.m2 = np.asarray(state["m2"], dtype=np.float64).copy()
+        broken = ~(np.isfinite(scaler.count) & np.isfinite(scaler.mean) & np.isfinite(scaler.m2)
+                   & (scaler.count >= 0) & (scaler.m2 >= 0))
+        if broken.any():
+            for arr in (scaler.count, scaler.mean, scaler.m2):
+                arr[broken] = 0.0
         return scaler
+
+    @property
+    def finite(self) -> bool:
+        """Whether every statistic is finite (always, for validated inputs)."""
+        return bool(np.isfinite(self.count).all() and np.isfinite(self.mean).all()
+                    and np.isfinite(self.m2).all())

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from streamlearn.scaler import RunningStandardScaler
+from streamlearn.scaler import Z_CLIP, RunningStandardScaler, _std
 
 
 def test_matches_two_pass_numpy_over_many_batches(rng):
@@ -54,3 +54,27 @@ def test_state_round_trip_and_shape_check(rng):
     np.testing.assert_array_equal(r.m2, s.m2)
     with pytest.raises(ValueError, match="cannot merge 2 features into 3"):
         s.merge(RunningStandardScaler(2))
+
+
+def test_zscores_are_clipped_and_always_finite(rng):
+    s = RunningStandardScaler(1)
+    s.learn_many(rng.normal(size=(1000, 1)))
+    z = s.transform_many(np.array([[1e14], [-1e15], [np.nan], [0.5]]))
+    assert z[:3, 0].tolist() == [Z_CLIP, -Z_CLIP, 0.0]
+    assert abs(z[3, 0] - (0.5 - s.mean[0]) / s.std[0]) < 1e-6  # ordinary values untouched
+
+
+def test_an_overflowed_variance_gives_a_usable_scale():
+    std = _std(np.array([10.0, 10.0, 0.0, 4.0]), np.array([np.inf, np.nan, 0.0, 16.0]))
+    assert std.tolist() == [1.0, 1.0, 1.0, 2.0]
+
+
+def test_a_non_finite_state_starts_over_on_load(rng):
+    s = RunningStandardScaler(2)
+    s.learn_many(rng.normal(5.0, 2.0, size=(100, 2)))
+    state = s.to_state()
+    state["m2"][0] = np.inf  # what one 1e308 did before values were bounded
+    r = RunningStandardScaler.from_state(state)
+    assert r.finite and r.count.tolist() == [0.0, 100.0] and r.m2[1] == s.m2[1]
+    r.learn_many(np.array([[3.0, 5.0], [5.0, 5.0]]))
+    assert r.mean[0] == 4.0 and np.isfinite(r.transform_many(np.array([[1e15, 1.0]]))).all()
