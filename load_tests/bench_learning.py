@@ -1287,12 +1287,8 @@ def real_river_model(rs: RealStream, lr: float | None) -> Any:
         est: Any = facto.FMClassifier(seed=RIVER_FM_SEED, **kw)
     else:
         kw = {} if lr is None else {"optimizer": optim.SGD(lr), "intercept_lr": lr}
-        cls = (
-            linear_model.LinearRegression
-            if rs.task == "regression"
-            else (linear_model.LogisticRegression)
-        )
-        est = cls(**kw)
+        reg = rs.task == "regression"
+        est = (linear_model.LinearRegression if reg else linear_model.LogisticRegression)(**kw)
     parts: list[Any] = []
     if rs.num_names:
         parts.append(Present(*rs.num_names) | preprocessing.StandardScaler())
