@@ -169,15 +169,19 @@ class ModelSettings(_Section):
     numeric: list[str] = []
     categorical: list[str] = []
     hash_bits: int = Field(18, ge=1, le=26)
-    optimizer: Literal["sgd", "adagrad", "ftrl"] = "adagrad"
+    optimizer: Literal["sgd", "adagrad", "ftrl"] = "ftrl"
     learning_rate: float | None = Field(None, gt=0)
     l1: float = Field(0.0, ge=0)
     l2: float = Field(1e-6, ge=0)
-    power_t: float = Field(0.25, ge=0)
+    power_t: float = Field(0.0, ge=0)
     ftrl_beta: float = Field(1.0, ge=0)
     batch_size: int = Field(256, ge=1, le=1_000_000)
+    update_rows: int = Field(1, ge=1)
+    label_prior: bool = True
+    normalized: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     fm_factors: int = Field(8, ge=1, le=256)
+    fm_init_std: float = Field(0.1, ge=0)
     rolling_window: int = Field(10_000, ge=10)
 
     @field_validator("categorical")

@@ -25,7 +25,6 @@ def fraud_spec() -> ModelSpec:
         numeric=("amount", "hour", "distance_km", "card_age_days", "tx_last_hour"),
         categorical=("merchant_category", "country", "channel"),
         hash_bits=12,
-        learning_rate=0.05,
     )
 
 

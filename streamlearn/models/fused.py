@@ -19,7 +19,11 @@ import numpy as np
 from numba import njit
 
 from streamlearn.features import csr_assemble
+from streamlearn.kernels.codes import H_POWER_T, LOSS_LOGISTIC, OPT_SGD
 from streamlearn.kernels.cpu import (
+    _loss_dloss,
+    _opt_scalars,
+    _update,
     fm_learn_csr,
     fm_predict_csr,
     linear_learn_csr,
@@ -27,6 +31,15 @@ from streamlearn.kernels.cpu import (
     linear_predict_csr,
     linear_predict_dense,
     scaler_update,
+)
+from streamlearn.models.target import (
+    T_COUNT,
+    T_M2,
+    T_MEAN,
+    shift_bias_to_prior,
+    standardize,
+    target_scale,
+    target_update,
 )
 from streamlearn.scaler import _std, _zscore
 
@@ -43,10 +56,115 @@ def sigmoid_into(m, out):  # pragma: no cover - compiled
         out[i] = 1.0 / (1.0 + math.exp(-x))
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _target_update_one(target, y):  # pragma: no cover - compiled
+    """``target_update(target, [y])`` without the array: the same operations, in order."""
+    n = 1
+    mb = np.float64(y) / n
+    na = target[T_COUNT]
+    tot = na + n
+    delta = mb - target[T_MEAN]
+    target[T_MEAN] += delta * n / tot
+    target[T_M2] += 0.0 + delta * delta * na * n / tot
+    target[T_COUNT] = tot
+
+
+@njit(cache=True, nogil=True)
+def per_event_linear(  # pragma: no cover - compiled
+    z, indptr, indices, values, dense, labels, link, prior, target,
+    w, s1, s2, loss, opt, hyper, step, scores,
+):
+    """``update_rows = 1`` for the linear kinds: each row scored, then learned, in turn.
+
+    The generic window loop would call a predict and a learn kernel per row, computing
+    the margin twice and allocating scratch arrays; this loop computes each margin once
+    and updates the touched coordinates in place. It performs the same floating-point
+    operations in the same order as those kernels on one-row batches (the CSR kernel's
+    float32 gradient scratch included), so the two paths agree bit for bit (tested).
+    Returns ``(summed loss, labelled rows, next step)``.
+    """
+    k, d = z.shape
+    big_d = w.shape[0] - 1
+    logistic = loss == LOSS_LOGISTIC
+    lr, l1, l2, beta, eta = _opt_scalars(hyper, step)
+    power_t = hyper[H_POWER_T]
+    total = 0.0
+    n_lab = 0
+    for r in range(k):
+        if prior and logistic:
+            shift_bias_to_prior(target, w, s1, s2, opt, hyper)
+        m = np.float64(w[big_d])
+        if dense:
+            for j in range(d):
+                m += np.float64(z[r, j]) * w[j]
+        else:
+            for e in range(indptr[r], indptr[r + 1]):
+                m += np.float64(values[e]) * w[indices[e]]
+        m32 = np.float32(m)
+        if link:
+            x = min(max(np.float64(m32), -50.0), 50.0)
+            scores[r] = 1.0 / (1.0 + math.exp(-x))
+        elif prior:
+            t_mean, t_std = target_scale(target)
+            scores[r] = t_mean + t_std * np.float64(m32)
+        else:
+            scores[r] = m32
+        yv = labels[r]
+        if math.isnan(yv):
+            continue
+        yy = np.float64(yv)
+        if prior:
+            _target_update_one(target, yv)
+            if not logistic:
+                t_mean, t_std = target_scale(target)
+                yy = np.float64(np.float32((yy - t_mean) * (1.0 / t_std)))
+        value, dm = _loss_dloss(m, yy, loss)
+        total += value
+        coef = dm * 1.0
+        if opt == OPT_SGD and power_t != 0.0:  # SGD's schedule moves with every step
+            eta = lr / (1.0 + step) ** power_t
+        if dense:
+            for j in range(d):
+                wj, a, b = _update(np.float64(w[j]), np.float64(s1[j]), np.float64(s2[j]),
+                                   0.0 + coef * z[r, j], opt, lr, l1, l2, beta, eta)
+                w[j] = wj
+                s1[j] = a
+                s2[j] = b
+        else:
+            lo_e = indptr[r]
+            hi_e = indptr[r + 1]
+            for e in range(lo_e, hi_e):
+                i = indices[e]
+                seen = False
+                for f in range(lo_e, e):  # a hashed slot twice in one row: summed once
+                    if indices[f] == i:
+                        seen = True
+                        break
+                if seen:
+                    continue
+                g32 = np.float32(0.0 + coef * values[e])
+                for f in range(e + 1, hi_e):
+                    if indices[f] == i:
+                        g32 = np.float32(np.float64(g32) + coef * values[f])
+                wi, a, b = _update(np.float64(w[i]), np.float64(s1[i]), np.float64(s2[i]),
+                                   np.float64(g32), opt, lr, l1, l2, beta, eta)
+                w[i] = wi
+                s1[i] = a
+                s2[i] = b
+        wb, a, b = _update(np.float64(w[big_d]), np.float64(s1[big_d]), np.float64(s2[big_d]),
+                           0.0 + coef, opt, lr, 0.0, 0.0, beta, eta)
+        w[big_d] = wb
+        s1[big_d] = a
+        s2[big_d] = b
+        n_lab += 1
+        step += 1
+    return total, n_lab, step
+
+
 @njit(cache=True, nogil=True)
 def prequential_chunks(  # pragma: no cover - compiled
-    X, hashed, labels, size, kind, link,
-    count, mean, m2,
+    X, hashed, labels, size, rows_per_step, kind, link, prior,
+    count, mean, m2, target,
     w, s1, s2, grad, V, s1v, s2v, gv,
     loss, opt, hyper, step,
     scores, chunk_loss, chunk_learned,
@@ -54,15 +172,20 @@ def prequential_chunks(  # pragma: no cover - compiled
     """Score then learn ``X`` in chunks of ``size`` rows; return the next step number.
 
     Per chunk, exactly what ``OnlineModel.process`` does: fold the raw features into
-    the scaler (``count, mean, m2`` in place), z-score with the updated statistics,
-    write the chunk's scores (``link``: through the sigmoid), then learn one step from
-    its labelled rows (NaN label = unlabelled), writing the summed pre-update loss and
-    the number of labelled rows into ``chunk_loss[c]`` and ``chunk_learned[c]``.
-    ``kind`` is ``KIND_DENSE`` (numeric only), ``KIND_CSR`` or ``KIND_FM``; the FM
-    arrays may be empty for the linear kinds.
+    the scaler (``count, mean, m2`` in place) and z-score with the updated statistics.
+    Then, window by window of ``rows_per_step`` rows: score the window with the current
+    weights (``link``: through the sigmoid), then learn one optimizer step from its
+    labelled rows (NaN label = unlabelled). ``rows_per_step = 1`` is per-event SGD; equal
+    to ``size`` it is one averaged step per chunk. ``prior`` anchors the model on its
+    label statistics ``target`` (:mod:`.target`). Each chunk's summed pre-update loss and
+    number of labelled rows go to ``chunk_loss[c]`` and ``chunk_learned[c]``. ``kind`` is
+    ``KIND_DENSE`` (numeric only), ``KIND_CSR`` or ``KIND_FM``; the FM arrays may be empty
+    for the linear kinds.
     """
     n, d = X.shape
     n_chunks = (n + size - 1) // size
+    margins = np.empty(min(size, rows_per_step), dtype=np.float32)
+    logistic = loss == LOSS_LOGISTIC
     for c in range(n_chunks):
         lo = c * size
         hi = min(lo + size, n)
@@ -71,39 +194,69 @@ def prequential_chunks(  # pragma: no cover - compiled
         scaler_update(Xc, count, mean, m2)
         z = np.empty((k, d), dtype=np.float32)
         _zscore(Xc, mean, _std(count, m2), z)
-        yc = labels[lo:hi]
-        keep = np.flatnonzero(~np.isnan(yc))  # labelled rows learn, in order
-        n_lab = keep.shape[0]
-        y = yc[keep]
-        margins = np.empty(k, dtype=np.float32)
-        total = 0.0
+        hc = hashed[lo:hi]
         if kind == KIND_DENSE:
-            linear_predict_dense(z, w, margins)
-            if n_lab:
-                zl = z if n_lab == k else z[keep]
-                total = linear_learn_dense(zl, y, w, s1, s2, loss, opt, hyper, step)
+            indptr = np.zeros(1, dtype=np.int64)  # unused: typed like the CSR branch
+            indices = np.zeros(0, dtype=np.int32)
+            values = np.zeros(0, dtype=np.float32)
         else:
-            hc = hashed[lo:hi]
             indptr, indices, values = csr_assemble(z, hc)
-            if kind == KIND_FM:
-                fm_predict_csr(indptr, indices, values, w, V, margins)
+        total = 0.0
+        n_chunk = 0
+        if rows_per_step == 1 and kind != KIND_FM:
+            total, n_chunk, step = per_event_linear(
+                z, indptr, indices, values, kind == KIND_DENSE, labels[lo:hi], link, prior,
+                target, w, s1, s2, loss, opt, hyper, step, scores[lo:hi],
+            )
+            chunk_learned[c] = n_chunk
+            chunk_loss[c] = total
+            continue
+        for a in range(0, k, rows_per_step):
+            b = min(a + rows_per_step, k)
+            m = margins[: b - a]
+            if prior and logistic:
+                shift_bias_to_prior(target, w, s1, s2, opt, hyper)
+            if kind == KIND_DENSE:
+                linear_predict_dense(z[a:b], w, m)
+            elif kind == KIND_FM:
+                fm_predict_csr(indptr[a : b + 1], indices, values, w, V, m)
             else:
-                linear_predict_csr(indptr, indices, values, w, margins)
-            if n_lab:
-                if n_lab < k:
-                    indptr, indices, values = csr_assemble(z[keep], hc[keep])
+                linear_predict_csr(indptr[a : b + 1], indices, values, w, m)
+            out = scores[lo + a : lo + b]
+            if link:
+                sigmoid_into(m, out)
+            elif prior:
+                t_mean, t_std = target_scale(target)
+                for i in range(b - a):
+                    out[i] = t_mean + t_std * np.float64(m[i])
+            else:
+                out[:] = m
+            yw = labels[lo + a : lo + b]
+            keep = np.flatnonzero(~np.isnan(yw))  # labelled rows learn, in order
+            n_lab = keep.shape[0]
+            if n_lab == 0:
+                continue
+            y = yw[keep]
+            if prior:
+                target_update(target, y)
+                if not logistic:
+                    t_mean, t_std = target_scale(target)
+                    y = standardize(y, t_mean, t_std)
+            if kind == KIND_DENSE:
+                zl = z[a:b] if n_lab == b - a else np.ascontiguousarray(z[a:b][keep])
+                total += linear_learn_dense(zl, y, w, s1, s2, loss, opt, hyper, step)
+            else:
+                ip, ix, vx = indptr[a : b + 1], indices, values
+                if n_lab < b - a:
+                    ip, ix, vx = csr_assemble(z[a:b][keep], hc[a:b][keep])
                 if kind == KIND_FM:
-                    total = fm_learn_csr(indptr, indices, values, y, w, V, s1, s2, s1v, s2v,
-                                         loss, opt, hyper, step, grad, gv)
+                    total += fm_learn_csr(ip, ix, vx, y, w, V, s1, s2, s1v, s2v,
+                                          loss, opt, hyper, step, grad, gv)
                 else:
-                    total = linear_learn_csr(indptr, indices, values, y, w, s1, s2,
-                                             loss, opt, hyper, step, grad)
-        if link:
-            sigmoid_into(margins, scores[lo:hi])
-        else:
-            scores[lo:hi] = margins
-        chunk_learned[c] = n_lab
-        chunk_loss[c] = total
-        if n_lab:
+                    total += linear_learn_csr(ip, ix, vx, y, w, s1, s2,
+                                              loss, opt, hyper, step, grad)
+            n_chunk += n_lab
             step += 1
+        chunk_learned[c] = n_chunk
+        chunk_loss[c] = total
     return step

@@ -18,11 +18,22 @@ from streamlearn.drift import ConceptDriftMonitor, DataDriftMonitor
 from streamlearn.features import FeatureBatch, InvalidEvent, Vectorizer, csr_rows
 from streamlearn.kernels import codes
 from streamlearn.models import fused
+from streamlearn.models.target import (
+    new_target,
+    prior_delta,
+    shift_bias,
+    shift_bias_to_prior,
+    standardize,
+    target_scale,
+    target_update,
+)
 from streamlearn.prequential import PrequentialMetrics
 from streamlearn.scaler import RunningStandardScaler
 
 STATE_KIND = "streamlearn.model"
-STATE_VERSION = 1
+STATE_VERSION = 2
+"""2: label statistics (``target``) and per-window steps. A version-1 state keeps its
+rule (``label_prior = False``): its weights were learned without the prior."""
 
 _LOSS = {
     "binary": codes.LOSS_LOGISTIC,
@@ -64,7 +75,7 @@ class OnlineModel:
     Examples
     --------
     >>> spec = ModelSpec(name="m", topic="t", numeric=("x",), categorical=("c",),
-    ...                  label="y", hash_bits=4, learning_rate=0.5)
+    ...                  label="y", hash_bits=4)
     >>> model = OnlineModel(spec, device="cpu")
     >>> rng = np.random.default_rng(0)
     >>> xs = rng.normal(size=2000)
@@ -94,8 +105,10 @@ class OnlineModel:
         self._loss = _LOSS[spec.task]
         self._opt = _OPT[spec.optimizer]
         self._hyper = np.array(
-            [spec.learning_rate, spec.l1, spec.l2, spec.power_t, spec.ftrl_beta], dtype=np.float64
+            [spec.step_size / spec.step_norm, spec.l1, spec.l2, spec.power_t, spec.ftrl_beta],
+            dtype=np.float64,
         )
+        self.target = new_target()  # label statistics: see streamlearn.models.target
         d = spec.n_weights + 1
         bk = self.backend
         self.w, self.s1, self.s2 = bk.zeros(d), bk.zeros(d), bk.zeros(d)
@@ -109,7 +122,7 @@ class OnlineModel:
             # Seeded by name, so every replica starts from the same factors.
             rng = np.random.default_rng(zlib.crc32(spec.name.encode()))
             k = spec.fm_factors
-            v0 = rng.normal(0.0, 0.01, size=(spec.n_weights, k)).astype(np.float32)
+            v0 = rng.normal(0.0, spec.fm_init_std, size=(spec.n_weights, k)).astype(np.float32)
             self.V = bk.asarray(v0)
             self.s1v, self.s2v = bk.zeros(v0.shape), bk.zeros(v0.shape)
             self._gv = bk.zeros(v0.shape)
@@ -137,7 +150,12 @@ class OnlineModel:
         return out
 
     def _link(self, margins: np.ndarray) -> np.ndarray:
-        return margins if self.spec.task == "regression" else _sigmoid(margins)
+        if self.spec.task != "regression":
+            return _sigmoid(margins)
+        if not self.spec.label_prior:
+            return margins
+        mean, std = target_scale(self.target)  # the kernels learn standardized targets
+        return (mean + std * margins.astype(np.float64)).astype(np.float32)
 
     def predict_many(self, batch: FeatureBatch) -> np.ndarray:
         """Scores for a batch without learning: probabilities, or values for regression."""
@@ -158,7 +176,8 @@ class OnlineModel:
 
     # -- learning --------------------------------------------------------------
     def process(self, batch: FeatureBatch) -> np.ndarray:
-        """Prequential step: score every event first, then learn from the labelled ones."""
+        """Prequential step over one mini-batch: score each window of ``update_rows`` rows,
+        then learn one optimizer step from its labelled rows (the composed reference path)."""
         n = len(batch)
         if n == 0:
             return np.empty(0, dtype=np.float32)
@@ -172,31 +191,60 @@ class OnlineModel:
         self.data_drift.update(X)
         z = scaler.transform_many(X)
         if self.dense:
-            rows: Any = self.backend.asarray(z)  # one host->device copy on CUDA, for both
-            scores = self._link(self._margins_dense(rows))
+            rows: Any = self.backend.asarray(z)  # one host->device copy on CUDA
         else:
-            rows = csr_rows(z, batch.hashed)
-            scores = self._link(self._margins(*rows))
-        self.n_seen += n
+            indptr, indices, values = csr_rows(z, batch.hashed)
+        scores = np.empty(n, dtype=np.float32)
         labels = batch.labels
-        mask = ~np.isnan(labels)
-        n_labelled = int(np.count_nonzero(mask))
-        if n_labelled:
-            if n_labelled == n:  # the usual case: learn from the rows just scored
-                y = np.ascontiguousarray(labels)
-                scored = scores
+        logistic = self._loss == codes.LOSS_LOGISTIC
+        prior = self.spec.label_prior
+        total, n_labelled = 0.0, 0
+        for a in range(0, n, self.spec.update_rows):
+            b = min(a + self.spec.update_rows, n)
+            if prior and logistic:
+                self._shift_bias_to_prior()
+            if self.dense:
+                window: Any = rows[a:b]
+                scores[a:b] = self._link(self._margins_dense(window))
             else:
-                y = np.ascontiguousarray(labels[mask])
-                scored = scores[mask]
-                rows = (
-                    self.backend.asarray(z[mask])
-                    if self.dense
-                    else csr_rows(z[mask], batch.hashed[mask])
+                lo, hi = indptr[a], indptr[b]
+                window = (indptr[a : b + 1] - lo, indices[lo:hi], values[lo:hi])
+                scores[a:b] = self._link(self._margins(*window))
+            keep = np.flatnonzero(~np.isnan(labels[a:b]))
+            if len(keep) == 0:
+                continue
+            y = np.ascontiguousarray(labels[a:b][keep])
+            if prior:
+                target_update(self.target, y)
+                if not logistic:
+                    y = standardize(y, *target_scale(self.target))
+            if len(keep) < b - a:  # rare: a partly labelled window
+                window = (
+                    self.backend.asarray(z[a:b][keep]) if self.dense
+                    else csr_rows(z[a:b][keep], batch.hashed[a:b][keep])
                 )
-            loss = self._learn_dense(rows, y) if self.dense else self._learn_csr(rows, y)
-            self.metrics.update(y, scored)
-            self.concept_drift.update(loss / n_labelled, self.n_seen)
+            total += self._learn_dense(window, y) if self.dense else self._learn_csr(window, y)
+            n_labelled += len(y)
+        self.n_seen += n
+        if n_labelled:
+            self.version += 1
+            self.n_learned += n_labelled
+            self.updated_at = time.time()
+            self.metrics.update(labels[~np.isnan(labels)], scores[~np.isnan(labels)])
+            self.concept_drift.update(total / n_labelled, self.n_seen)
         return scores
+
+    def _shift_bias_to_prior(self) -> None:
+        if self.backend.name == "cpu":
+            shift_bias_to_prior(self.target, self.w, self.s1, self.s2, self._opt, self._hyper)
+            return
+        delta = prior_delta(self.target)
+        if delta:  # three 1-element copies: the bias and its optimizer state
+            tail = [a[-1:] for a in (self.w, self.s1, self.s2)]
+            host = [self.backend.to_host(t) for t in tail]
+            shift_bias(*host, delta, self._opt, self._hyper)
+            for t, h in zip(tail, host, strict=True):
+                t.copy_to_device(h)
 
     def process_many(self, batch: FeatureBatch, batch_size: int | None = None) -> Steps:
         """:meth:`process` on each ``batch_size``-row slice of ``batch`` in turn.
@@ -221,9 +269,9 @@ class OnlineModel:
         kind = fused.KIND_FM if self.is_fm else fused.KIND_DENSE if self.dense else fused.KIND_CSR
         fm = (self.V, self.s1v, self.s2v, self._gv) if self.is_fm else (_NO_FACTORS,) * 4
         step = fused.prequential_chunks(
-            X, np.ascontiguousarray(batch.hashed, dtype=np.int64), labels, size, kind,
-            self.spec.task != "regression",
-            scaler.count, scaler.mean, scaler.m2,
+            X, np.ascontiguousarray(batch.hashed, dtype=np.int64), labels, size,
+            self.spec.update_rows, kind, self.spec.task != "regression", self.spec.label_prior,
+            scaler.count, scaler.mean, scaler.m2, self.target,
             self.w, self.s1, self.s2, self._grad, *fm,
             self._loss, self._opt, self._hyper, self.step,
             scores, chunk_loss, learned,
@@ -301,10 +349,7 @@ class OnlineModel:
         return self._learned(len(y), loss)
 
     def _learned(self, n: int, loss: float) -> float:
-        self.step += 1
-        self.version += 1
-        self.n_learned += n
-        self.updated_at = time.time()
+        self.step += 1  # an optimizer step; the version counts learning mini-batches
         return float(loss)
 
     # -- explanation -----------------------------------------------------------
@@ -322,12 +367,20 @@ class OnlineModel:
             total = v.sum(axis=0)
             contrib = contrib + 0.5 * ((v * (total - v)).sum(axis=1))
         names = self.vectorizer.feature_names(event)
-        margin = float(w[-1] + contrib.sum())
+        bias = float(w[-1])
+        margin = bias + float(contrib.sum())
+        score = float(self._link(np.array([margin], dtype=np.float32))[0])
+        if self.spec.task == "regression" and self.spec.label_prior:
+            # Report in target units: the kernels learn standardized targets.
+            mean, std = target_scale(self.target)
+            contrib = contrib * std
+            bias = mean + std * bias
+            margin = mean + std * margin
         return {
-            "bias": float(w[-1]),
+            "bias": bias,
             "contributions": {n: float(c) for n, c in zip(names, contrib, strict=True)},
             "margin": margin,
-            "score": float(self._link(np.array([margin]))[0]),
+            "score": score,
         }
 
     # -- state -----------------------------------------------------------------
@@ -369,6 +422,7 @@ class OnlineModel:
             "n_seen": self.n_seen,
             "n_learned": self.n_learned,
             "n_imputed": self.n_imputed.copy(),
+            "target": self.target.copy(),
             "offsets": dict(self.offsets),
             "updated_at": self.updated_at,
             "weights": weights,
@@ -385,7 +439,11 @@ class OnlineModel:
         if int(state.get("state_version", 0)) > STATE_VERSION:
             raise StateError(f"model state version {state['state_version']} is too new")
         try:
-            spec = ModelSpec.from_dict(state["spec"])
+            spec_dict = state["spec"]
+            if int(state.get("state_version", 0)) < 2:  # keep the rule its weights learned by
+                spec_dict = dict(spec_dict, label_prior=False,
+                                 update_rows=spec_dict.get("batch_size", 256))
+            spec = ModelSpec.from_dict(spec_dict)
             model = cls(spec, device=device or "cpu")
             bk = model.backend
             weights = state["weights"]
@@ -405,6 +463,11 @@ class OnlineModel:
             model.n_seen = int(state["n_seen"])
             model.n_learned = int(state["n_learned"])
             model.n_imputed = np.asarray(state["n_imputed"], dtype=np.int64).copy()
+            if "target" in state:
+                target = np.asarray(state["target"], dtype=np.float64)
+                if target.shape != model.target.shape:
+                    raise StateError(f"target statistics have shape {target.shape}")
+                model.target = target.copy()
             model.offsets = {str(k): int(v) for k, v in state.get("offsets", {}).items()}
             model.updated_at = float(state.get("updated_at", time.time()))
         except (KeyError, TypeError) as exc:

@@ -17,7 +17,6 @@ SPECS = {
         categorical=("c",),
         label="y",
         hash_bits=6,
-        learning_rate=0.1,
     ),
     "regression": ModelSpec(
         name="r",
@@ -27,8 +26,6 @@ SPECS = {
         categorical=("c",),
         label="y",
         hash_bits=6,
-        optimizer="sgd",
-        learning_rate=0.2,
     ),
     "ranking": ModelSpec(
         name="k",
@@ -39,9 +36,9 @@ SPECS = {
         label="y",
         hash_bits=10,
         fm_factors=4,
-        learning_rate=0.1,
     ),
 }
+# Every learning hyperparameter above is the spec's default: the defaults must learn.
 
 
 def _events(task, n, seed=0):
@@ -113,9 +110,26 @@ def test_binary_learns_and_prequential_scores_come_before_learning():
     model = OnlineModel(SPECS["binary"], device="cpu")
     events = _events("binary", 20000)
     scores = _run(model, events)
-    assert np.all(scores[:128] == 0.5)  # first batch scored by the untrained model
+    assert scores[0] == 0.5  # the first event is scored by the untrained model
     y = np.array([e["y"] for e in events])
     assert roc_auc(y[-5000:], scores[-5000:]) > 0.95
+
+
+@pytest.mark.parametrize("task", SPECS)
+@pytest.mark.parametrize("update_rows", [1, 16])
+def test_no_score_depends_on_its_own_label_or_a_later_one(task, update_rows):
+    """Prequential honesty with per-event steps: flipping event i's label changes no score
+    up to its window's end, and does change later ones (it was learned)."""
+    spec = ModelSpec.from_dict({**SPECS[task].to_dict(), "update_rows": update_rows})
+    events = _events(task, 600, seed=5)
+    i = 312  # in the second 200-row batch, the first row of a window for both update_rows
+    flipped = [dict(e) for e in events]
+    flipped[i]["y"] = (1 - events[i]["y"]) if task != "regression" else events[i]["y"] + 50
+    a = _run(OnlineModel(spec, device="cpu"), events, batch=200)
+    b = _run(OnlineModel(spec, device="cpu"), flipped, batch=200)
+    end = i + update_rows
+    np.testing.assert_array_equal(a[:end], b[:end])
+    assert np.any(a[end:] != b[end:])
 
 
 def test_regression_error_falls():
@@ -123,9 +137,75 @@ def test_regression_error_falls():
     events = _events("regression", 20000)
     scores = _run(model, events)
     y = np.array([e["y"] for e in events])
-    early = np.abs(scores[:1000] - y[:1000]).mean()
+    early = np.abs(scores[:50] - y[:50]).mean()
     late = np.abs(scores[-2000:] - y[-2000:]).mean()
     assert late < 0.15 and late < early / 5
+
+
+def _stream(rng, n, numeric=3):
+    """Seeded rows: ``numeric`` raw features of mixed scales and one 10-value category."""
+    x = rng.normal(size=(n, numeric)) * [1.0, 30.0, 0.01][:numeric] + [0.0, 200.0, 5.0][:numeric]
+    c = rng.integers(0, 10, n)
+    return x, c
+
+
+def _feed(model, x, c, y, batch=256):
+    events = [{"event_id": i, **{f"x{j}": float(v) for j, v in enumerate(row)},
+               "c": f"c{c[i]}", "y": y[i].item()} for i, row in enumerate(x)]
+    return _run(model, events, batch)
+
+
+def test_rare_positive_stream_beats_the_base_rate_in_log_loss():
+    """1% positives: the prequential log loss beats a constant predictor at the base rate
+    (the default bias starts from, and follows, the running base rate)."""
+    rng = np.random.default_rng(11)
+    n = 30000
+    x, c = _stream(rng, n)
+    z = (x - x.mean(0)) / x.std(0)
+    logit = -5.6 + 1.2 * z[:, 0] - 0.8 * z[:, 1] + 1.0 * (c == 3)
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
+    assert 0.005 < y.mean() < 0.02
+    spec = ModelSpec(name="rare", topic="t", numeric=("x0", "x1", "x2"), categorical=("c",),
+                     label="y", hash_bits=8)
+    p = np.clip(_feed(OnlineModel(spec, device="cpu"), x, c, y), 1e-7, 1 - 1e-7)
+    ll = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+    base = y.mean()
+    constant = -(base * np.log(base) + (1 - base) * np.log(1 - base))
+    assert ll < 0.9 * constant, (ll, constant)
+    assert roc_auc(y, p) > 0.8
+
+
+def test_regression_intercept_converges_to_a_target_mean_far_from_zero():
+    """Targets around 5,000: the served intercept (bias in target units) reaches the mean
+    of the targets, and the error falls to the noise level."""
+    rng = np.random.default_rng(12)
+    n = 20000
+    x, c = _stream(rng, n)
+    y = 5000.0 + 40.0 * (x[:, 0]) + 3.0 * (x[:, 1] - 200.0) + rng.normal(0, 10.0, n)
+    spec = ModelSpec(name="reg", topic="t", task="regression", numeric=("x0", "x1", "x2"),
+                     categorical=("c",), label="y", hash_bits=8)
+    model = OnlineModel(spec, device="cpu")
+    scores = _feed(model, x, c, y)
+    intercept = model.explain_one({"x0": float(x[:, 0].mean()), "x1": float(x[:, 1].mean()),
+                                   "x2": float(x[:, 2].mean()), "c": "c0"})["bias"]
+    assert abs(intercept - y.mean()) < 0.02 * y.std(), (intercept, y.mean())
+    rmse = np.sqrt(np.mean((scores[-2000:] - y[-2000:]) ** 2))
+    assert rmse < 15.0, rmse  # noise sd is 10
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "ftrl"])
+@pytest.mark.parametrize("task", ["binary", "regression"])
+def test_every_optimizer_learns_at_its_default_step(task, optimizer):
+    spec = ModelSpec.from_dict({**SPECS[task].to_dict(), "optimizer": optimizer})
+    assert spec.learning_rate is None  # the optimizer's own default step
+    events = _events(task, 20000, seed=1)
+    scores = _run(OnlineModel(spec, device="cpu"), events)
+    y = np.array([e["y"] for e in events])
+    if task == "binary":
+        assert roc_auc(y[-5000:], scores[-5000:]) > 0.95
+    else:
+        rmse = np.sqrt(np.mean((scores[-5000:] - y[-5000:]) ** 2))
+        assert rmse < 0.25 * y.std(), (rmse, y.std())
 
 
 def test_factorization_machine_learns_an_interaction():
