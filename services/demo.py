@@ -78,7 +78,8 @@ async def _drive(
     spec = settings.specs[0]
     base = f"http://{settings.api.host}:{settings.api.port}"
     stop = asyncio.Event()
-    producer = asyncio.create_task(produce(bootstrap, spec.topic, rate=rate, stop=stop))
+    producer = asyncio.create_task(produce(bootstrap, spec.topic, rate=rate, stop=stop,
+                                           client_kwargs=settings.kafka.client_kwargs()))
     tty = sys.stdout.isatty()
     t0 = time.monotonic()
     last_seen, last_t = 0, t0

@@ -61,13 +61,17 @@ async def produce(
     stop: asyncio.Event | None = None,
     fmt: str = "json",
     batch_rows: int = 4096,
+    client_kwargs: dict[str, Any] | None = None,
 ) -> int:
-    """Send ``count`` events (forever if None) at about ``rate`` events/s; return how many."""
+    """Send ``count`` events (forever if None) at about ``rate`` events/s; return how many.
+
+    ``client_kwargs`` are the security settings (``settings.kafka.client_kwargs()``).
+    """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5,
                                 max_batch_size=256 * 1024, acks=1,
-                                max_request_size=MAX_REQUEST_BYTES)
+                                max_request_size=MAX_REQUEST_BYTES, **(client_kwargs or {}))
     await producer.start()
     stream = FraudStream(seed=seed)
     chunk = _CHUNK if fmt == "json" else max(1, batch_rows)
@@ -102,7 +106,8 @@ async def produce(
 
 
 def run(bootstrap: str, topic: str, count: int | None, rate: float | None, seed: int,
-        fmt: str = "json", batch_rows: int = 4096) -> int:
+        fmt: str = "json", batch_rows: int = 4096,
+        client_kwargs: dict[str, Any] | None = None) -> int:
     """CLI entry: produce with a progress line on stderr."""
     def show(sent: int, per_s: float) -> None:
         total = f"/{count:,}" if count else ""
@@ -111,7 +116,8 @@ def run(bootstrap: str, topic: str, count: int | None, rate: float | None, seed:
 
     try:
         sent = asyncio.run(produce(bootstrap, topic, count=count, rate=rate, seed=seed,
-                                   progress=show, fmt=fmt, batch_rows=batch_rows))
+                                   progress=show, fmt=fmt, batch_rows=batch_rows,
+                                   client_kwargs=client_kwargs))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

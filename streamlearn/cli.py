@@ -88,7 +88,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
         )
         return 2
     topic = args.topic or (settings.specs[0].topic if settings.specs else "transactions")
-    return run(bootstrap, topic, args.count, args.rate, args.seed, args.format, args.batch_rows)
+    return run(bootstrap, topic, args.count, args.rate, args.seed, args.format, args.batch_rows,
+               settings.kafka.client_kwargs())
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

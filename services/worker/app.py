@@ -112,6 +112,7 @@ from streamlearn import snapshots
 from streamlearn.config import ModelSpec
 from streamlearn.drift.concept import defer_detector_import, load_detectors_in_background
 from streamlearn.logs import RateLimitedLog
+from streamlearn.services.worker import restore
 from streamlearn.services.worker.outputs import Backoff, Outputs, declare_topics
 from streamlearn.settings import Settings
 
@@ -139,6 +140,10 @@ SHUTDOWN_DRAIN_S = 10.0
 DRIFT_IMPORT_DELAY_S = 30.0
 #: Idle time after which the worker counts as caught up (a fetch can stall ~0.5 s at start).
 CAUGHT_UP_IDLE_S = 2.0
+#: How long a delivery may stay unacknowledged before the worker checks the topics exist.
+DELIVERY_CHECK_S = 2.0
+#: Shortest interval between two declarations of the worker's topics after start.
+REDECLARE_EVERY_S = 5.0
 #: Cyclic-GC thresholds while streaming (CPython's default is 700, 10, 10).
 GC_THRESHOLDS = (20_000, 20, 20)
 
@@ -272,24 +277,60 @@ def snapshot_path(snapshot_dir: str, model: str, replica: str) -> Path:
     return Path(snapshot_dir) / f"{model}--{replica}.snap"
 
 
-def restore_runner(spec: ModelSpec, settings: Settings) -> ModelRunner:
-    """Resume from the local checkpoint when one matches the spec, else start fresh."""
+def restore_runner(spec: ModelSpec, settings: Settings,
+                   latest: dict[str, bytes] | None = None) -> ModelRunner:
+    """Resume from the newest matching snapshot: the local checkpoint, or one on the models
+    topic (``latest``, from :func:`restore.read_latest`) when that is newer; else fresh."""
     from streamlearn.models import OnlineModel
     from streamlearn.pipeline import ModelRunner, Telemetry
 
-    path = snapshot_path(settings.worker.snapshot_dir, spec.name, settings.worker.replica_id)
+    replica = settings.worker.replica_id
+    path = snapshot_path(settings.worker.snapshot_dir, spec.name, replica)
     emit = settings.worker.emit_predictions
+    local = None
     if path.exists():
         try:
-            state = snapshots.load(path)
-            model = OnlineModel.from_state(state, device=spec.device)
-            if model.spec == spec:
-                log.warning("restored %s v%d from %s", spec.name, model.version, path)
-                return ModelRunner(model, Telemetry.from_dict(state.get("telemetry", {})), emit)
-            log.warning("checkpoint %s has another spec; starting %s fresh", path, spec.name)
-        except ValueError as exc:
+            local = restore.Candidate(str(path), replica, snapshots.load(path))
+        except (OSError, ValueError) as exc:
             log.error("ignoring unreadable checkpoint %s: %s", path, exc)
+    remote = restore.topic_candidates(
+        spec.name, latest or {}, lambda payload, key: decode_snapshot(settings, spec, payload,
+                                                                      key))
+    tried: set[int] = set()
+    while True:
+        pool = [c for c in remote if id(c) not in tried]
+        use_local = local if local is not None and id(local) not in tried else None
+        best = restore.choose(use_local, pool, replica)
+        if best is None:
+            break
+        tried.add(id(best))
+        try:
+            model = OnlineModel.from_state(best.state, device=spec.device)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.error("ignoring snapshot from %s: %s", best.source, exc)
+            continue
+        if model.spec != spec:
+            log.warning("snapshot from %s has another spec; not restoring it", best.source)
+            continue
+        log.warning("restored %s v%d (%d events learned) from %s", spec.name, model.version,
+                    model.n_learned, best.source)
+        return ModelRunner(model, Telemetry.from_dict(best.state.get("telemetry", {})), emit)
     return ModelRunner(OnlineModel(spec), emit_predictions=emit)
+
+
+def decode_snapshot(settings: Settings, spec: ModelSpec, payload: bytes,
+                    kafka_key: str) -> dict[str, Any]:
+    """A snapshot of ``spec`` from the models topic: size-bounded by the spec before
+    anything is allocated, and signed under ``kafka.snapshot_key`` when one is set (or
+    when ``api.require_signed_snapshots`` says so), as the API requires."""
+    from streamlearn.serving import state_limits
+
+    key = settings.kafka.snapshot_key
+    required = settings.api.require_signed_snapshots
+    if required is None:
+        required = bool(key.get_secret_value())
+    return snapshots.decode(payload, key=key, context=kafka_key, require_signature=required,
+                            limits=state_limits(spec))
 
 
 def warm_up(runner: ModelRunner) -> None:
@@ -366,6 +407,7 @@ class Feeder:
         # Input bytes consumed but not yet acked: bounded, so that a checkpoint that keeps
         # failing (or an outage) stops consumption instead of growing memory.
         self.held_bytes = 0
+        self.next_offset: dict[tuple[str, int], int] = {}
         self.max_held_bytes = int(runtime.settings.worker.max_unacked_mb * 1024 * 1024)
         self._released = asyncio.Event()
 
@@ -378,6 +420,18 @@ class Feeder:
         if not telemetry.first_at:  # consumed now; learned once its mini-batch fills
             telemetry.first_at = time.time()
         nbytes = value.nbytes if isinstance(value, Bundle) else len(value or b"")
+        tp = (block.topic, block.partition)
+        if block.offsets and block.offsets[0] < self.next_offset.get(tp, 0):
+            # Offsets went back: a redelivery after a rebalance, or a broker that lost its
+            # data (an embedded broker restarted).  In the second case the output topics
+            # are gone, and Tansu acks records sent to a missing topic without keeping
+            # them (measured): make sure they exist before this block's outputs go out.
+            limited.warning(("rewind", tp), "%s partition %d went back from offset %d to %d; "
+                            "checking the worker's topics", block.topic, block.partition,
+                            self.next_offset[tp], block.offsets[0])
+            await self.runtime.ensure_topics(force=True)
+        if block.offsets:
+            self.next_offset[tp] = block.offsets[-1] + 1
         while self.held_bytes >= self.max_held_bytes and (self.unreleased or self.in_flight):
             # Back-pressure: Faust stops fetching while this agent waits.
             self._released.clear()
@@ -458,6 +512,7 @@ class Feeder:
             except KafkaError as exc:
                 self.runtime.output_failed(exc)
                 await asyncio.sleep(backoff.next())
+                await self.runtime.ensure_topics()
                 continue
             return futures
 
@@ -469,8 +524,12 @@ class Feeder:
         """
         backoff = Backoff()
         while True:
-            results = await asyncio.gather(*entry.futures, return_exceptions=True)
-            errors = [r for r in results if isinstance(r, BaseException)]
+            _, pending = await asyncio.wait(entry.futures, timeout=DELIVERY_CHECK_S)
+            if pending:  # still retrying inside aiokafka: a broker that restarted empty
+                await self.runtime.ensure_topics()  # answers NotLeader until they exist
+                continue
+            errors = [f.exception() or RuntimeError("delivery cancelled") for f in entry.futures
+                      if f.cancelled() or f.exception() is not None]
             if not errors:
                 if backoff.failures:
                     self.runtime.output_recovered()
@@ -536,6 +595,7 @@ class WorkerRuntime:
         self.outage_since: float | None = None
         self.checkpoint_failures = 0
         self.checkpoint_failing_since: float | None = None
+        self._declared_at = 0.0
         self._drift_import_started = False
         self._loading: concurrent.futures.Future[dict[str, ModelRunner]] | None = None
         for spec in settings.specs:
@@ -634,7 +694,14 @@ class WorkerRuntime:
             load_detectors_in_background()
 
     def _load_runners(self) -> dict[str, ModelRunner]:
-        runners = {spec.name: restore_runner(spec, self.settings) for spec in self.settings.specs}
+        latest: dict[str, bytes] = {}
+        if self.settings.worker.restore_from_topic:
+            k = self.settings.kafka
+            latest = restore.read_latest_blocking(self.bootstrap, k.models_topic,
+                                                  [s.name for s in self.settings.specs],
+                                                  k.client_kwargs())
+        runners = {spec.name: restore_runner(spec, self.settings, latest)
+                   for spec in self.settings.specs}
         for runner in runners.values():
             warm_up(runner)
         return runners
@@ -706,6 +773,25 @@ class WorkerRuntime:
             futures.append(await self.outputs.send(deadletter, spec.name.encode(),
                                                    dead.encode(spec.name)))
         return futures
+
+    async def ensure_topics(self, *, force: bool = False) -> None:
+        """Declare missing topics again (at most every ``REDECLARE_EVERY_S``).
+
+        An embedded broker that restarted has lost every topic, and Tansu does not
+        create one on produce: the sends retry until the topics exist again.
+        """
+        now = time.monotonic()
+        if not force and now - self._declared_at < REDECLARE_EVERY_S:
+            return
+        self._declared_at = now
+        k = self.settings.kafka
+        try:
+            await asyncio.wait_for(declare_topics(self.bootstrap, self.topic_configs(),
+                                                  k.partitions, k.client_kwargs()),
+                                   timeout=REDECLARE_EVERY_S)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            limited.warning("declare", "could not declare topics (%s: %s)",
+                            type(exc).__name__, exc)
 
     def output_failed(self, exc: BaseException) -> None:
         """Count a failed send or delivery; one log line per interval while it lasts."""

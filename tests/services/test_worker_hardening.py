@@ -128,6 +128,9 @@ class _Runtime:
     def output_recovered(self) -> None:
         pass
 
+    async def ensure_topics(self, *, force: bool = False) -> None:
+        pass
+
 
 def _event(values: list[bytes], first: int, acked: list[int]) -> SimpleNamespace:
     offsets = list(range(first, first + len(values)))
