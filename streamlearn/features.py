@@ -271,8 +271,9 @@ class Vectorizer:
             hashed[:, j] = self._hash(name, list(map(self._cat_get[j], rows)))
         batch = FeatureBatch(numeric, hashed, labels, list(map(self._id_get, rows)))
         wrong = (np.abs(flat) > MAX_ABS_VALUE).any(axis=1)  # NaN (missing) compares False
-        if spec.task != "regression":
-            wrong |= ~((labels == 0.0) | (labels == 1.0) | np.isnan(labels))
+        if spec.task != "regression":  # on float64: 1 + 1e-10 is 1.0 in float32
+            y = flat[:, d]
+            wrong |= ~((y == 0.0) | (y == 1.0) | np.isnan(y))
         return batch, (wrong if wrong.any() else None)
 
     def _rows_one_by_one(
