@@ -214,58 +214,32 @@ def test_field_names_that_are_not_identifiers_and_colliding_names() -> None:
     assert batch.numeric.tolist() == [[1.0]] and rejects[0][0] == 1
 
 
-# -- the magnitude rule on every input path -------------------------------------------------
+# -- every rule, the same verdict on every input path --------------------------------------
 
-BOUND_CASES = [  # (field, value, reason)
-    ("a", 1e308, "field 'a': magnitude must be at most 1e+15, got 1e+308"),
-    ("a", -1e300, "field 'a': magnitude must be at most 1e+15, got -1e+300"),
-    ("b", 10**16, "field 'b': magnitude must be at most 1e+15, got 1e+16"),
-    ("c", 1.5e15, "field 'c': magnitude must be at most 1e+15, got 1.5e+15"),
-    ("y", 1e20, "field 'y': magnitude must be at most 1e+15, got 1e+20"),
+GOOD = {"event_id": 1, "a": 1.0, "b": 2.0, "c": 3.0, "k": "x", "j": 1, "y": 1}
+RULES = [  # (spec, field, value, reason, also over HTTP)
+    (SPEC, "a", "12", "field 'a': expected a number, got str", True),
+    (SPEC, "b", True, "field 'b': expected a number, got bool", True),
+    (SPEC, "c", [1], "field 'c': expected a number, got list", False),  # the API says "array"
+    (SPEC, "a", 1e308, "field 'a': magnitude must be at most 1e+15, got 1e+308", True),
+    (SPEC, "a", -1e300, "field 'a': magnitude must be at most 1e+15, got -1e+300", True),
+    (SPEC, "b", 10**16, "field 'b': magnitude must be at most 1e+15, got 1e+16", True),
+    (SPEC, "c", 1.5e15, "field 'c': magnitude must be at most 1e+15, got 1.5e+15", True),
+    (SPEC, "k", 1.5, "field 'k': expected a string or integer, got float", True),
+    (SPEC, "j", False, "field 'j': expected a string or integer, got bool", True),
+    (SPEC, "k", {"x": 1}, "field 'k': expected a string or integer, got dict", False),
+    (SPEC, "y", 2, "field 'y': label must be 0 or 1, got 2.0", True),
+    (SPEC, "y", 1.0000000001, "field 'y': label must be 0 or 1, got 1.0000000001", True),
+    (SPEC, "y", "1", "field 'y': expected a number, got str", True),
+    (REG, "y", 1e20, "field 'y': magnitude must be at most 1e+15, got 1e+20", True),
+    (REG, "y", True, "field 'y': expected a number, got bool", True),
 ]
+RULE_IDS = [f"{spec.task}-{field}={value!r}"[:40] for spec, field, value, _, _ in RULES]
 
 
-@pytest.mark.parametrize(("field", "value", "reason"), BOUND_CASES)
-def test_bound_on_dicts_and_json(field: str, value: float, reason: str) -> None:
-    spec = REG if field == "y" else SPEC
-    good = {"a": 1.0, "b": 2.0, "c": 3.0, "k": "x", "y": 1}
-    events = [good, {**good, field: value}, good]
-    batch, rejects = Vectorizer(spec).transform_many(events)
-    assert rejects == [(1, reason)] and len(batch) == 2
-    batch, rejects = JsonDecoder(spec, Vectorizer(spec)).decode([orjson.dumps(e) for e in events])
-    assert rejects == [(1, reason)] and len(batch) == 2
-
-
-def test_bound_is_inclusive_and_huge_python_ints_are_refused_not_raised() -> None:
-    vec = Vectorizer(SPEC)
-    batch, rejects = vec.transform_many([{"a": MAX_ABS_VALUE, "b": -(10**15)}, {"a": 10**400}])
-    assert batch.numeric[0, :2].tolist() == [1e15, -1e15]
-    assert rejects == [(1, "field 'a': magnitude must be at most 1e+15, "
-                           "got an integer of about 401 digits")]
-
-
-def test_bound_on_batch_records() -> None:
-    dec = FeatureDecoder(SPEC)
-    good = [{"a": 1.0, "b": 2.0, "c": 3.0, "k": "x", "y": 1}] * 3
-    cols = {"a": np.array([1.0, 1e308, 2.0]), "b": np.zeros(3), "c": np.array([0, 0, -2e15]),
-            "k": ["x", "y", "z"], "j": ["p", "q", "r"]}
-    payload = encode_batch(good, SPEC)
-    assert len(dec.decode(payload)) == 3
-    from streamlearn.batch_format import Categorical, encode_columns
-    raw = encode_columns({k: v if isinstance(v, np.ndarray) else Categorical(np.arange(3), v)
-                          for k, v in cols.items()})
-    with pytest.raises(BatchFormatError,
-                       match=r"numeric columns \['a', 'c'\] hold values of magnitude above 1e\+15"):
-        dec.decode(raw)
-    with pytest.raises(ValueError, match="'a': magnitude must be at most 1e\\+15"):
-        encode_batch([{**good[0], "a": 1e16}], SPEC)  # the encoder refuses it up front
-    reg = encode_columns({"a": np.zeros(2), "k": Categorical(np.zeros(2, np.int64), ["x"]),
-                          "y": np.array([1.0, 1e20], dtype=np.float32)})
-    with pytest.raises(BatchFormatError, match="label column 'y' holds values of magnitude"):
-        FeatureDecoder(REG).decode(reg)
-
-
-def test_bound_on_the_http_path() -> None:
+@pytest.fixture(scope="module")
+def client() -> Any:
+    """The HTTP API serving SPEC's and REG's models (no Kafka)."""
     from fastapi.testclient import TestClient
     from prometheus_client import CollectorRegistry
     from pydantic import BaseModel
@@ -289,23 +263,74 @@ def test_bound_on_the_http_path() -> None:
         kafka: Kafka = Kafka()
         api: Api = Api()
 
-    model = OnlineModel(SPEC, device="cpu")
-    batch, _ = model.vectorizer.transform_many(
-        [{"a": float(i), "b": 1.0, "c": -1.0, "k": "x", "y": i % 2} for i in range(64)])
-    model.process(batch)
     store = ModelStore()
-    state = model.to_state() | {"replica": "r1", "telemetry": {}}
-    assert store.offer("m/r1", snapshots.encode(state))
-    with TestClient(create_app(Cfg(), store, CollectorRegistry())) as client:
-        ok = client.post("/models/m/predict", json={"features": {"a": 1e15, "b": 0.0}})
-        assert ok.status_code == 200, ok.text
-        for body, loc in (({"features": {"a": 1e308}}, ["body", "features"]),
-                          ({"instances": [{"a": 1.0}, {"b": -1e16}]}, ["body", "instances", 1])):
-            r = client.post("/models/m/predict", json=body)
-            assert r.status_code == 422, r.text
-            (err,) = r.json()["detail"]
-            assert err["loc"] == loc and "magnitude must be at most 1e+15" in err["msg"]
-            assert repr("a" if "features" in body else "b") in err["msg"]
+    for spec in (SPEC, REG):
+        model = OnlineModel(spec, device="cpu")
+        batch, _ = model.vectorizer.transform_many(
+            [{"a": float(i), "b": 1.0, "c": -1.0, "k": "x", "y": i % 2} for i in range(64)])
+        model.process(batch)
+        state = model.to_state() | {"replica": "r1", "telemetry": {}}
+        assert store.offer(f"{spec.name}/r1", snapshots.encode(state))
+    with TestClient(create_app(Cfg(), store, CollectorRegistry())) as c:
+        yield c
+
+
+@pytest.mark.parametrize(("spec", "field", "value", "reason", "http"), RULES, ids=RULE_IDS)
+def test_each_rule_gives_one_verdict_on_dicts_json_and_http(
+    client: Any, spec: ModelSpec, field: str, value: Any, reason: str, http: bool
+) -> None:
+    bad = {**GOOD, field: value}
+    events = [GOOD, bad, GOOD]
+    batch, rejects = Vectorizer(spec).transform_many(events)
+    assert rejects == [(1, reason)] and batch.ids == [1, 1]
+    batch, rejects = JsonDecoder(spec, Vectorizer(spec)).decode([orjson.dumps(e) for e in events])
+    assert rejects == [(1, reason)] and batch.ids == [1, 1]
+    if not http:
+        return
+    good = {k: v for k, v in GOOD.items() if k != "event_id"}
+    r = client.post(f"/models/{spec.name}/predict",
+                    json={"instances": [good, {**good, field: value}]})
+    assert r.status_code == 422, r.text
+    (err,) = r.json()["detail"]
+    assert err["loc"] == ["body", "instances", 1] and err["msg"] == reason
+    r = client.post(f"/models/{spec.name}/predict", json={"features": {**good, field: value}})
+    assert r.status_code == 422 and r.json()["detail"][0]["msg"] == reason
+
+
+def test_the_bound_is_inclusive_everywhere(client: Any) -> None:
+    edge = {**GOOD, "a": MAX_ABS_VALUE, "b": -(10**15)}
+    batch, rejects = Vectorizer(SPEC).transform_many([edge])
+    assert rejects == [] and batch.numeric[0, :2].tolist() == [1e15, -1e15]
+    batch, rejects = JsonDecoder(SPEC, Vectorizer(SPEC)).decode([orjson.dumps(edge)])
+    assert rejects == [] and batch.numeric[0, :2].tolist() == [1e15, -1e15]
+    assert len(FeatureDecoder(SPEC).decode(encode_batch([edge], SPEC))) == 1
+    r = client.post("/models/m/predict", json={"features": {"a": 1e15, "b": -1e15}})
+    assert r.status_code == 200, r.text
+
+
+def test_huge_python_ints_are_refused_not_raised() -> None:
+    _, rejects = Vectorizer(SPEC).transform_many([{"a": 10**400}])
+    assert rejects == [(0, "field 'a': magnitude must be at most 1e+15, "
+                           "got an integer of about 401 digits")]
+
+
+def test_bound_on_batch_records() -> None:
+    from streamlearn.batch_format import Categorical, encode_columns
+
+    dec = FeatureDecoder(SPEC)
+    cols = {"a": np.array([1.0, 1e308, 2.0]), "b": np.zeros(3), "c": np.array([0, 0, -2e15]),
+            "k": ["x", "y", "z"], "j": ["p", "q", "r"]}
+    raw = encode_columns({k: v if isinstance(v, np.ndarray) else Categorical(np.arange(3), v)
+                          for k, v in cols.items()})
+    with pytest.raises(BatchFormatError,
+                       match=r"numeric columns \['a', 'c'\] hold values of magnitude above 1e\+15"):
+        dec.decode(raw)
+    with pytest.raises(ValueError, match="'a': magnitude must be at most 1e\\+15"):
+        encode_batch([{**GOOD, "a": 1e16}], SPEC)  # the encoder refuses it up front
+    reg = encode_columns({"a": np.zeros(2), "k": Categorical(np.zeros(2, np.int64), ["x"]),
+                          "y": np.array([1.0, 1e20], dtype=np.float32)})
+    with pytest.raises(BatchFormatError, match="label column 'y' holds values of magnitude"):
+        FeatureDecoder(REG).decode(reg)
 
 
 # -- issue 9, item 8: one extreme but finite number must not disable a feature --------------
