@@ -52,12 +52,9 @@ __all__ = [
 @njit(cache=True)
 def _loss_dloss(m, y, loss):
     if loss == LOSS_LOGISTIC:
-        value = math.log1p(math.exp(-abs(m))) + max(m, 0.0) - y * m
-        if m >= 0.0:
-            p = 1.0 / (1.0 + math.exp(-m))
-        else:
-            e = math.exp(m)
-            p = e / (1.0 + e)
+        e = math.exp(-abs(m))  # one exp serves the loss and the stable sigmoid
+        value = math.log1p(e) + max(m, 0.0) - y * m
+        p = 1.0 / (1.0 + e) if m >= 0.0 else e / (1.0 + e)
         return value, p - y
     r = m - y
     return 0.5 * r * r, r

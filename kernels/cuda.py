@@ -72,12 +72,9 @@ def is_available() -> bool:
 def _loss_dloss(m, y, loss):
     if loss == LOSS_LOGISTIC:
         # No max()/min() in device code: the simulator accepts them, the CUDA target does not.
-        value = math.log1p(math.exp(-abs(m))) + (m if m > 0.0 else 0.0) - y * m
-        if m >= 0.0:
-            p = 1.0 / (1.0 + math.exp(-m))
-        else:
-            e = math.exp(m)
-            p = e / (1.0 + e)
+        e = math.exp(-abs(m))  # one exp serves the loss and the stable sigmoid
+        value = math.log1p(e) + (m if m > 0.0 else 0.0) - y * m
+        p = 1.0 / (1.0 + e) if m >= 0.0 else e / (1.0 + e)
         return value, p - y
     r = m - y
     return 0.5 * r * r, r

@@ -89,12 +89,9 @@ def loss_and_dloss(m: float, y: float, loss: int) -> tuple[float, float]:
     m = float(m)
     y = float(y)
     if loss == LOSS_LOGISTIC:
-        value = math.log1p(math.exp(-abs(m))) + max(m, 0.0) - y * m
-        if m >= 0:
-            p = 1.0 / (1.0 + math.exp(-m))
-        else:
-            e = math.exp(m)
-            p = e / (1.0 + e)
+        e = math.exp(-abs(m))  # one exp serves the loss and the stable sigmoid
+        value = math.log1p(e) + max(m, 0.0) - y * m
+        p = 1.0 / (1.0 + e) if m >= 0.0 else e / (1.0 + e)
         return value, p - y
     if loss == LOSS_SQUARED:
         r = m - y

@@ -90,9 +90,11 @@ def per_event_linear(  # pragma: no cover - compiled
     power_t = hyper[H_POWER_T]
     total = 0.0
     n_lab = 0
+    moved = True  # the prior moves only with a new label
     for r in range(k):
-        if prior and logistic:
+        if prior and logistic and moved:
             shift_bias_to_prior(target, w, s1, s2, opt, hyper)
+            moved = False
         m = np.float64(w[big_d])
         if dense:
             for j in range(d):
@@ -115,6 +117,7 @@ def per_event_linear(  # pragma: no cover - compiled
         yy = np.float64(yv)
         if prior:
             _target_update_one(target, yv)
+            moved = True
             if not logistic:
                 t_mean, t_std = target_scale(target)
                 yy = np.float64(np.float32((yy - t_mean) * (1.0 / t_std)))
