@@ -18,9 +18,21 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## embedded broker + worker + API + producer, live status until Ctrl-C
 	$(BIN)/streamlearn demo
 
-test: $(STAMP) lint  ## lint, all tests (real embedded broker), CUDA twins on the simulator
+test: $(STAMP) lint $(BIN)/promtool  ## lint, all tests (real embedded broker), CUDA twins on the simulator
 	$(BIN)/python -m pytest -m "not gpu and not slow"
 	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest -m "cudasim and not gpu and not slow" -p no:cacheprovider tests/kernels
+
+# promtool (tests/deploy checks the Prometheus config) from Debian's prometheus package,
+# unpacked into the venv: no service is installed or started. Skipped when one is on PATH;
+# without apt the deploy test skips that check and says why.
+$(BIN)/promtool: | $(STAMP)
+	@if command -v promtool >/dev/null; then ln -sf "$$(command -v promtool)" $@; \
+	elif command -v apt-get >/dev/null; then \
+	  tmp=$$(mktemp -d) && cd $$tmp && \
+	  { apt-get download -q prometheus 2>/dev/null || { apt-get update -q && apt-get download -q prometheus; }; } && \
+	  dpkg-deb --fsys-tarfile prometheus_*.deb | tar -xO ./usr/bin/promtool > $(CURDIR)/$@.part && \
+	  chmod +x $(CURDIR)/$@.part && mv $(CURDIR)/$@.part $(CURDIR)/$@; rm -rf $$tmp; \
+	else echo "promtool unavailable (no apt-get): tests/deploy skips the Prometheus check"; fi
 
 test-fast: $(STAMP)  ## unit tests only (no broker)
 	$(BIN)/python -m pytest -m "not kafka and not gpu and not slow"

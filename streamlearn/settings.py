@@ -156,6 +156,8 @@ class ApiSettings(_Section):
     require_signed_snapshots: bool | None = None
     # Largest snapshot record accepted from the models topic (compressed, as received).
     max_snapshot_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # Serving processes sharing host:port (one socket); each follows the snapshot feed.
+    workers: int = Field(1, ge=1, le=256)
 
 
 class ModelSettings(_Section):
