@@ -71,23 +71,27 @@ def _target_update_one(target, y):  # pragma: no cover - compiled
 
 @njit(cache=True, nogil=True)
 def per_event_linear(  # pragma: no cover - compiled
-    z, indptr, indices, values, dense, labels, link, prior, target,
+    z, hashed, csr, labels, link, prior, target,
     w, s1, s2, loss, opt, hyper, step, scores,
 ):
     """``update_rows = 1`` for the linear kinds: each row scored, then learned, in turn.
 
-    The generic window loop would call a predict and a learn kernel per row, computing
-    the margin twice and allocating scratch arrays; this loop computes each margin once
-    and updates the touched coordinates in place. It performs the same floating-point
-    operations in the same order as those kernels on one-row batches (the CSR kernel's
-    float32 gradient scratch included), so the two paths agree bit for bit (tested).
+    The generic window loop would assemble CSR rows, then call a predict and a learn
+    kernel per row, computing the margin twice and allocating scratch arrays. This loop
+    reads the z-scores and hashed slots directly, computes each margin once and updates
+    the touched coordinates in place. It performs the same floating-point operations in
+    the same order as those kernels on one-row batches (with ``csr``, the CSR kernel's
+    float32 gradient scratch too), so the two paths agree bit for bit (tested). Hashed
+    slots sit past the numeric block, so only they can repeat within a row.
     Returns ``(summed loss, labelled rows, next step)``.
     """
     k, d = z.shape
+    n_cat = hashed.shape[1]
     big_d = w.shape[0] - 1
     logistic = loss == LOSS_LOGISTIC
     lr, l1, l2, beta, eta = _opt_scalars(hyper, step)
     power_t = hyper[H_POWER_T]
+    one = np.float32(1.0)
     total = 0.0
     n_lab = 0
     moved = True  # the prior moves only with a new label
@@ -96,12 +100,10 @@ def per_event_linear(  # pragma: no cover - compiled
             shift_bias_to_prior(target, w, s1, s2, opt, hyper)
             moved = False
         m = np.float64(w[big_d])
-        if dense:
-            for j in range(d):
-                m += np.float64(z[r, j]) * w[j]
-        else:
-            for e in range(indptr[r], indptr[r + 1]):
-                m += np.float64(values[e]) * w[indices[e]]
+        for j in range(d):
+            m += np.float64(z[r, j]) * w[j]
+        for c in range(n_cat):
+            m += np.float64(one) * w[hashed[r, c]]
         m32 = np.float32(m)
         if link:
             x = min(max(np.float64(m32), -50.0), 50.0)
@@ -126,34 +128,33 @@ def per_event_linear(  # pragma: no cover - compiled
         coef = dm * 1.0
         if opt == OPT_SGD and power_t != 0.0:  # SGD's schedule moves with every step
             eta = lr / (1.0 + step) ** power_t
-        if dense:
-            for j in range(d):
-                wj, a, b = _update(np.float64(w[j]), np.float64(s1[j]), np.float64(s2[j]),
-                                   0.0 + coef * z[r, j], opt, lr, l1, l2, beta, eta)
-                w[j] = wj
-                s1[j] = a
-                s2[j] = b
-        else:
-            lo_e = indptr[r]
-            hi_e = indptr[r + 1]
-            for e in range(lo_e, hi_e):
-                i = indices[e]
-                seen = False
-                for f in range(lo_e, e):  # a hashed slot twice in one row: summed once
-                    if indices[f] == i:
-                        seen = True
-                        break
-                if seen:
-                    continue
-                g32 = np.float32(0.0 + coef * values[e])
-                for f in range(e + 1, hi_e):
-                    if indices[f] == i:
-                        g32 = np.float32(np.float64(g32) + coef * values[f])
-                wi, a, b = _update(np.float64(w[i]), np.float64(s1[i]), np.float64(s2[i]),
-                                   np.float64(g32), opt, lr, l1, l2, beta, eta)
-                w[i] = wi
-                s1[i] = a
-                s2[i] = b
+        for j in range(d):
+            g = 0.0 + coef * z[r, j]
+            if csr:  # the CSR kernel accumulates gradients in a float32 scratch
+                g = np.float64(np.float32(g))
+            wj, a, b = _update(np.float64(w[j]), np.float64(s1[j]), np.float64(s2[j]),
+                               g, opt, lr, l1, l2, beta, eta)
+            w[j] = wj
+            s1[j] = a
+            s2[j] = b
+        for c in range(n_cat):
+            i = hashed[r, c]
+            seen = False
+            for f in range(c):  # a hashed slot twice in one row: summed, updated once
+                if hashed[r, f] == i:
+                    seen = True
+                    break
+            if seen:
+                continue
+            g32 = np.float32(0.0 + coef * one)
+            for f in range(c + 1, n_cat):
+                if hashed[r, f] == i:
+                    g32 = np.float32(np.float64(g32) + coef * one)
+            wi, a, b = _update(np.float64(w[i]), np.float64(s1[i]), np.float64(s2[i]),
+                               np.float64(g32), opt, lr, l1, l2, beta, eta)
+            w[i] = wi
+            s1[i] = a
+            s2[i] = b
         wb, a, b = _update(np.float64(w[big_d]), np.float64(s1[big_d]), np.float64(s2[big_d]),
                            0.0 + coef, opt, lr, 0.0, 0.0, beta, eta)
         w[big_d] = wb
@@ -198,22 +199,22 @@ def prequential_chunks(  # pragma: no cover - compiled
         z = np.empty((k, d), dtype=np.float32)
         _zscore(Xc, mean, _std(count, m2), z)
         hc = hashed[lo:hi]
+        total = 0.0
+        n_chunk = 0
+        if rows_per_step == 1 and kind != KIND_FM:
+            total, n_chunk, step = per_event_linear(
+                z, hc, kind == KIND_CSR, labels[lo:hi], link, prior,
+                target, w, s1, s2, loss, opt, hyper, step, scores[lo:hi],
+            )
+            chunk_learned[c] = n_chunk
+            chunk_loss[c] = total
+            continue
         if kind == KIND_DENSE:
             indptr = np.zeros(1, dtype=np.int64)  # unused: typed like the CSR branch
             indices = np.zeros(0, dtype=np.int32)
             values = np.zeros(0, dtype=np.float32)
         else:
             indptr, indices, values = csr_assemble(z, hc)
-        total = 0.0
-        n_chunk = 0
-        if rows_per_step == 1 and kind != KIND_FM:
-            total, n_chunk, step = per_event_linear(
-                z, indptr, indices, values, kind == KIND_DENSE, labels[lo:hi], link, prior,
-                target, w, s1, s2, loss, opt, hyper, step, scores[lo:hi],
-            )
-            chunk_learned[c] = n_chunk
-            chunk_loss[c] = total
-            continue
         for a in range(0, k, rows_per_step):
             b = min(a + rows_per_step, k)
             m = margins[: b - a]

@@ -270,9 +270,11 @@ def _state_arrays(model):
         **{f"w.{k}": v for k, v in s["weights"].items()},
         **{f"scaler.{k}": v for k, v in s["scaler"].items()},
         "n_imputed": s["n_imputed"],
+        "target": s["target"],
         "metrics.y": s["metrics"]["y"],
         "metrics.p": s["metrics"]["p"],
-        "drift.recent": s["drift"]["data"]["recent"],
+        **{f"drift.{k}": s["drift"]["data"][k]
+           for k in ("recent_num", "recent_cat", "recent_mean") if k in s["drift"]["data"]},
     }
 
 
