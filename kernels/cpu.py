@@ -83,12 +83,14 @@ def _update(wi, s1i, s2i, g, opt, lr, l1, l2, beta, eta_sgd):
     Working on scalars lets the same helper serve ``w`` (1-D) and ``V`` (2-D).
     """
     if opt == OPT_FTRL:
+        # One division: ``sigma`` and the denominator share ``1 / lr`` and ``sqrt(n_new)``.
         n_new = s2i + g * g
-        sigma = (math.sqrt(n_new) - math.sqrt(s2i)) / lr
-        z = s1i + g - sigma * wi
+        sq_new = math.sqrt(n_new)
+        inv_lr = 1.0 / lr
+        z = s1i + g - (sq_new - math.sqrt(s2i)) * inv_lr * wi
         if abs(z) <= l1:
             return 0.0, z, n_new
-        return -(z - math.copysign(l1, z)) / ((beta + math.sqrt(n_new)) / lr + l2), z, n_new
+        return -(z - math.copysign(l1, z)) / ((beta + sq_new) * inv_lr + l2), z, n_new
     g = g + l2 * wi
     if opt == OPT_ADAGRAD:
         s1i = s1i + g * g
