@@ -174,6 +174,21 @@ class EmbeddedBroker:
             proc.kill()
             proc.wait(5)
 
+    def restart(self, attempts: int = 10) -> EmbeddedBroker:
+        """Stop and start again on the same port, empty (Tansu keeps data in memory only).
+
+        Retries while the old process's port is not free yet.
+        """
+        self.stop()
+        for attempt in range(attempts):
+            try:
+                return self.start()
+            except BrokerError:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.5)
+        return self
+
     def rss_bytes(self) -> int | None:
         """Resident memory of the broker process (Linux), for soak measurements."""
         if self.proc is None:

@@ -109,7 +109,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 2
     path = config_path(args)
     return run(settings, rate=args.rate, duration=args.duration,
-               config=path if path.exists() else None)
+               config=path if path.exists() else None, recycle_mb=args.recycle_broker_mb)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="embedded broker + worker + API + synthetic producer")
     demo.add_argument("--rate", type=float, default=3000.0, help="events/s (default 3000)")
     demo.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+    demo.add_argument(
+        "--recycle-broker-mb", type=float, default=512.0,
+        help="restart the embedded broker empty past this RSS, to bound its memory "
+        "(default 512; 0: never)",
+    )
     demo.set_defaults(func=cmd_demo)
     broker = sub.add_parser("broker", help="run the embedded Tansu broker alone")
     broker.add_argument("--port", type=int, default=9092)
