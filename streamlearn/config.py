@@ -12,10 +12,14 @@ from typing import Any, Literal
 Task = Literal["binary", "regression", "ranking"]
 Optimizer = Literal["sgd", "adagrad", "ftrl"]
 Device = Literal["auto", "cpu", "cuda"]
+DriftDetector = Literal["adwin", "page_hinkley", "kswin"]
+DriftAction = Literal["alert", "reset", "rollback"]
 
 TASKS: tuple[str, ...] = ("binary", "regression", "ranking")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adagrad", "ftrl")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+DRIFT_DETECTORS: tuple[str, ...] = ("adwin", "page_hinkley", "kswin")
+DRIFT_ACTIONS: tuple[str, ...] = ("alert", "reset", "rollback")
 
 #: Default step size per optimizer: their steps have different units (SGD moves by
 #: ``lr * gradient``, AdaGrad by about ``lr`` per coordinate, FTRL's ``alpha`` scales a
@@ -61,6 +65,16 @@ class ModelSpec:
         Divide the step size by :attr:`step_norm`, the expected squared norm of a row.
     fm_init_std
         Standard deviation of the factorization machine's initial factors.
+    drift_detector, drift_params
+        river's concept-drift detector on the prequential batch loss (``adwin``,
+        ``page_hinkley`` or ``kswin``) and its keyword arguments (:mod:`streamlearn.drift`).
+    drift_action, drift_cooldown
+        What a concept drift triggers: ``alert`` (metrics only), ``reset`` (fresh
+        weights, the scaler kept) or ``rollback`` (the newest in-memory checkpoint whose
+        loss was good); at most one action per ``drift_cooldown`` events.
+    drift_reference_size, drift_threshold
+        Events in the data-drift reference window, and the per-feature PSI above which
+        a feature counts as drifting.
 
     Examples
     --------
@@ -93,6 +107,12 @@ class ModelSpec:
     fm_factors: int = 8
     fm_init_std: float = 0.1
     rolling_window: int = 10_000
+    drift_detector: DriftDetector = "page_hinkley"
+    drift_params: dict[str, Any] = field(default_factory=dict, hash=False)
+    drift_action: DriftAction = "alert"
+    drift_cooldown: int = 50_000
+    drift_reference_size: int = 5_000
+    drift_threshold: float = 0.25
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -125,6 +145,12 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: update_rows must be in 1..batch_size")
         if self.fm_init_std < 0:
             raise ValueError(f"model {self.name!r}: fm_init_std must be >= 0")
+        if self.drift_detector not in DRIFT_DETECTORS or self.drift_action not in DRIFT_ACTIONS:
+            raise ValueError(f"model {self.name!r}: drift_detector must be one of "
+                             f"{DRIFT_DETECTORS}, drift_action one of {DRIFT_ACTIONS}")
+        if self.drift_cooldown < 0 or self.drift_reference_size < 1 or self.drift_threshold <= 0:
+            raise ValueError(f"model {self.name!r}: drift_cooldown must be >= 0, "
+                             "drift_reference_size >= 1, drift_threshold > 0")
 
     @property
     def step_norm(self) -> float:

@@ -185,6 +185,12 @@ class ModelSettings(_Section):
     fm_factors: int = Field(8, ge=1, le=256)
     fm_init_std: float = Field(0.1, ge=0)
     rolling_window: int = Field(10_000, ge=10)
+    drift_detector: Literal["adwin", "page_hinkley", "kswin"] = "page_hinkley"
+    drift_params: dict[str, float | int | str | bool] = {}
+    drift_action: Literal["alert", "reset", "rollback"] = "alert"
+    drift_cooldown: int = Field(50_000, ge=0)
+    drift_reference_size: int = Field(5_000, ge=1)
+    drift_threshold: float = Field(0.25, gt=0)
 
     @field_validator("categorical")
     @classmethod

@@ -13,13 +13,34 @@ order once it has.
 
 from __future__ import annotations
 
+import collections
 import importlib
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 #: Detector names, checked without importing river.
-DETECTORS: tuple[str, ...] = ("adwin", "page_hinkley")
+DETECTORS: tuple[str, ...] = ("adwin", "page_hinkley", "kswin")
+#: Parameters a detector gets unless the spec says otherwise.  The detectors see one
+#: value per mini-batch, not per event, so: ADWIN checks for a cut at every value
+#: (``clock=1``; its default of 32 would check every 8,192 events); Page-Hinkley watches
+#: rises only (a falling loss is no harm) with a threshold in batch-loss units;
+#: KSWIN tests its window at every value, so its level is strict (1e-5) against
+#: repeated-test false alarms, and its random reference sample is seeded.
+DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
+    "adwin": {"clock": 1},
+    "page_hinkley": {"mode": "up", "threshold": 1.0, "min_instances": 10},
+    "kswin": {"alpha": 1e-5, "seed": 42},
+}
+#: Events after a start (or an action) during which losses are not fed to the detector
+#: (:meth:`ConceptDriftMonitor.for_spec`): a model that is still learning has a falling
+#: loss, which a detector would report as drift.  ``drift_params.warmup`` overrides it.
+WARMUP_EVENTS = 10_000
+#: Weight of each batch loss in the slow average that tells a rise from a fall.
+SLOW_ALPHA = 0.05
+#: Batch losses averaged for the level after a change.
+RECENT_BATCHES = 4
 #: Values a monitor queues while river loads; past this, ``update`` waits for the import.
 MAX_PENDING = 100_000
 
@@ -27,7 +48,7 @@ MAX_PENDING = 100_000
 def detector_class(name: str) -> type:
     """River's detector class for ``name``, importing ``river.drift`` if needed."""
     drift = importlib.import_module("river.drift")
-    return {"adwin": drift.ADWIN, "page_hinkley": drift.PageHinkley}[name]
+    return {"adwin": drift.ADWIN, "page_hinkley": drift.PageHinkley, "kswin": drift.KSWIN}[name]
 
 
 class DetectorLoader:
@@ -102,22 +123,33 @@ class ConceptDriftMonitor:
     >>> m = ConceptDriftMonitor("adwin")
     >>> for i, loss in enumerate(losses):
     ...     _ = m.update(float(loss), events_seen=(i + 1) * 256)
-    >>> m.n_drifts, m.drift_points[0] // 256
-    (1, 352)
+    >>> m.n_drifts, m.drift_points[0] // 256, m.last_direction
+    (1, 321, 'up')
     """
 
-    def __init__(self, detector: str = "adwin", **params: Any) -> None:
+    def __init__(self, detector: str = "adwin", warmup: int = 0, **params: Any) -> None:
         if detector not in DETECTORS:
             raise ValueError(
                 f"unknown drift detector {detector!r}; choose from {sorted(DETECTORS)}"
             )
         self.detector_name = detector
-        self.params = params
+        self.warmup = int(warmup)
+        self.params = {**DEFAULT_PARAMS.get(detector, {}), **params}
         self.detector: Any = None  # river's detector, built by the first update
-        self.pending: list[tuple[float, int]] = []  # (loss, events_seen) while river loads
+        # (loss, events_seen, arrival time) while river loads
+        self.pending: list[tuple[float, int, float]] = []
         self.n_drifts = 0
         self.drift_points: list[int] = []  # events seen at each detection, newest last
+        self.drift_times: list[float] = []  # wall-clock time of each detection, newest last
+        self.n_updates = 0  # batch losses fed since the detector was (re)built
         self.last_loss: float | None = None
+        self.loss_total = 0.0  # every batch loss fed, for the checkpoints' loss
+        self.loss_count = 0
+        self.directions: list[str] = []  # "up" (the loss rose) or "down", per drift point
+        self._start: int | None = None  # events seen when feeding (re)started
+        self._warmup_now = self.warmup
+        self._slow: float | None = None
+        self._recent: collections.deque[float] = collections.deque(maxlen=RECENT_BATCHES)
         self._drifted = False
 
     def update(self, loss: float, events_seen: int) -> bool:
@@ -127,19 +159,43 @@ class ConceptDriftMonitor:
         after the import feeds the queue in order, then this value.
         """
         self.last_loss = loss
+        self.loss_total += loss
+        self.loss_count += 1
         if self.detector is None:
             if _loader.loading and len(self.pending) < MAX_PENDING:
-                self.pending.append((loss, events_seen))
+                self.pending.append((loss, events_seen, time.time()))
                 self._drifted = False
                 return False
             self._build()
         drifted = False
         if self.pending:
             queued, self.pending = self.pending, []
-            for value, seen in queued:
-                drifted |= self._feed(value, seen)
-        self._drifted = drifted | self._feed(loss, events_seen)
+            for value, seen, at in queued:
+                drifted |= self._feed(value, seen, at)
+        self._drifted = drifted | self._feed(loss, events_seen, time.time())
         return self._drifted
+
+    @classmethod
+    def for_spec(cls, spec: Any) -> ConceptDriftMonitor:
+        """The detector a :class:`~streamlearn.config.ModelSpec` names, with its params."""
+        params = {"warmup": WARMUP_EVENTS, **dict(spec.drift_params)}
+        return cls(spec.drift_detector, **params)
+
+    def restart(self, warmup: int | None = None) -> None:
+        """Forget the loss history (a fresh detector), keeping counts: after an action
+        the loss stream starts over, and its transient must not read as a new drift.
+
+        ``warmup``: events to wait before feeding the detector again (default
+        :attr:`warmup`: a reset's fresh weights have a learning curve; a rollback's
+        transient is shorter).
+        """
+        self._warmup_now = self.warmup if warmup is None else min(int(warmup), self.warmup)
+        if self.detector is not None:
+            self.detector = detector_class(self.detector_name)(**self.params)
+        self.pending = []
+        self.n_updates = 0
+        self._start, self._slow = None, None
+        self._recent.clear()
 
     def _build(self) -> None:
         if _loader.deferred:  # past MAX_PENDING: start it now if still deferred
@@ -150,13 +206,29 @@ class ConceptDriftMonitor:
             raise _loader.error
         self.detector = detector_class(self.detector_name)(**self.params)
 
-    def _feed(self, loss: float, events_seen: int) -> bool:
+    def _feed(self, loss: float, events_seen: int, at: float) -> bool:
+        if self._start is None:
+            self._start = events_seen
+        if events_seen - self._start < self._warmup_now:
+            return False
         self.detector.update(loss)
+        self.n_updates += 1
+        self._recent.append(loss)
+        slow = loss if self._slow is None else self._slow
+        self._slow = slow + SLOW_ALPHA * (loss - slow)
         if self.detector.drift_detected:
             self.n_drifts += 1
             self.drift_points = [*self.drift_points[-19:], events_seen]
+            self.drift_times = [*self.drift_times[-19:], at]
+            rise = sum(self._recent) / len(self._recent) > slow
+            self.directions = [*self.directions[-19:], "up" if rise else "down"]
             return True
         return False
+
+    @property
+    def last_direction(self) -> str | None:
+        """``up`` when the latest drift raised the loss, ``down`` when it lowered it."""
+        return self.directions[-1] if self.directions else None
 
     @property
     def drift_detected(self) -> bool:
@@ -165,12 +237,25 @@ class ConceptDriftMonitor:
 
     def report(self) -> dict[str, Any]:
         """JSON-ready summary."""
+        state: dict[str, float] = {}
+        for attr in ("width", "estimation", "variance"):  # ADWIN's window; others lack them
+            value = getattr(self.detector, attr, None)
+            if isinstance(value, int | float):
+                state[attr] = float(value)
         return {
             "detector": self.detector_name,
+            "params": dict(self.params),
             "drifts": self.n_drifts,
             "last_drift_at_event": self.drift_points[-1] if self.drift_points else None,
+            "last_drift_at_time": self.drift_times[-1] if self.drift_times else None,
             "recent_drifts_at_event": list(self.drift_points),
+            "recent_drifts_at_time": list(self.drift_times),
+            "recent_drift_directions": list(self.directions),
+            "warmup_events": self.warmup,
             "last_batch_loss": self.last_loss,
+            "updates": self.n_updates,
+            "loading": self.detector is None and bool(self.pending),
+            "state": state,
         }
 
     def to_state(self) -> dict[str, Any]:
@@ -180,14 +265,20 @@ class ConceptDriftMonitor:
             "params": dict(self.params),
             "n_drifts": self.n_drifts,
             "drift_points": list(self.drift_points),
+            "drift_times": list(self.drift_times),
+            "directions": list(self.directions),
+            "warmup": self.warmup,
             "last_loss": self.last_loss,
         }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> ConceptDriftMonitor:
         """Rebuild with a fresh detector and the saved counts."""
-        m = cls(state.get("detector", "adwin"), **state.get("params", {}))
+        m = cls(state.get("detector", "adwin"), warmup=int(state.get("warmup", 0)),
+                **state.get("params", {}))
+        m.directions = [str(d) for d in state.get("directions", [])]
         m.n_drifts = int(state.get("n_drifts", 0))
         m.drift_points = [int(p) for p in state.get("drift_points", [])]
+        m.drift_times = [float(t) for t in state.get("drift_times", [])]
         m.last_loss = state.get("last_loss")
         return m

@@ -1,54 +1,153 @@
-"""Data drift per numeric feature: recent mean against a frozen reference window.
+"""Data drift on every feature: recent distributions against a reference window.
 
-The score is the standardized mean shift ``|recent_mean - ref_mean| / ref_std``,
-with the recent mean an exponentially weighted average of batch means
-(half-life in events), so it needs no per-event work and no stored window.
+What is compared
+----------------
+- **Numeric features**: the population stability index (PSI) of the standardized value
+  ``z = (x - ref_mean) / ref_std`` over ``bins`` quantile bins of the reference window,
+  plus one bin for missing values (a jump in the missing rate is drift too); and the
+  standardized mean shift ``|recent_mean - ref_mean| / ref_std``, reported beside it.
+- **Categorical fields**: the model sees them only as hashed slots (column ``j`` of
+  ``FeatureBatch.hashed`` is field ``j``'s slot), so no raw string is kept.  The bins are
+  the reference's ``top_k`` most frequent slots, "another slot seen in the reference", and
+  "unseen"; the score is the PSI over these bins.  The unseen rate is reported beside it,
+  against the reference's own novelty rate (the share of its second half unseen in its
+  first half), so that an id-like field with many new values is not drift by itself.
+
+``PSI = sum((q - p) * ln(q / p))`` over bins, ``p`` the reference share and ``q`` the recent
+one, both floored at ``1e-4``.  The usual reading: < 0.1 stable, 0.1-0.25 moderate, > 0.25
+a real shift; the per-feature threshold is the spec's ``drift_threshold`` (0.25).  The
+model's **drift level** is ``none``, ``warning`` (worst score >= 0.4 x threshold) or
+``drift`` (worst score >= threshold).
+
+Reference policy
+----------------
+The reference is the first ``reference_size`` events the monitor sees (after the model
+starts, or after a drift action: :meth:`DataDriftMonitor.restart`), then frozen: a slow
+drift stays visible instead of being absorbed by a sliding reference, and an action that
+restarts learning restarts the reference with it.  A snapshot keeps the frozen reference
+(bin edges and shares), not the raw window.
+
+Cost
+----
+The recent shares are exponentially weighted averages of per-mini-batch shares (half-life
+in events), folded in one compiled, GIL-free pass per call: a binary search over the bin
+edges per numeric value and over a field's slots per categorical value, nothing stored per
+event.  Until the reference is complete, rows are buffered (``reference_size`` rows).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from numba import njit
 
-from streamlearn.scaler import RunningStandardScaler
+#: Shares are floored at this before the PSI's logarithm.
+EPS = 1e-4
+#: Fraction of the threshold from which the level reads ``warning``.
+WARNING_FRACTION = 0.4
+STATE_FORMAT = 2
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _search(a, lo, hi, x):  # pragma: no cover - compiled
+    """Count of ``a[lo:hi]`` (sorted) that are <= x, as an index into ``a``."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if a[mid] <= x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 @njit(cache=True, nogil=True)
-def _blend_batch_means(X, recent, halflife, size):  # pragma: no cover - compiled
-    """Fold the feature means (NaN skipped) of each ``size``-row batch of ``X`` into ``recent``.
-
-    An EWMA in place, one batch at a time.  The column sums repeat the first pass of
-    ``kernels.cpu.scaler_update``: deriving the batch means from the scaler's
-    before/after state instead was measured slower (seven small NumPy ops cost more
-    than this compiled pass over a 256-row batch).
-    """
-    n, d = X.shape
-    cnt = np.zeros(d)
+def _fold(X, H, size, mean, std, edges, top, top_bin, seen, seen_ptr, halflife,
+          recent_num, recent_cat, recent_mean, started):  # pragma: no cover - compiled
+    """Fold each ``size``-row batch of ``X``/``H`` into the EWMA shares, in place."""
+    n = max(X.shape[0], H.shape[0])
+    d = X.shape[1]
+    c = H.shape[1]
+    nb = recent_num.shape[1]  # quantile bins + missing
+    ne = edges.shape[1]
+    k = top.shape[1]
+    kc = recent_cat.shape[1]  # top_k + other + unseen
+    cnt_num = np.zeros((d, nb))
+    cnt_cat = np.zeros((c, kc))
     tot = np.zeros(d)
+    obs = np.zeros(d)
     for lo in range(0, n, size):
-        cnt[:] = 0.0
+        hi = min(lo + size, n)
+        cnt_num[:] = 0.0
+        cnt_cat[:] = 0.0
         tot[:] = 0.0
-        for r in range(lo, min(lo + size, n)):
+        obs[:] = 0.0
+        for r in range(lo, hi):
             for j in range(d):
                 x = X[r, j]
-                if not math.isnan(x):
-                    cnt[j] += 1.0
-                    tot[j] += x
-        for j in range(d):
-            if cnt[j] > 0.0:
-                batch_mean = tot[j] / cnt[j]
-                if math.isnan(recent[j]):
-                    recent[j] = batch_mean
+                if math.isnan(x):
+                    cnt_num[j, nb - 1] += 1.0
                 else:
-                    alpha = 1.0 - 0.5 ** (cnt[j] / halflife)
-                    recent[j] = (1 - alpha) * recent[j] + alpha * batch_mean
+                    z = (x - mean[j]) / std[j]
+                    cnt_num[j, _search(edges[j], 0, ne, z)] += 1.0
+                    tot[j] += x
+                    obs[j] += 1.0
+            for j in range(c):
+                s = H[r, j]
+                i = _search(top[j], 0, k, s) - 1
+                if i >= 0 and top[j, i] == s:
+                    cnt_cat[j, top_bin[j, i]] += 1.0
+                else:
+                    a, b = seen_ptr[j], seen_ptr[j + 1]
+                    i = _search(seen, a, b, s) - 1
+                    if i >= a and seen[i] == s:
+                        cnt_cat[j, kc - 2] += 1.0
+                    else:
+                        cnt_cat[j, kc - 1] += 1.0
+        rows = hi - lo
+        alpha = 1.0 - 0.5 ** (rows / halflife)
+        first = started[0] == 0
+        started[0] = 1
+        for j in range(d):
+            for b in range(nb):
+                share = cnt_num[j, b] / rows
+                if first:
+                    recent_num[j, b] = share
+                else:
+                    recent_num[j, b] += alpha * (share - recent_num[j, b])
+            if obs[j] > 0.0:
+                m = tot[j] / obs[j]
+                if math.isnan(recent_mean[j]):
+                    recent_mean[j] = m
+                else:
+                    a_m = 1.0 - 0.5 ** (obs[j] / halflife)
+                    recent_mean[j] += a_m * (m - recent_mean[j])
+        for j in range(c):
+            for b in range(kc):
+                share = cnt_cat[j, b] / rows
+                if first:
+                    recent_cat[j, b] = share
+                else:
+                    recent_cat[j, b] += alpha * (share - recent_cat[j, b])
+
+
+def psi(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Population stability index per row of share matrices ``p`` (reference), ``q``.
+
+    >>> float(psi(np.array([[0.5, 0.5]]), np.array([[0.5, 0.5]]))[0])
+    0.0
+    >>> round(float(psi(np.array([[0.5, 0.5]]), np.array([[0.9, 0.1]]))[0]), 3)
+    0.879
+    """
+    p = np.maximum(p, EPS)
+    q = np.maximum(q, EPS)
+    return ((q - p) * np.log(q / p)).sum(axis=1)
 
 
 class DataDriftMonitor:
-    """Standardized mean shift of each numeric feature.
+    """PSI and mean shift per numeric feature, PSI and unseen rate per categorical field.
 
     Examples
     --------
@@ -56,103 +155,259 @@ class DataDriftMonitor:
     >>> m = DataDriftMonitor(["a", "b"], reference_size=2000, halflife=500)
     >>> for _ in range(20):
     ...     m.update(rng.normal([0.0, 5.0], 1.0, size=(256, 2)))
-    >>> m.report()["drifting"]
-    []
+    >>> m.report()["drifting"], m.level()
+    ([], 'none')
     >>> for _ in range(10):
     ...     m.update(rng.normal([0.0, 8.0], 1.0, size=(256, 2)))
-    >>> m.report()["drifting"], round(float(m.scores()[1]), 1)
-    (['b'], 2.9)
+    >>> m.report()["drifting"], m.level(), m.ranked()[0][0]
+    (['b'], 'drift', 'b')
     """
 
     def __init__(
         self,
-        features: list[str],
+        features: Sequence[str],
+        categorical: Sequence[str] = (),
         reference_size: int = 5000,
         halflife: float = 2000.0,
-        threshold: float = 0.5,
+        threshold: float = 0.25,
+        bins: int = 10,
+        top_k: int = 20,
     ) -> None:
         self.features = list(features)
-        self.reference_size = reference_size
-        self.halflife = halflife
-        self.threshold = threshold
-        self.reference = RunningStandardScaler(len(features))
-        self.recent = np.full(len(features), np.nan)
-        self.ready = not self.features  # the reference window is complete
+        self.categorical = list(categorical)
+        self.reference_size = int(reference_size)
+        self.halflife = float(halflife)
+        self.threshold = float(threshold)
+        self.bins = int(bins)
+        self.top_k = int(top_k)
+        self.restart()
 
-    def update(self, X: np.ndarray, batch_size: int | None = None) -> None:
-        """Fold raw numeric features (NaN = missing), as batches of ``batch_size`` rows.
+    @classmethod
+    def for_spec(cls, spec: Any) -> DataDriftMonitor:
+        """The monitor of a :class:`~streamlearn.config.ModelSpec`: every field, its settings."""
+        return cls(list(spec.numeric), list(spec.categorical),
+                   reference_size=spec.drift_reference_size, threshold=spec.drift_threshold)
 
-        ``update(X, b)`` equals ``update`` on each ``b``-row slice of ``X`` in turn; the
-        default is one batch.
+    def restart(self) -> None:
+        """Start collecting a new reference window (see the module's reference policy)."""
+        d, c, k = len(self.features), len(self.categorical), self.top_k
+        self.ready = False
+        self._buf_x: list[np.ndarray] = []
+        self._buf_h: list[np.ndarray] = []
+        self._buffered = 0
+        self.ref_mean = np.zeros(d)
+        self.ref_std = np.ones(d)
+        self.edges = np.zeros((d, self.bins - 1))
+        self.ref_num = np.zeros((d, self.bins + 1))
+        self.top = np.zeros((c, k), dtype=np.int64)
+        self.top_bin = np.zeros((c, k), dtype=np.int64)
+        self.seen = np.zeros(0, dtype=np.int64)
+        self.seen_ptr = np.zeros(c + 1, dtype=np.int64)
+        self.ref_cat = np.zeros((c, k + 2))
+        self.ref_novelty = np.zeros(c)
+        self._reset_recent()
+        if not d and not c:
+            self.ready = True
+
+    def _reset_recent(self) -> None:
+        d, c = len(self.features), len(self.categorical)
+        self.recent_num = np.zeros((d, self.bins + 1))
+        self.recent_cat = np.zeros((c, self.top_k + 2))
+        self.recent_mean = np.full(d, np.nan)
+        self._started = np.zeros(1, dtype=np.int64)
+
+    # -- folding -----------------------------------------------------------------
+    def update(self, X: np.ndarray, batch_size: int | None = None,
+               hashed: np.ndarray | None = None) -> None:
+        """Fold raw numeric features ``X`` (NaN = missing) and hashed slots, by batches.
+
+        ``update(X, b, H)`` equals ``update`` on each ``b``-row slice in turn; the default
+        is one batch.  ``hashed`` is ``FeatureBatch.hashed`` (one column per categorical
+        field); without it, categorical fields are not updated.
         """
         n = X.shape[0]
-        if n == 0 or not self.features:
+        if n == 0 or (not self.features and not self.categorical):
             return
+        c = len(self.categorical)
+        if hashed is None or hashed.shape[1] != c:  # no slots: fold the numerics only
+            hashed = np.zeros((n, 0), dtype=np.int64)
         size = batch_size or n
         start = 0
-        while not self.ready and start < n:  # the batch that completes it is not blended
-            self.reference.learn_many(X[start : start + size])
-            self.ready = bool(self.reference.count.min() >= self.reference_size)
+        while not self.ready and start < n:  # the batch that completes it is not folded
+            self._buf_x.append(np.array(X[start : start + size], dtype=np.float64))
+            self._buf_h.append(np.array(hashed[start : start + size], dtype=np.int64))
+            self._buffered += len(self._buf_x[-1])
             start += size
-        if start < n:
-            _blend_batch_means(np.ascontiguousarray(X[start:], dtype=np.float64),
-                               self.recent, float(self.halflife), size)
+            if self._buffered >= self.reference_size:
+                self._freeze()
+        if start >= n:
+            return
+        _fold(np.ascontiguousarray(X[start:], dtype=np.float64),
+              np.ascontiguousarray(hashed[start:], dtype=np.int64), size,
+              self.ref_mean, self.ref_std, self.edges, self.top, self.top_bin, self.seen,
+              self.seen_ptr, self.halflife, self.recent_num, self.recent_cat, self.recent_mean,
+              self._started)
+
+    def _freeze(self) -> None:
+        """Turn the buffered window into the frozen reference."""
+        X = np.concatenate(self._buf_x) if self._buf_x else np.zeros((0, len(self.features)))
+        H = np.concatenate(self._buf_h)
+        if H.shape[1] != len(self.categorical):  # collected without slots
+            H = np.zeros((len(X), len(self.categorical)), dtype=np.int64)
+        self._buf_x, self._buf_h, self._buffered = [], [], 0
+        d, c, k = len(self.features), len(self.categorical), self.top_k
+        for j in range(d):
+            col = X[:, j]
+            obs = col[~np.isnan(col)]
+            if len(obs):
+                mean = float(obs.mean())
+                std = float(obs.std())
+                self.ref_mean[j] = mean
+                self.ref_std[j] = std if std > 0 and math.isfinite(std) else 1.0
+                z = (obs - mean) / self.ref_std[j]
+                self.edges[j] = np.quantile(z, np.arange(1, self.bins) / self.bins)
+                idx = np.searchsorted(self.edges[j], z, side="right")
+                self.ref_num[j, : self.bins] = np.bincount(idx, minlength=self.bins) / len(col)
+            self.ref_num[j, self.bins] = 1.0 - len(obs) / len(col)
+        seen_parts = []
+        for j in range(c):
+            col = H[:, j]
+            slots, counts = np.unique(col, return_counts=True)
+            order = np.argsort(-counts, kind="stable")[:k]
+            chosen = slots[order]
+            share = counts[order] / len(col)
+            # Top slots sorted for the binary search; top_bin maps back to the bin.
+            pad = np.full(k, np.iinfo(np.int64).max, dtype=np.int64)
+            pad[: len(chosen)] = chosen
+            sort = np.argsort(pad, kind="stable")
+            self.top[j] = pad[sort]
+            bins_of = np.full(k, k, dtype=np.int64)  # padding: never matched
+            bins_of[: len(chosen)] = np.arange(len(chosen))
+            self.top_bin[j] = bins_of[sort]
+            half = len(col) // 2
+            novelty = float(np.mean(~np.isin(col[half:], col[:half]))) if half else 0.0
+            self.ref_novelty[j] = novelty
+            self.ref_cat[j, : len(chosen)] = share * (1.0 - novelty)
+            self.ref_cat[j, k] = max(0.0, 1.0 - share.sum()) * (1.0 - novelty)
+            self.ref_cat[j, k + 1] = novelty
+            seen_parts.append(slots)
+        if c:
+            self.seen = np.concatenate(seen_parts).astype(np.int64)
+            self.seen_ptr = np.concatenate([[0], np.cumsum([len(s) for s in seen_parts])]
+                                           ).astype(np.int64)
+        self._reset_recent()
+        self.ready = True
+
+    # -- reading -----------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """Every monitored field: numeric first, then categorical."""
+        return self.features + self.categorical
 
     def scores(self) -> np.ndarray:
-        """Standardized mean shift per feature (NaN until the reference is complete)."""
+        """PSI per field (numeric, then categorical); NaN until a recent batch is folded."""
+        if not self.ready or not self._started[0]:
+            return np.full(len(self.names), np.nan)
+        return np.concatenate([psi(self.ref_num, self.recent_num),
+                               psi(self.ref_cat, self.recent_cat)])
+
+    def mean_shift(self) -> np.ndarray:
+        """Standardized mean shift per numeric feature (NaN before the reference)."""
         if not self.ready:
             return np.full(len(self.features), np.nan)
-        return np.abs(self.recent - self.reference.mean) / self.reference.std
+        return np.abs(self.recent_mean - self.ref_mean) / self.ref_std
+
+    def unseen_rate(self) -> np.ndarray:
+        """Recent share of slots never seen in the reference, per categorical field."""
+        return self.recent_cat[:, -1].copy()
+
+    def ranked(self) -> list[tuple[str, float]]:
+        """``(field, score)`` pairs, worst first (fields without a score last)."""
+        pairs = list(zip(self.names, self.scores().tolist(), strict=True))
+        return sorted(pairs, key=lambda p: -p[1] if not math.isnan(p[1]) else math.inf)
+
+    def level(self) -> str:
+        """``none``, ``warning`` or ``drift``: the worst score against the threshold."""
+        s = self.scores()
+        worst = float(np.nanmax(s)) if len(s) and not np.isnan(s).all() else 0.0
+        if worst >= self.threshold:
+            return "drift"
+        return "warning" if worst >= WARNING_FRACTION * self.threshold else "none"
 
     def report(self) -> dict[str, Any]:
-        """JSON-ready per-feature scores and the features above the threshold."""
-        scores = self.scores()
-        per = {
-            name: {
-                "score": None if np.isnan(s) else round(float(s), 4),
-                "reference_mean": float(m),
-                "reference_std": float(sd),
-                "recent_mean": None if np.isnan(r) else float(r),
-            }
-            for name, s, m, sd, r in zip(
-                self.features,
-                scores,
-                self.reference.mean,
-                self.reference.std,
-                self.recent,
-                strict=True,
-            )
-        }
+        """JSON-ready per-field scores (worst first), the drifting fields and the level."""
+        scores = dict(zip(self.names, self.scores().tolist(), strict=True))
+        shift = self.mean_shift()
+        unseen = self.unseen_rate()
+        per: dict[str, dict[str, Any]] = {}
+        for name, _ in self.ranked():
+            s = scores[name]
+            entry: dict[str, Any] = {"score": None if math.isnan(s) else round(s, 5)}
+            if name in self.features:
+                j = self.features.index(name)
+                entry.update(kind="numeric", mean_shift=_num(shift[j]),
+                             reference_mean=float(self.ref_mean[j]),
+                             reference_std=float(self.ref_std[j]),
+                             recent_mean=_num(self.recent_mean[j]),
+                             missing_rate=_num(self.recent_num[j, -1]) if self._started[0]
+                             else None)
+            else:
+                j = self.categorical.index(name)
+                entry.update(kind="categorical",
+                             unseen_rate=_num(unseen[j]) if self._started[0] else None,
+                             reference_unseen_rate=float(self.ref_novelty[j]))
+            per[name] = entry
         return {
             "ready": self.ready,
+            "reference_events": self.reference_size,
+            "reference_policy": "first reference_events events after start or after an "
+                                "action, then frozen",
+            "statistic": "psi",
             "threshold": self.threshold,
-            "drifting": [
-                n for n, s in zip(self.features, scores, strict=True) if s > self.threshold
-            ],
+            "level": self.level(),
+            "drifting": [n for n, s in scores.items() if s >= self.threshold],
             "features": per,
         }
 
+    # -- state -------------------------------------------------------------------
+    _ARRAYS = ("ref_mean", "ref_std", "edges", "ref_num", "top", "top_bin", "seen",
+               "seen_ptr", "ref_cat", "ref_novelty", "recent_num", "recent_cat", "recent_mean")
+
     def to_state(self) -> dict[str, Any]:
-        """Plain state for snapshots."""
-        return {
-            "features": self.features,
-            "reference_size": self.reference_size,
-            "halflife": self.halflife,
-            "threshold": self.threshold,
-            "reference": self.reference.to_state(),
-            "recent": self.recent.copy(),
+        """Plain state for snapshots: the frozen reference and the recent shares.
+
+        A reference still being collected is not kept (the rows would bloat every
+        snapshot): a restored monitor collects it again.
+        """
+        state: dict[str, Any] = {
+            "format": STATE_FORMAT, "features": list(self.features),
+            "categorical": list(self.categorical), "reference_size": self.reference_size,
+            "halflife": self.halflife, "threshold": self.threshold, "bins": self.bins,
+            "top_k": self.top_k, "ready": self.ready, "started": int(self._started[0]),
         }
+        if self.ready:
+            state |= {name: getattr(self, name).copy() for name in self._ARRAYS}
+        return state
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> DataDriftMonitor:
-        """Rebuild from :meth:`to_state` output."""
-        m = cls(
-            list(state["features"]),
-            int(state["reference_size"]),
-            float(state["halflife"]),
-            float(state["threshold"]),
-        )
-        m.reference = RunningStandardScaler.from_state(state["reference"])
-        m.recent = np.asarray(state["recent"], dtype=np.float64).copy()
-        m.ready = not m.features or bool(m.reference.count.min() >= m.reference_size)
+        """Rebuild from :meth:`to_state` output (an older format starts a new reference)."""
+        m = cls(list(state["features"]), list(state.get("categorical", [])),
+                int(state["reference_size"]), float(state["halflife"]),
+                float(state["threshold"]) if state.get("format") == STATE_FORMAT else 0.25,
+                int(state.get("bins", 10)), int(state.get("top_k", 20)))
+        if state.get("format") != STATE_FORMAT or not state.get("ready"):
+            return m
+        for name in cls._ARRAYS:
+            ref = getattr(m, name)
+            arr = np.asarray(state[name], dtype=ref.dtype).copy()
+            if name != "seen" and arr.shape != ref.shape:
+                raise ValueError(f"data drift state {name!r} has shape {arr.shape}")
+            setattr(m, name, arr)
+        m._started[0] = int(state.get("started", 0))
+        m.ready = True
         return m
+
+
+def _num(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)

@@ -14,7 +14,7 @@ import numpy as np
 
 from streamlearn.backends import Backend, get_backend
 from streamlearn.config import ModelSpec
-from streamlearn.drift import ConceptDriftMonitor, DataDriftMonitor
+from streamlearn.drift import ConceptDriftMonitor, DataDriftMonitor, DriftActions
 from streamlearn.features import FeatureBatch, InvalidEvent, Vectorizer, csr_rows
 from streamlearn.kernels import codes
 from streamlearn.models import fused
@@ -100,8 +100,9 @@ class OnlineModel:
         self.vectorizer = Vectorizer(spec)
         self.scaler = RunningStandardScaler(spec.n_numeric)
         self.metrics = PrequentialMetrics(spec.task, spec.rolling_window)
-        self.concept_drift = ConceptDriftMonitor("adwin")
-        self.data_drift = DataDriftMonitor(list(spec.numeric))
+        self.concept_drift = ConceptDriftMonitor.for_spec(spec)
+        self.data_drift = DataDriftMonitor.for_spec(spec)
+        self.drift_actions = DriftActions.for_spec(spec)
         self._loss = _LOSS[spec.task]
         self._opt = _OPT[spec.optimizer]
         self._hyper = np.array(
@@ -188,7 +189,7 @@ class OnlineModel:
         # Rows the scaler did not count were missing, and are imputed with the mean.
         np.add(self.n_imputed, n - (scaler.count - count0), out=self.n_imputed,
                casting="unsafe")
-        self.data_drift.update(X)
+        self.data_drift.update(X, None, batch.hashed)
         z = scaler.transform_many(X)
         if self.dense:
             rows: Any = self.backend.asarray(z)  # one host->device copy on CUDA
@@ -231,7 +232,8 @@ class OnlineModel:
             self.n_learned += n_labelled
             self.updated_at = time.time()
             self.metrics.update(labels[~np.isnan(labels)], scores[~np.isnan(labels)])
-            self.concept_drift.update(total / n_labelled, self.n_seen)
+            drifted = self.concept_drift.update(total / n_labelled, self.n_seen)
+            self.drift_actions.after_step(self, drifted)
         return scores
 
     def _shift_bias_to_prior(self) -> None:
@@ -279,7 +281,7 @@ class OnlineModel:
         scaler.count_changed()
         np.add(self.n_imputed, n - (scaler.count - count0), out=self.n_imputed,
                casting="unsafe")
-        self.data_drift.update(X, size)
+        self.data_drift.update(X, size, batch.hashed)
         stepped = learned > 0
         versions = self.version + np.cumsum(stepped) - stepped
         self.step = step
@@ -287,10 +289,13 @@ class OnlineModel:
         self.n_learned += int(learned.sum())
         mask = ~np.isnan(labels)
         self.metrics.update(labels[mask], scores[mask])
+        drifted = False
         for c in np.flatnonzero(stepped).tolist():
-            self.concept_drift.update(float(chunk_loss[c] / learned[c]),
-                                      self.n_seen + min((c + 1) * size, n))
+            drifted |= self.concept_drift.update(float(chunk_loss[c] / learned[c]),
+                                                 self.n_seen + min((c + 1) * size, n))
         self.n_seen += n
+        if stepped.any():
+            self.drift_actions.after_step(self, drifted)
         if stepped.any():
             self.updated_at = time.time()
         return Steps(scores, versions, learned)
@@ -385,8 +390,9 @@ class OnlineModel:
 
     # -- state -----------------------------------------------------------------
     def drift_report(self) -> dict[str, Any]:
-        """Concept drift on the loss stream and data drift per numeric feature."""
-        return {"concept": self.concept_drift.report(), "data": self.data_drift.report()}
+        """Concept drift on the loss stream, data drift per feature, and drift actions."""
+        return {"concept": self.concept_drift.report(), "data": self.data_drift.report(),
+                "actions": self.drift_actions.report()}
 
     def info(self) -> dict[str, Any]:
         """Summary for the API and logs."""
@@ -428,7 +434,8 @@ class OnlineModel:
             "weights": weights,
             "scaler": self.scaler.to_state(),
             "metrics": self.metrics.to_state(),
-            "drift": {"concept": self.concept_drift.to_state(), "data": self.data_drift.to_state()},
+            "drift": {"concept": self.concept_drift.to_state(), "data": self.data_drift.to_state(),
+                      "actions": self.drift_actions.to_state()},
         }
 
     @classmethod
@@ -458,6 +465,7 @@ class OnlineModel:
             if drift:
                 model.concept_drift = ConceptDriftMonitor.from_state(drift["concept"])
                 model.data_drift = DataDriftMonitor.from_state(drift["data"])
+                model.drift_actions.restore(drift.get("actions", {}))
             model.version = int(state["version"])
             model.step = int(state["step"])
             model.n_seen = int(state["n_seen"])
