@@ -158,6 +158,8 @@ class ApiSettings(_Section):
     max_snapshot_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     # Serving processes sharing host:port (one socket); each follows the snapshot feed.
     workers: int = Field(1, ge=1, le=256)
+    # Valid predict requests answered before FastAPI (same answers; services/api/fast.py).
+    fast_predict: bool = True
 
 
 class ModelSettings(_Section):

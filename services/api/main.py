@@ -8,7 +8,13 @@ Nothing is built at import time: call :func:`create_app` with a settings object
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import multiprocessing
+import signal
+import socket
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -29,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from streamlearn import __version__, snapshots
 from streamlearn.metrics import SnapshotTelemetryCollector, build_api_metrics
 from streamlearn.services.api.deps import SettingsLike, max_instances
+from streamlearn.services.api.fast import FastPathStats, FastPredictMiddleware
 from streamlearn.services.api.feed import (
     MODELS_TOPIC,
     FeedCollector,
@@ -280,6 +287,13 @@ def create_app(
     _document_limits(app, settings)
     app.add_middleware(BodyLimitMiddleware, limit=max_body)
     app.add_middleware(ErrorCountMiddleware, counter=api_metrics.request_errors)
+    app.state.fast_predict = None
+    if getattr(settings.api, "fast_predict", True):
+        # Outermost: a valid predict request is answered before FastAPI runs (fast.py).
+        app.state.fast_predict = FastPathStats()
+        app.add_middleware(FastPredictMiddleware, store=store, metrics=api_metrics,
+                           max_instances=max_instances(settings), max_body=max_body,
+                           stats=app.state.fast_predict)
     registry.register(FeedCollector(store, lambda: app.state.feed))
     return app
 
@@ -314,15 +328,103 @@ def _consumer_options(settings: SettingsLike) -> dict[str, Any]:
     return dict(options) if isinstance(options, dict) else {}
 
 
-async def serve(settings: SettingsLike, store: ModelStore | None = None) -> None:
-    """Run the API under uvicorn on ``settings.api.host:port`` until stopped."""
+def _uvicorn_config(settings: SettingsLike, store: ModelStore | None) -> uvicorn.Config:
     host = getattr(settings.api, "host", "") or "127.0.0.1"
-    config = uvicorn.Config(
+    return uvicorn.Config(
         create_app(settings, store),
         host=host,
         port=int(settings.api.port),
         access_log=False,
         log_level="info",
         lifespan="on",
+        server_header=False,  # one header less to build per response
     )
-    await uvicorn.Server(config).serve()
+
+
+async def serve(settings: SettingsLike, store: ModelStore | None = None) -> None:
+    """Run the API under uvicorn on ``settings.api.host:port`` until stopped.
+
+    With ``api.workers`` > 1 (and no ``store`` given) this process binds the socket and
+    supervises that many serving processes sharing it (:func:`serve_processes`); it blocks
+    the calling loop, which has nothing else to do.
+    """
+    workers = int(getattr(settings.api, "workers", 1) or 1)
+    if workers > 1 and store is None:
+        serve_processes(settings, workers)
+        return
+    await uvicorn.Server(_uvicorn_config(settings, store)).serve()
+
+
+def _serve_child(settings: SettingsLike, sock: socket.socket) -> None:
+    """One serving process: its own app, store and snapshot feed, on the shared socket."""
+    async def main() -> None:
+        await uvicorn.Server(_uvicorn_config(settings, None)).serve(sockets=[sock])
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket for serving processes to share (port 0: a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_processes(settings: SettingsLike, workers: int, *,
+                    sock: socket.socket | None = None,
+                    stop: threading.Event | None = None) -> None:
+    """Serve with ``workers`` processes accepting on one socket until SIGTERM/SIGINT/``stop``.
+
+    Each process builds its own app and follows the snapshot feed itself (as separate API
+    replicas do), so all of them serve the newest model; the kernel spreads connections
+    over the processes blocked in ``accept``.  A process that dies is restarted (at most
+    once a second).  Prometheus counters are per process: a scrape reaches one of them.
+    """
+    own_socket = sock is None
+    if sock is None:
+        host = getattr(settings.api, "host", "") or "127.0.0.1"
+        sock = bind_socket(host, int(settings.api.port))
+    ctx = multiprocessing.get_context("spawn")  # fork after numba/threads is unsafe
+    stopping = stop or threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: stopping.set())
+
+    def start(i: int) -> Any:
+        proc = ctx.Process(target=_serve_child, args=(settings, sock),
+                           name=f"streamlearn-api-{i}", daemon=True)
+        proc.start()
+        return proc
+
+    procs = [start(i) for i in range(workers)]
+    log.info("serving on %s with %d processes: %s", sock.getsockname(), workers,
+             [p.pid for p in procs])
+    last_restart = 0.0
+    try:
+        while not stopping.wait(0.2):
+            for i, proc in enumerate(procs):
+                if proc.exitcode is not None and time.monotonic() - last_restart >= 1.0:
+                    log.warning("serving process %d (pid %s) exited with %s; restarting",
+                                i, proc.pid, proc.exitcode)
+                    last_restart = time.monotonic()
+                    procs[i] = start(i)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()  # uvicorn shuts down gracefully on SIGTERM
+        deadline = time.monotonic() + 15.0
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5.0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if own_socket:
+            sock.close()
