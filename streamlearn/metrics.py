@@ -237,3 +237,124 @@ class SnapshotTelemetryCollector(Collector):
 
 def _le(bound: float) -> str:
     return str(floatToGoString(bound))
+
+
+#: ``streamlearn_drift_level`` values.
+DRIFT_LEVELS = {"none": 0.0, "warning": 1.0, "drift": 2.0}
+
+
+class DriftCollector(Collector):
+    """Drift, actions, events/s and consumer lag, from the served models and snapshots.
+
+    Names (issue 12), all read from what the workers' snapshots carry:
+
+    - ``streamlearn_drift_detected_total{model}``: concept drifts detected on the loss;
+    - ``streamlearn_drift_last_detected_timestamp_seconds{model}``;
+    - ``streamlearn_drift_actions_total{model,action}``: ``alert``, ``reset``,
+      ``rollback`` taken; ``streamlearn_drift_suppressed_total{model}``: detections
+      inside the cool-down;
+    - ``streamlearn_drift_score{model,feature}``: per-feature PSI against the reference;
+      ``streamlearn_drift_mean_shift{model,feature}`` (numeric features),
+      ``streamlearn_drift_unseen_rate{model,feature}`` (categorical fields);
+    - ``streamlearn_drift_level{model}``: 0 none, 1 warning, 2 drift;
+    - ``streamlearn_events_per_second{model,replica}``: events consumed per second
+      between the replica's last two snapshots;
+    - ``streamlearn_consumer_lag{model,replica,topic,partition}``: records between the
+      replica's position and the partition's end, at its last snapshot.
+
+    With several replicas the drift series are the served (merged) model's, which are
+    the first replica's (sorted by id); events/s and lag are per replica.
+
+    Examples
+    --------
+    >>> from prometheus_client import generate_latest
+    >>> from streamlearn.serving import ModelStore
+    >>> registry = CollectorRegistry()
+    >>> registry.register(DriftCollector(ModelStore()))
+    >>> generate_latest(registry).decode().count("# TYPE streamlearn_drift")
+    8
+    """
+
+    def __init__(self, store: ModelStore) -> None:
+        self.store = store
+
+    def describe(self) -> Iterable[Metric]:
+        """Metric names, so the registry can refuse duplicates at registration."""
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        """One pass over the served models and the replicas' latest snapshots."""
+        fams = self._families()
+        by = {f.name: f for f in fams}
+        shards = getattr(self.store, "_shards", {})
+        for served in self.store.all():
+            m = served.name
+            model = served.model
+            cd, actions, data = model.concept_drift, model.drift_actions, model.data_drift
+            by["streamlearn_drift_detected"].add_metric([m], float(cd.n_drifts))
+            if cd.drift_times:
+                by["streamlearn_drift_last_detected_timestamp_seconds"].add_metric(
+                    [m], cd.drift_times[-1])
+            for action in ("alert", "reset", "rollback"):
+                by["streamlearn_drift_actions"].add_metric([m, action],
+                                                           float(actions.counts[action]))
+            by["streamlearn_drift_suppressed"].add_metric([m], float(actions.counts["suppressed"]))
+            by["streamlearn_drift_level"].add_metric([m], DRIFT_LEVELS[data.level()])
+            for feature, score in zip(data.names, data.scores().tolist(), strict=True):
+                if score == score:  # not NaN: the reference and a recent batch exist
+                    by["streamlearn_drift_score"].add_metric([m, feature], score)
+            for feature, shift in zip(data.features, data.mean_shift().tolist(), strict=True):
+                if shift == shift:
+                    by["streamlearn_drift_mean_shift"].add_metric([m, feature], shift)
+            if data.ready and data._started[0]:
+                for feature, rate in zip(data.categorical, data.unseen_rate().tolist(),
+                                         strict=True):
+                    by["streamlearn_drift_unseen_rate"].add_metric([m, feature], rate)
+            for replica, shard in sorted(dict(shards.get(m, {})).items()):
+                obs = shard.state.get("observed")
+                if not isinstance(obs, dict):
+                    continue
+                rate = obs.get("events_per_s")
+                if isinstance(rate, int | float):
+                    by["streamlearn_events_per_second"].add_metric([m, replica], float(rate))
+                lag = obs.get("lag")
+                for tp, value in (lag.items() if isinstance(lag, dict) else ()):
+                    topic, _, partition = str(tp).rpartition(":")
+                    if isinstance(value, int | float):
+                        by["streamlearn_consumer_lag"].add_metric(
+                            [m, replica, topic, partition], float(value))
+        return fams
+
+    @staticmethod
+    def _families() -> list[Metric]:
+        mf = ["model", "feature"]
+        return [
+            CounterMetricFamily("streamlearn_drift_detected",
+                                "Concept drifts detected on the prequential loss.",
+                                labels=["model"]),
+            GaugeMetricFamily("streamlearn_drift_last_detected_timestamp_seconds",
+                              "Unix time of the latest concept drift detected.",
+                              labels=["model"]),
+            CounterMetricFamily("streamlearn_drift_actions",
+                                "Drift actions taken (alert, reset, rollback).",
+                                labels=["model", "action"]),
+            CounterMetricFamily("streamlearn_drift_suppressed",
+                                "Drift detections inside the action cool-down.",
+                                labels=["model"]),
+            GaugeMetricFamily("streamlearn_drift_level",
+                              "Data drift level: 0 none, 1 warning, 2 drift.", labels=["model"]),
+            GaugeMetricFamily("streamlearn_drift_score",
+                              "Population stability index of a feature against the reference.",
+                              labels=mf),
+            GaugeMetricFamily("streamlearn_drift_mean_shift",
+                              "Standardized mean shift of a numeric feature.", labels=mf),
+            GaugeMetricFamily("streamlearn_drift_unseen_rate",
+                              "Recent share of a categorical field's values unseen in the "
+                              "reference.", labels=mf),
+            GaugeMetricFamily("streamlearn_events_per_second",
+                              "Events consumed per second by the replica (between its last "
+                              "two snapshots).", labels=["model", "replica"]),
+            GaugeMetricFamily("streamlearn_consumer_lag",
+                              "Records between the replica's position and the partition's end.",
+                              labels=["model", "replica", "topic", "partition"]),
+        ]

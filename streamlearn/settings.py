@@ -48,6 +48,8 @@ class KafkaSettings(_Section):
     embedded_port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
     models_topic: str = "streamlearn.models"
     deadletter_topic: str = "streamlearn.deadletter"
+    # Admin commands (drift reset/rollback) from the API to every worker replica.
+    commands_topic: str = "streamlearn.commands"
     partitions: int = Field(4, ge=1, description="partitions for topics streamlearn creates")
     # Short consumer-group timeouts. None means: on for the embedded broker only.
     # Set true for a worker pointed at a Tansu started elsewhere (the demo does).
@@ -156,6 +158,9 @@ class ApiSettings(_Section):
     require_signed_snapshots: bool | None = None
     # Largest snapshot record accepted from the models topic (compressed, as received).
     max_snapshot_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # Bearer token of the admin endpoints (POST /models/{name}/reset|rollback); empty:
+    # they answer 401 to everyone.  Never logged.
+    admin_token: SecretStr = SecretStr("")
     # Serving processes sharing host:port (one socket); each follows the snapshot feed.
     workers: int = Field(1, ge=1, le=256)
     # Valid predict requests answered before FastAPI (same answers; services/api/fast.py).

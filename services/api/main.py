@@ -33,7 +33,7 @@ from prometheus_client import (
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from streamlearn import __version__, snapshots
-from streamlearn.metrics import SnapshotTelemetryCollector, build_api_metrics
+from streamlearn.metrics import DriftCollector, SnapshotTelemetryCollector, build_api_metrics
 from streamlearn.services.api.deps import SettingsLike, max_instances
 from streamlearn.services.api.fast import FastPathStats, FastPredictMiddleware
 from streamlearn.services.api.feed import (
@@ -42,7 +42,7 @@ from streamlearn.services.api.feed import (
     SnapshotFeed,
     load_snapshot_dir,
 )
-from streamlearn.services.api.routes import health, models
+from streamlearn.services.api.routes import admin, health, models
 from streamlearn.services.api.schemas import OrjsonResponse
 from streamlearn.serving import ModelStore, SnapshotPolicy
 from streamlearn.settings import SettingsError
@@ -246,6 +246,7 @@ def create_app(
         gc_collector.GCCollector(registry=registry)
     api_metrics = build_api_metrics(registry)
     registry.register(SnapshotTelemetryCollector(store))
+    registry.register(DriftCollector(store))
     max_body = int(getattr(settings.api, "max_body_bytes", DEFAULT_MAX_BODY_BYTES))
 
     @asynccontextmanager
@@ -282,6 +283,7 @@ def create_app(
     app.state.feed = None
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(admin.router)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ValueError, _value_error)
     _document_limits(app, settings)

@@ -284,13 +284,17 @@ class ModelDetail(ModelSummary):
 
 
 class DriftResponse(BaseModel):
-    """Concept drift on the loss stream and data drift per numeric feature."""
+    """Concept drift on the loss stream, data drift per feature (worst first), actions."""
 
     model: str
     version: int
     snapshot_age_s: float
-    concept: dict[str, Any]
-    data: dict[str, Any]
+    concept: dict[str, Any] = Field(description="The detector, its state, drift points "
+                                                "(events seen) and times, rise or fall.")
+    data: dict[str, Any] = Field(description="Per-feature PSI (worst first), mean shift or "
+                                             "unseen rate, the drift level, the reference.")
+    actions: dict[str, Any] = Field(description="Policy, cool-down, counts, history with "
+                                                "offsets, checkpoints held.")
 
 
 class Health(BaseModel):

@@ -112,7 +112,7 @@ from streamlearn import snapshots
 from streamlearn.config import ModelSpec
 from streamlearn.drift.concept import defer_detector_import, load_detectors_in_background
 from streamlearn.logs import RateLimitedLog
-from streamlearn.services.worker import restore
+from streamlearn.services.worker import observe, restore
 from streamlearn.services.worker.outputs import Backoff, Outputs, declare_topics
 from streamlearn.settings import Settings
 
@@ -603,6 +603,8 @@ class WorkerRuntime:
 
         app.task(self.start)
         app.task(self.watch_loop_lag)
+        app.task(lambda: observe.watch_commands(self))  # admin drift actions (issue 12)
+        self.rates = observe.RateMeter()
         app.on_before_shutdown.connect(self.on_shutdown)
         within = settings.worker.batch_within_s
 
@@ -627,7 +629,7 @@ class WorkerRuntime:
         """Every topic the worker reads or writes, with its configuration."""
         k = self.settings.kafka
         topics: dict[str, dict[str, str]] = {k.models_topic: {"cleanup.policy": "compact"},
-                                             k.deadletter_topic: {}}
+                                             k.deadletter_topic: {}, k.commands_topic: {}}
         for spec in self.settings.specs:
             topics[spec.topic] = {}
             topics[f"{spec.name}.predictions"] = {}
@@ -860,6 +862,7 @@ class WorkerRuntime:
                 feeder = self.feeders[name]
                 state, covered = await feeder.state(self.replica)
                 state["worker"] = self.health()
+                state["observed"] = observe.observed(self, feeder, state, self.rates)
                 self.loop_lag_max = 0.0
                 payload = await asyncio.to_thread(snapshots.encode, state)
                 path = snapshot_path(self.settings.worker.snapshot_dir, name, self.replica)

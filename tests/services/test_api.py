@@ -336,7 +336,7 @@ def test_drift_report_is_served(client: TestClient, model: OnlineModel) -> None:
     body = r.json()
     assert body["version"] == model.version
     assert body["concept"] == model.drift_report()["concept"]
-    assert set(body["data"]["features"]) == set(model.spec.numeric)
+    assert set(body["data"]["features"]) == set(model.spec.numeric) | set(model.spec.categorical)
     assert client.get("/models/nope/drift").status_code == 404
 
 

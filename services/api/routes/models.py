@@ -162,7 +162,8 @@ async def explain(name: str, body: ExplainRequest, store: StoreDep) -> Response:
 @router.get("/{name}/drift", response_model=DriftResponse, responses=_NOT_FOUND,
             summary="Drift state and scores")
 async def drift(name: str, store: StoreDep) -> Response:
-    """ADWIN on the batch loss stream, and each numeric feature's standardized mean shift."""
+    """The concept-drift detector on the batch loss (state, drift offsets and times), each
+    feature's data-drift score (worst first) and the drift actions taken."""
     served = served_or_404(store, name)
     return OrjsonResponse({
         "model": name, "version": served.version,
