@@ -29,7 +29,7 @@ SPEC = ModelSpec(
     name="fraud", topic="transactions", label="is_fraud",
     numeric=("amount", "hour", "distance_km", "card_age_days", "tx_last_hour"),
     categorical=("merchant_category", "country", "channel"),
-    hash_bits=10, drift_reference_size=2000, drift_action="reset", drift_cooldown=1000,
+    hash_bits=10, drift_reference_size=2000, drift_action="alert", drift_cooldown=1000,
 )
 TOKEN = "s3cret-admin-token-for-tests"
 
@@ -100,7 +100,7 @@ def test_drift_route_reports_detector_features_worst_first_and_actions(client):
     assert scores == sorted(scores, reverse=True)  # worst first
     assert list(features)[:2] in (["amount", "channel"], ["channel", "amount"])
     assert body["data"]["level"] == "drift"
-    assert body["actions"]["policy"] == "reset"
+    assert body["actions"]["policy"] == "alert"
     assert set(body["actions"]["counts"]) >= {"alert", "reset", "rollback"}
 
 
