@@ -62,10 +62,13 @@ async def produce(
     fmt: str = "json",
     batch_rows: int = 4096,
     client_kwargs: dict[str, Any] | None = None,
+    drift_at: int | None = None,
 ) -> int:
     """Send ``count`` events (forever if None) at about ``rate`` events/s; return how many.
 
     ``client_kwargs`` are the security settings (``settings.kafka.client_kwargs()``).
+    ``drift_at``: after that many events the stream drifts (:meth:`FraudStream.drift`:
+    a new fraud pattern, and amounts three times larger).
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -81,6 +84,12 @@ async def produce(
     try:
         while (count is None or sent < count) and not (stop and stop.is_set()):
             n = chunk if count is None else min(chunk, count - sent)
+            if drift_at is not None and not stream.drifted:
+                if sent >= drift_at:
+                    stream.drift()
+                    print(f"\ndrift injected after {sent:,} events", file=sys.stderr)
+                else:
+                    n = min(n, drift_at - sent)  # the change falls on a chunk boundary
             if fmt == "json":
                 for event in stream.take(n):
                     await producer.send(topic, orjson.dumps(event),
@@ -107,7 +116,7 @@ async def produce(
 
 def run(bootstrap: str, topic: str, count: int | None, rate: float | None, seed: int,
         fmt: str = "json", batch_rows: int = 4096,
-        client_kwargs: dict[str, Any] | None = None) -> int:
+        client_kwargs: dict[str, Any] | None = None, drift_at: int | None = None) -> int:
     """CLI entry: produce with a progress line on stderr."""
     def show(sent: int, per_s: float) -> None:
         total = f"/{count:,}" if count else ""
@@ -117,7 +126,7 @@ def run(bootstrap: str, topic: str, count: int | None, rate: float | None, seed:
     try:
         sent = asyncio.run(produce(bootstrap, topic, count=count, rate=rate, seed=seed,
                                    progress=show, fmt=fmt, batch_rows=batch_rows,
-                                   client_kwargs=client_kwargs))
+                                   client_kwargs=client_kwargs, drift_at=drift_at))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

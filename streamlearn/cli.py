@@ -89,7 +89,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
         return 2
     topic = args.topic or (settings.specs[0].topic if settings.specs else "transactions")
     return run(bootstrap, topic, args.count, args.rate, args.seed, args.format, args.batch_rows,
-               settings.kafka.client_kwargs())
+               settings.kafka.client_kwargs(), drift_at=args.drift_at)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument(
         "--batch-rows", type=int, default=4096, help="events per batch record (default 4096)"
     )
+    produce.add_argument(
+        "--drift-at", type=int, default=None, metavar="N",
+        help="after N events, change the fraud pattern and triple the amounts (drift demo)")
     produce.set_defaults(func=cmd_produce)
     from streamlearn.evaluate_cli import DESCRIPTION, add_arguments
 

@@ -75,6 +75,29 @@ class FraudStream:
         self._risky = np.array([c in RISKY_CATEGORIES for c in CATEGORIES])
         self._next_id = 0
         self._ts = 1_700_000_000.0
+        self.drifted = False
+
+    def drift(self) -> None:
+        """Change the world from the next event on (``streamlearn produce --drift-at``).
+
+        The fraud pattern changes: fraudsters now use cash machines near home in the
+        daytime, at everyday merchants, so the night, abroad, risky-category and online
+        signals the model learned stop working; and one feature shifts: every card
+        spends three times more (``amount``).
+
+        >>> s = FraudStream(seed=1)
+        >>> before = s.batch(20_000)
+        >>> s.drift()
+        >>> after = s.batch(20_000)
+        >>> bool(np.median(after["amount"]) > 2.5 * np.median(before["amount"]))
+        True
+        >>> fraud = after["is_fraud"] == 1
+        >>> bool((after["channel"][fraud] == 2).mean() > 0.7)
+        True
+        """
+        if not self.drifted:
+            self.drifted = True
+            self.card_spend = self.card_spend * 3.0
 
     def batch(self, n: int) -> dict[str, np.ndarray]:
         """``n`` events as columns (NumPy arrays)."""
@@ -100,6 +123,13 @@ class FraudStream:
         channel = rng.choice(3, n, p=[0.6, 0.35, 0.05])
         channel[fraud & (rng.random(n) < 0.6)] = 1
         burst = rng.poisson(0.3, n) + np.where(fraud, rng.poisson(2.0, n), 0)
+        if self.drifted:  # the new pattern: cash machines near home, daytime, everyday shops
+            safe_pool = np.flatnonzero(~self._risky[self.merchant_cat])
+            merchant[fraud] = rng.choice(safe_pool, fraud.sum())
+            country[fraud] = home[fraud]
+            hour[fraud] = np.clip(rng.normal(13.0, 2.0, fraud.sum()), 0, 23.99)
+            distance[fraud] = rng.gamma(1.2, 3.0, fraud.sum())
+            channel[fraud] = np.where(rng.random(fraud.sum()) < 0.85, 2, 0)
         self._ts += n * 0.01
         ids = np.arange(self._next_id, self._next_id + n)
         self._next_id += n

@@ -168,3 +168,32 @@ def test_the_reference_is_collected_again_after_an_action(streams):
     restored = OnlineModel.from_state(model.to_state())
     assert restored.drift_actions.history == model.drift_actions.history
     assert restored.drift_report()["data"] == model.drift_report()["data"]
+
+
+def test_the_fraud_stream_drift_is_detected_acted_on_and_ranks_amount_first(fraud_spec):
+    """``streamlearn produce --drift-at N``'s change, on the shipped policy (reset) and on
+    alert: the loss rise is detected within the stated delay, and ``amount`` (the shifted
+    feature) tops the data-drift scores."""
+    from dataclasses import replace
+
+    from streamlearn.synthetic import FraudStream
+
+    at = 30_720
+    results = {}
+    for action in ("alert", "reset"):
+        # The shipped streamlearn.toml's threshold (the stream's loss is ~0.02).
+        spec = replace(fraud_spec, drift_action=action, drift_params={"threshold": 0.1})
+        model = OnlineModel(spec, device="cpu")
+        stream = FraudStream(seed=4)
+        for i in range(200):
+            if i * 256 == at:
+                stream.drift()
+            batch, _ = model.vectorizer.transform_many(stream.take(256))
+            model.process_many(batch)
+        results[action] = model
+    alert = results["alert"]
+    points = alert.concept_drift.drift_points
+    assert points and at < points[0] <= at + 10_000
+    assert alert.data_drift.ranked()[0][0] == "amount"
+    reset = results["reset"].drift_actions
+    assert reset.counts["reset"] == 1 and at < reset.history[0]["at_event"] <= at + 10_000
