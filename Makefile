@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help demo test test-fast test-cudasim test-gpu lint bench-kernels bench-worker bench-predict load clean
+.PHONY: help demo test chromium test-fast test-cudasim test-gpu lint bench-kernels bench-worker bench-predict load clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## embedded broker + worker + API + producer, live status until Ctrl-C
 	$(BIN)/streamlearn demo
 
-test: $(STAMP) lint $(BIN)/promtool  ## lint, all tests (real embedded broker), CUDA twins on the simulator
+test: $(STAMP) lint $(BIN)/promtool chromium  ## lint, all tests (real embedded broker), CUDA twins on the simulator
 	$(BIN)/python -m pytest -m "not gpu and not slow"
 	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest -m "cudasim and not gpu and not slow" -p no:cacheprovider tests/kernels
 
@@ -33,6 +33,13 @@ $(BIN)/promtool: | $(STAMP)
 	  dpkg-deb --fsys-tarfile prometheus_*.deb | tar -xO ./usr/bin/promtool > $(CURDIR)/$@.part && \
 	  chmod +x $(CURDIR)/$@.part && mv $(CURDIR)/$@.part $(CURDIR)/$@; rm -rf $$tmp; \
 	else echo "promtool unavailable (no apt-get): tests/deploy skips the Prometheus check"; fi
+
+# Debian's chromium for the dashboard's headless-browser test, installed only when absent;
+# without it (no apt-get, not root) that test skips and says why.
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } \
+	    || echo "chromium unavailable: the dashboard browser test skips"; }
 
 test-fast: $(STAMP)  ## unit tests only (no broker)
 	$(BIN)/python -m pytest -m "not kafka and not gpu and not slow"

@@ -324,7 +324,10 @@ def test_metrics_exposition(client: TestClient, events: list[dict[str, Any]]) ->
 def test_dashboard_and_openapi(client: TestClient) -> None:
     r = client.get("/dashboard")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-    assert "<canvas" in r.text and "/models" in r.text and "src=\"http" not in r.text
+    assert "uPlot" in r.text and "/models" in r.text and "src=\"http" not in r.text
+    js = client.get("/dashboard/vendor/uPlot.iife.min.js")
+    assert js.status_code == 200 and "uPlot" in js.text
+    assert client.get("/dashboard/vendor/secrets.txt").status_code == 404
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/models", "/models/{name}", "/models/{name}/predict", "/models/{name}/explain",
             "/healthz", "/readyz", "/metrics", "/dashboard"} <= set(paths)

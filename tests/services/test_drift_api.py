@@ -6,8 +6,10 @@ import asyncio
 import logging
 import shutil
 import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -113,7 +115,8 @@ def test_metrics_export_drift_lag_and_rate_and_pass_promtool(client):
     assert ('streamlearn_consumer_lag{model="fraud",partition="0",replica="r1",'
             'topic="transactions"} 7.0') in text
     assert 'streamlearn_events_per_second{model="fraud",replica="r1"} 1234.5' in text
-    promtool = shutil.which("promtool")
+    promtool = shutil.which("promtool") or shutil.which(
+        "promtool", path=str(Path(sys.executable).parent))  # make test links it in the venv
     if promtool is None:
         pytest.skip("promtool not installed (Debian package prometheus)")
     out = subprocess.run([promtool, "check", "metrics"], input=text.encode(),

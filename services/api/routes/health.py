@@ -84,5 +84,25 @@ def dashboard_html() -> str:
 
 @router.get("/dashboard", response_class=HTMLResponse, summary="Live dashboard")
 async def dashboard() -> HTMLResponse:
-    """A page that polls /models every second and charts AUC, version and events."""
+    """Per model, live: events/s, rolling AUC or loss, data-drift scores per feature, drift
+    events and actions on the timeline, version and snapshot age (polls every second)."""
     return HTMLResponse(dashboard_html())
+
+
+#: The dashboard's vendored chart library (uPlot, MIT; its licence ships beside it).
+_VENDOR = {"uPlot.iife.min.js": "text/javascript", "uPlot.min.css": "text/css",
+           "uPlot.LICENSE": "text/plain"}
+
+
+@lru_cache(maxsize=len(_VENDOR))
+def _vendor_file(name: str) -> bytes:
+    return (resources.files("streamlearn.services.api") / "static" / "vendor" / name).read_bytes()
+
+
+@router.get("/dashboard/vendor/{name}", include_in_schema=False)
+async def dashboard_vendor(name: str) -> Response:
+    """The dashboard's own copy of its chart library: the page needs no internet."""
+    if name not in _VENDOR:
+        return Response(status_code=404)
+    return Response(_vendor_file(name), media_type=_VENDOR[name],
+                    headers={"Cache-Control": "public, max-age=86400"})
