@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import importlib
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -148,6 +149,7 @@ class ConceptDriftMonitor:
         self.directions: list[str] = []  # "up" (the loss rose) or "down", per drift point
         self._start: int | None = None  # events seen when feeding (re)started
         self._warmup_now = self.warmup
+        self._restored_state: dict[str, float] = {}  # from a snapshot, until a detector runs
         self._slow: float | None = None
         self._recent: collections.deque[float] = collections.deque(maxlen=RECENT_BATCHES)
         self._drifted = False
@@ -237,11 +239,6 @@ class ConceptDriftMonitor:
 
     def report(self) -> dict[str, Any]:
         """JSON-ready summary."""
-        state: dict[str, float] = {}
-        for attr in ("width", "estimation", "variance"):  # ADWIN's window; others lack them
-            value = getattr(self.detector, attr, None)
-            if isinstance(value, int | float):
-                state[attr] = float(value)
         return {
             "detector": self.detector_name,
             "params": dict(self.params),
@@ -255,8 +252,26 @@ class ConceptDriftMonitor:
             "last_batch_loss": self.last_loss,
             "updates": self.n_updates,
             "loading": self.detector is None and bool(self.pending),
-            "state": state,
+            "state": self.detector_state(),
         }
+
+    def detector_state(self) -> dict[str, float]:
+        """The detector's numbers worth showing (ADWIN's window; Page-Hinkley's sums).
+
+        A monitor rebuilt from a snapshot has no detector yet: it shows the state the
+        snapshot carried.
+        """
+        if self.detector is None:
+            return dict(self._restored_state)
+        state: dict[str, float] = {}
+        for attr in ("width", "estimation", "variance", "_x_mean", "_sum_increase",
+                     "_min_increase"):
+            value = getattr(self.detector, attr, None)
+            if hasattr(value, "get"):  # river's running statistics (Mean)
+                value = value.get()
+            if isinstance(value, int | float) and math.isfinite(value):
+                state[attr.lstrip("_")] = float(value)
+        return state
 
     def to_state(self) -> dict[str, Any]:
         """Counts and configuration (see the class note on detector internals)."""
@@ -269,6 +284,8 @@ class ConceptDriftMonitor:
             "directions": list(self.directions),
             "warmup": self.warmup,
             "last_loss": self.last_loss,
+            "updates": self.n_updates,
+            "detector_state": self.detector_state(),
         }
 
     @classmethod
@@ -277,6 +294,9 @@ class ConceptDriftMonitor:
         m = cls(state.get("detector", "adwin"), warmup=int(state.get("warmup", 0)),
                 **state.get("params", {}))
         m.directions = [str(d) for d in state.get("directions", [])]
+        m.n_updates = int(state.get("updates", 0))
+        m._restored_state = {str(k): float(v) for k, v in
+                             dict(state.get("detector_state", {})).items()}
         m.n_drifts = int(state.get("n_drifts", 0))
         m.drift_points = [int(p) for p in state.get("drift_points", [])]
         m.drift_times = [float(t) for t in state.get("drift_times", [])]

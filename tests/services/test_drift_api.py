@@ -96,6 +96,8 @@ def test_drift_route_reports_detector_features_worst_first_and_actions(client):
     body = client.get("/models/fraud/drift").json()
     assert body["concept"]["detector"] == "page_hinkley"
     assert {"state", "recent_drifts_at_event", "recent_drifts_at_time"} <= set(body["concept"])
+    assert "x_mean" in body["concept"]["state"]  # Page-Hinkley's state, through the snapshot
+    assert body["concept"]["updates"] > 0
     features = body["data"]["features"]
     assert set(features) == set(SPEC.numeric) | set(SPEC.categorical)
     scores = [f["score"] for f in features.values()]
