@@ -39,7 +39,7 @@ def serve(snapshot: Path, port: int) -> None:
 
     import uvicorn
 
-    from streamlearn.services.api.main import create_app
+    from streamlearn.services.api.main import UVICORN_OPTIONS, create_app
     from streamlearn.serving import ModelStore
 
     store = ModelStore()
@@ -49,8 +49,9 @@ def serve(snapshot: Path, port: int) -> None:
         kafka=SimpleNamespace(bootstrap=""),
         api=SimpleNamespace(host="127.0.0.1", port=port, max_instances=1000),
     )
-    uvicorn.run(create_app(settings, store), host="127.0.0.1", port=port, log_level="warning",
-                access_log=False)
+    app = create_app(settings, store)
+    app.state.freeze_gc = True  # as streamlearn api does
+    uvicorn.run(app, **(UVICORN_OPTIONS | {"log_level": "warning"}), host="127.0.0.1", port=port)
 
 
 # -- model ---------------------------------------------------------------------

@@ -38,6 +38,8 @@ import numpy as np
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from streamlearn import features as features_module
+from streamlearn.features import MAX_ABS_VALUE, FeatureBatch
 from streamlearn.metrics import ApiMetrics
 from streamlearn.serving import ModelStore
 
@@ -81,7 +83,7 @@ def _row_type(spec: Any) -> Any | None:
 class _ModelPath:
     """What one model's fast path needs, built once per spec."""
 
-    __slots__ = ("spec", "decode", "latency", "count")
+    __slots__ = ("spec", "decode", "latency", "count", "one_row")
 
     def __init__(self, spec: Any, row: Any, metrics: ApiMetrics, name: str) -> None:
         self.spec = spec
@@ -93,6 +95,9 @@ class _ModelPath:
         )
         self.decode: Callable[[bytes], Any] = msgspec.json.Decoder(body).decode
         self.latency = metrics.prediction_latency.labels(name)
+        # _one_row leans on the vectorizer's slot cache; without it, assemble does all.
+        self.one_row = callable(getattr(features_module, "Vectorizer", None)) and hasattr(
+            features_module.Vectorizer, "_hash")
         self.count = metrics.predictions.labels(name)
 
 
@@ -119,10 +124,14 @@ class FastPredictMiddleware:
         ``api.max_instances`` and ``api.max_body_bytes``: past either, the route answers.
     stats
         Where to count answered and declined requests.
+    owner
+        The FastAPI app whose ``dependency_overrides`` (tests) send every request to the
+        route; by default ``scope["app"]``.
     """
 
     def __init__(self, app: ASGIApp, store: ModelStore, metrics: ApiMetrics,
-                 max_instances: int, max_body: int, stats: FastPathStats | None = None) -> None:
+                 max_instances: int, max_body: int, stats: FastPathStats | None = None,
+                 owner: Any = None) -> None:
         self.app = app
         self.store = store
         self.metrics = metrics
@@ -130,9 +139,10 @@ class FastPredictMiddleware:
         self.max_body = max_body
         self._paths: dict[str, _ModelPath | None] = {}
         self.stats = stats if stats is not None else FastPathStats()
+        self.owner = owner
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        app = scope.get("app")
+        app = self.owner if self.owner is not None else scope.get("app")
         if (scope["type"] != "http" or scope["method"] != "POST" or scope.get("root_path")
                 or getattr(app, "dependency_overrides", None)):  # overrides: the route obeys
             await self.app(scope, receive, send)
@@ -217,9 +227,12 @@ class FastPredictMiddleware:
         vectorizer = model.vectorizer
         if vectorizer.spec is not model_path.spec and vectorizer.spec != model_path.spec:
             raise _Unsure
-        batch, bad = vectorizer.assemble(list(map(msgspec.structs.astuple, rows)))
-        if bad is not None:
-            raise _Unsure
+        if len(rows) == 1 and model_path.one_row:
+            batch = _one_row(vectorizer, model_path.spec, msgspec.structs.astuple(rows[0]))
+        else:
+            batch, bad = vectorizer.assemble(list(map(msgspec.structs.astuple, rows)))
+            if bad is not None:
+                raise _Unsure
         predictions = model.predict_many(batch).tolist()
         if not all(map(math.isfinite, predictions)):
             raise _Unsure
@@ -229,6 +242,31 @@ class FastPredictMiddleware:
         if features is not msgspec.UNSET:
             out["score"] = predictions[0]
         return orjson.dumps(out), len(rows)
+
+
+def _one_row(vectorizer: Any, spec: Any, row: tuple[Any, ...]) -> Any:
+    """:meth:`Vectorizer.assemble` for one row without its NumPy passes (~14 us -> ~4 us).
+
+    Same layout, same checks (a magnitude past ``MAX_ABS_VALUE``, a binary label neither
+    0 nor 1: then :class:`_Unsure`), same per-field slot caches; tested equal to it.
+    """
+    d = spec.n_numeric
+    nums = [math.nan if v is None else v for v in row[:d]]
+    label = row[d]
+    if label is None:
+        label = math.nan
+    limit = MAX_ABS_VALUE
+    for x in nums:
+        if abs(x) > limit:  # NaN compares False, as in assemble
+            raise _Unsure
+    if abs(label) > limit or (spec.task != "regression" and label == label
+                              and label != 0.0 and label != 1.0):
+        raise _Unsure
+    hash_one = vectorizer._hash
+    slots = [hash_one(name, [row[d + 1 + j]])[0] for j, name in enumerate(spec.categorical)]
+    return FeatureBatch(np.array([nums], dtype=np.float64),
+                        np.array([slots], dtype=np.int64).reshape(1, len(slots)),
+                        np.array([label], dtype=np.float32), [row[-1]])
 
 
 def _may_overflow(body: bytes) -> bool:

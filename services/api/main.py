@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import gc
 import logging
 import multiprocessing
 import signal
@@ -184,6 +186,19 @@ async def _value_error(request: Request, exc: Exception) -> OrjsonResponse:
     )
 
 
+class StreamlearnAPI(FastAPI):
+    """FastAPI, with the fast predict path (``fast.py``) in front of its whole stack."""
+
+    fast: FastPredictMiddleware | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fast = self.fast
+        if fast is None:
+            await super().__call__(scope, receive, send)
+        else:
+            await fast(scope, receive, send)  # it hands what it declines to FastAPI
+
+
 def snapshot_policy(settings: SettingsLike) -> SnapshotPolicy:
     """What snapshots this API accepts, from ``kafka.snapshot_key``,
     ``api.require_signed_snapshots``, ``api.max_snapshot_bytes`` and the configured models.
@@ -263,13 +278,19 @@ def create_app(
                                 consumer_options=_consumer_options(settings))
             feed.start()
         app.state.feed = feed
+        # Start-up objects (numba, NumPy, FastAPI, the loaded models) live as long as the
+        # process: freezing them keeps full collections, which would scan them all, from
+        # stalling requests for tens of milliseconds.
+        if getattr(app.state, "freeze_gc", False):  # set by serve(); not in tests
+            gc.collect()
+            gc.freeze()
         try:
             yield
         finally:
             if feed is not None:
                 await feed.stop()
 
-    app = FastAPI(
+    app = StreamlearnAPI(
         title="streamlearn",
         version=__version__,
         description=DESCRIPTION,
@@ -291,11 +312,12 @@ def create_app(
     app.add_middleware(ErrorCountMiddleware, counter=api_metrics.request_errors)
     app.state.fast_predict = None
     if getattr(settings.api, "fast_predict", True):
-        # Outermost: a valid predict request is answered before FastAPI runs (fast.py).
+        # Before FastAPI's own stack: a valid predict request is answered without it.
         app.state.fast_predict = FastPathStats()
-        app.add_middleware(FastPredictMiddleware, store=store, metrics=api_metrics,
-                           max_instances=max_instances(settings), max_body=max_body,
-                           stats=app.state.fast_predict)
+        app.fast = FastPredictMiddleware(
+            functools.partial(FastAPI.__call__, app), store=store, metrics=api_metrics,
+            max_instances=max_instances(settings), max_body=max_body,
+            stats=app.state.fast_predict, owner=app)
     registry.register(FeedCollector(store, lambda: app.state.feed))
     return app
 
@@ -332,15 +354,19 @@ def _consumer_options(settings: SettingsLike) -> dict[str, Any]:
 
 def _uvicorn_config(settings: SettingsLike, store: ModelStore | None) -> uvicorn.Config:
     host = getattr(settings.api, "host", "") or "127.0.0.1"
-    return uvicorn.Config(
-        create_app(settings, store),
-        host=host,
-        port=int(settings.api.port),
-        access_log=False,
-        log_level="info",
-        lifespan="on",
-        server_header=False,  # one header less to build per response
-    )
+    app = create_app(settings, store)
+    app.state.freeze_gc = True
+    return uvicorn.Config(app, **UVICORN_OPTIONS, host=host, port=int(settings.api.port))
+
+
+#: How the API runs under uvicorn (``load_tests/bench_predict.py`` uses the same).
+UVICORN_OPTIONS: dict[str, Any] = {
+    "access_log": False,
+    "log_level": "info",
+    "lifespan": "on",
+    "server_header": False,   # one header less to build per response
+    "proxy_headers": False,   # no X-Forwarded-* rewriting per request: nothing reads it
+}
 
 
 async def serve(settings: SettingsLike, store: ModelStore | None = None) -> None:

@@ -252,3 +252,33 @@ def _bodies(draw: Any) -> bytes:
 def test_any_body_gets_the_same_answer_from_both_paths(
         clients: tuple[TestClient, TestClient], body: bytes) -> None:
     same_answer(clients, body)
+
+
+_NUM = st.one_of(st.none(), st.floats(allow_nan=False, allow_infinity=False),
+                 st.sampled_from([1e15, -1e15, 1e15 + 1, 0.0, 1.0]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(nums=st.lists(_NUM, min_size=5, max_size=5), label=_NUM,
+       cats=st.lists(st.one_of(st.none(), st.text(max_size=4), st.integers(-5, 5)),
+                     min_size=3, max_size=3),
+       ident=st.one_of(st.none(), st.text(max_size=3), st.integers()))
+def test_one_row_assembly_equals_the_vectorizers(store: ModelStore, nums: list[Any],
+                                                 label: Any, cats: list[Any],
+                                                 ident: Any) -> None:
+    from streamlearn.services.api import fast
+
+    model = store.get("fraud").model  # type: ignore[union-attr]
+    row = (*nums, label, *cats, ident)
+    batch, bad = model.vectorizer.assemble([row])
+    if bad is not None:
+        with pytest.raises(fast._Unsure):
+            fast._one_row(model.vectorizer, model.spec, row)
+        return
+    one = fast._one_row(model.vectorizer, model.spec, row)
+    for name in ("numeric", "hashed", "labels"):
+        a, b = getattr(one, name), getattr(batch, name)
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert a.tobytes() == b.tobytes(), name
+    assert one.ids == batch.ids
+    assert model.predict_many(one).tolist() == model.predict_many(batch).tolist()
