@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help demo test chromium test-fast test-cudasim test-gpu lint bench-kernels bench-worker bench-predict load clean
+.PHONY: help demo test chromium test-fast test-cudasim test-gpu lint bench-kernels bench-worker bench-predict bench-serve load clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -61,6 +61,10 @@ bench-worker: $(STAMP)  ## worker events/s (JSON and batch records) with baselin
 
 bench-predict: $(STAMP)  ## /predict latency percentiles against /healthz
 	$(BIN)/python load_tests/bench_predict.py
+
+bench-serve: $(STAMP)  ## wrk: /predict vs a minimal FastAPI app, learn+serve, freshness (~6 min)
+	@command -v wrk >/dev/null || apt-get install -y -q wrk
+	$(BIN)/python load_tests/bench_serve.py
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .snapshots
