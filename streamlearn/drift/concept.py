@@ -128,13 +128,16 @@ class ConceptDriftMonitor:
     (1, 321, 'up')
     """
 
-    def __init__(self, detector: str = "adwin", warmup: int = 0, **params: Any) -> None:
+    def __init__(self, detector: str = "adwin", warmup: int = 0, batch: int = 0,
+                 **params: Any) -> None:
         if detector not in DETECTORS:
             raise ValueError(
                 f"unknown drift detector {detector!r}; choose from {sorted(DETECTORS)}"
             )
         self.detector_name = detector
         self.warmup = int(warmup)
+        self.batch = int(batch)  # labelled rows per detector value (0: one per update)
+        self._pool_sum, self._pool_n = 0.0, 0
         self.params = {**DEFAULT_PARAMS.get(detector, {}), **params}
         self.detector: Any = None  # river's detector, built by the first update
         # (loss, events_seen, arrival time) while river loads
@@ -154,15 +157,26 @@ class ConceptDriftMonitor:
         self._recent: collections.deque[float] = collections.deque(maxlen=RECENT_BATCHES)
         self._drifted = False
 
-    def update(self, loss: float, events_seen: int) -> bool:
-        """Feed one batch-mean loss; True when this call detected a drift.
+    def update(self, loss: float, events_seen: int, weight: int = 1) -> bool:
+        """Feed one batch-mean loss over ``weight`` labelled rows; True when this call
+        detected a drift.
 
-        While river loads in the background the value is queued; the first call
-        after the import feeds the queue in order, then this value.
+        With :attr:`batch` set, losses are pooled until ``batch`` rows are in and the
+        detector sees their mean: a worker's partial mini-batch (a job of 300 messages
+        ends with a 44-row chunk) is not one noisy value of its own.  While river loads
+        in the background the value is queued; the first call after the import feeds
+        the queue in order, then this value.
         """
         self.last_loss = loss
         self.loss_total += loss
         self.loss_count += 1
+        if self.batch:
+            self._pool_sum += loss * weight
+            self._pool_n += weight
+            if self._pool_n < self.batch:
+                self._drifted = False
+                return False
+            loss, self._pool_sum, self._pool_n = self._pool_sum / self._pool_n, 0.0, 0
         if self.detector is None:
             if _loader.loading and len(self.pending) < MAX_PENDING:
                 self.pending.append((loss, events_seen, time.time()))
@@ -180,7 +194,7 @@ class ConceptDriftMonitor:
     @classmethod
     def for_spec(cls, spec: Any) -> ConceptDriftMonitor:
         """The detector a :class:`~streamlearn.config.ModelSpec` names, with its params."""
-        params = {"warmup": WARMUP_EVENTS, **dict(spec.drift_params)}
+        params = {"warmup": WARMUP_EVENTS, "batch": spec.batch_size, **dict(spec.drift_params)}
         return cls(spec.drift_detector, **params)
 
     def restart(self, warmup: int | None = None) -> None:
@@ -283,6 +297,7 @@ class ConceptDriftMonitor:
             "drift_times": list(self.drift_times),
             "directions": list(self.directions),
             "warmup": self.warmup,
+            "batch": self.batch,
             "last_loss": self.last_loss,
             "updates": self.n_updates,
             "detector_state": self.detector_state(),
@@ -292,6 +307,7 @@ class ConceptDriftMonitor:
     def from_state(cls, state: dict[str, Any]) -> ConceptDriftMonitor:
         """Rebuild with a fresh detector and the saved counts."""
         m = cls(state.get("detector", "adwin"), warmup=int(state.get("warmup", 0)),
+                batch=int(state.get("batch", 0)),
                 **state.get("params", {}))
         m.directions = [str(d) for d in state.get("directions", [])]
         m.n_updates = int(state.get("updates", 0))

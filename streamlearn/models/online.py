@@ -232,7 +232,7 @@ class OnlineModel:
             self.n_learned += n_labelled
             self.updated_at = time.time()
             self.metrics.update(labels[~np.isnan(labels)], scores[~np.isnan(labels)])
-            drifted = self.concept_drift.update(total / n_labelled, self.n_seen)
+            drifted = self.concept_drift.update(total / n_labelled, self.n_seen, n_labelled)
             self.drift_actions.after_step(self, drifted)
         return scores
 
@@ -292,7 +292,8 @@ class OnlineModel:
         drifted = False
         for c in np.flatnonzero(stepped).tolist():
             drifted |= self.concept_drift.update(float(chunk_loss[c] / learned[c]),
-                                                 self.n_seen + min((c + 1) * size, n))
+                                                 self.n_seen + min((c + 1) * size, n),
+                                                 int(learned[c]))
         self.n_seen += n
         if stepped.any():
             self.drift_actions.after_step(self, drifted)

@@ -111,7 +111,7 @@ def test_report_and_state_before_the_detector_exists(gate):
                               "updates": 0, "loading": False, "state": {}}
     assert fresh.to_state() == {"detector": "page_hinkley", "params": params,
                                 "n_drifts": 0, "drift_points": [], "drift_times": [],
-                                "directions": [], "warmup": 0, "last_loss": None,
+                                "directions": [], "warmup": 0, "batch": 0, "last_loss": None,
                                 "updates": 0, "detector_state": {}}
 
     concept.load_detectors_in_background()
@@ -124,7 +124,7 @@ def test_report_and_state_before_the_detector_exists(gate):
     assert r.detector is None
     assert r.to_state() == {"detector": "page_hinkley", "params": params,
                             "n_drifts": 2, "drift_points": [10, 20], "drift_times": [],
-                            "directions": [], "warmup": 0, "last_loss": 0.25,
+                            "directions": [], "warmup": 0, "batch": 0, "last_loss": 0.25,
                             "updates": 0, "detector_state": {}}
 
 
