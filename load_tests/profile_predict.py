@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_predict import MODEL, build_snapshot  # noqa: E402
 
 
-def make_app(snapshot: Path) -> Any:
+def make_app(snapshot: Path, fast: bool = True) -> Any:
     from streamlearn.services.api.main import create_app
     from streamlearn.serving import ModelStore
 
@@ -34,7 +34,8 @@ def make_app(snapshot: Path) -> Any:
     if not store.offer(f"{MODEL}/bench", snapshot.read_bytes()):
         raise SystemExit(f"could not load {snapshot}: {store.stats.last_error}")
     settings = SimpleNamespace(kafka=SimpleNamespace(bootstrap=""),
-                               api=SimpleNamespace(host="127.0.0.1", port=0, max_instances=1000))
+                               api=SimpleNamespace(host="127.0.0.1", port=0, max_instances=1000,
+                                                   fast_predict=fast))
     return create_app(settings, store)
 
 
@@ -97,11 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--instances", type=int, default=1, help="0: single 'features' body")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--compare", action="store_true",
+                        help="also time the FastAPI route alone (api.fast_predict = false)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="streamlearn-profile-") as tmp:
         snap = Path(tmp) / "fraud.snap"
         _, queries = build_snapshot(snap, 20_000, 18)
         app = make_app(snap)
+        slow_app = make_app(snap, fast=False) if args.compare else None
     if args.instances <= 1:
         bodies = [orjson.dumps({"features": q}) for q in queries]
     else:
@@ -111,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     per = asyncio.run(lifespan_run(app, bodies, args.requests, args.profile))
     print(f"{args.requests} requests, {max(args.instances, 1)} instance(s) each: "
           f"{per * 1e6:.1f} µs per request in the app (no server, no client)")
+    if slow_app is not None:
+        slow = asyncio.run(lifespan_run(slow_app, bodies, args.requests, False))
+        print(f"the FastAPI route alone (api.fast_predict = false): {slow * 1e6:.1f} µs "
+              f"per request; fast path x{slow / per:.1f}")
     return 0
 
 
