@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
+import pytest
 
 from streamlearn import snapshots
 from streamlearn.config import ModelSpec
@@ -79,3 +80,65 @@ def test_two_processes_serve_one_port_and_a_dead_one_is_replaced(tmp_path: Path)
         runner.join(30)
         sock.close()
     assert not runner.is_alive() and not _children()
+
+
+@pytest.mark.kafka
+def test_every_serving_process_follows_the_snapshot_feed() -> None:
+    import asyncio
+
+    from aiokafka import AIOKafkaProducer
+
+    from streamlearn.broker import BrokerError, EmbeddedBroker
+
+    try:
+        broker = EmbeddedBroker().start()
+    except BrokerError as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"embedded broker unavailable: {exc}")
+    model = OnlineModel(SPEC, device="cpu")
+    events = FraudStream(seed=2).take(1024)
+
+    def next_snapshot(i: int) -> bytes:
+        batch, _ = model.vectorizer.transform_many(events[256 * i:256 * (i + 1)])
+        model.process(batch)
+        return snapshots.encode(model.to_state() | {"replica": "r1", "telemetry": {}})
+
+    async def publish(value: bytes) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+        await producer.start()
+        try:
+            await producer.send_and_wait("streamlearn.models", value, key=b"fraud/r1")
+        finally:
+            await producer.stop()
+
+    settings = SimpleNamespace(
+        kafka=SimpleNamespace(bootstrap=broker.bootstrap, models_topic="streamlearn.models"),
+        api=SimpleNamespace(host="127.0.0.1", port=0, max_instances=10, workers=2))
+    sock = bind_socket("127.0.0.1", 0)
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    stop = threading.Event()
+    runner = threading.Thread(target=serve_processes, args=(settings, 2),
+                              kwargs={"sock": sock, "stop": stop}, daemon=True)
+    try:
+        asyncio.run(publish(next_snapshot(0)))
+        first = model.version
+        runner.start()
+        _wait(lambda: _ready(base), 90, "the API to be ready")
+        asyncio.run(publish(next_snapshot(1)))
+        newest = model.version
+        assert newest > first
+
+        def all_serve_newest() -> bool:
+            # Fresh connections land on either process: all must have taken the new one.
+            got = {httpx.get(f"{base}/models/fraud", timeout=5).json()["version"]
+                   for _ in range(16)}
+            return got == {newest}
+
+        _wait(all_serve_newest, 30, f"both processes to serve version {newest}")
+        pids_seen = {p.pid for p in _children()}
+        assert len(pids_seen) == 2
+    finally:
+        stop.set()
+        if runner.is_alive():
+            runner.join(30)
+        sock.close()
+        broker.stop()
