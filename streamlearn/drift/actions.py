@@ -17,10 +17,11 @@ The policy is the spec's ``drift_action``:
 
 Every action, including ``alert``, waits ``cooldown`` events after the previous one: one
 burst of drifts cannot trigger a storm of resets (the detections it suppresses are
-counted).  After ``reset`` or ``rollback`` the concept detector starts afresh and the
-data-drift reference is collected again, so the relearning transient is not read as a
-new drift.  An action requested by hand (:meth:`DriftActions.apply`, from the admin
-endpoint through the worker) ignores the cool-down and starts a new one.
+counted).  After ``reset`` or ``rollback`` the concept detector starts afresh (after a
+warm-up), so the relearning transient is not read as a new drift, and the data-drift
+reference is collected again one cool-down later.  An action requested by hand
+(:meth:`DriftActions.apply`, from the admin endpoint through the worker) ignores the
+cool-down and starts a new one.
 
 Each action is logged, counted by kind and recorded in :attr:`DriftActions.history` with
 the event count and the Kafka offsets (``topic:partition`` -> next offset) at which it
@@ -158,7 +159,7 @@ class DriftActions:
         if action != "alert":
             # A rollback's transient is the burst the restored weights now face: shorter.
             model.concept_drift.restart(None if action == "reset" else ROLLBACK_WARMUP)
-            model.data_drift.restart()
+            model.data_drift.rebase_in(self.cooldown)  # the shift stays visible meanwhile
         self.counts[action] += 1
         self.last_action_at = int(model.n_seen)
         self.history = [*self.history[-(HISTORY_KEEP - 1):], entry]

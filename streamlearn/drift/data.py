@@ -21,10 +21,12 @@ model's **drift level** is ``none``, ``warning`` (worst score >= 0.4 x threshold
 
 Reference policy
 ----------------
-The reference is the first ``reference_size`` events the monitor sees (after the model
-starts, or after a drift action: :meth:`DataDriftMonitor.restart`), then frozen: a slow
-drift stays visible instead of being absorbed by a sliding reference, and an action that
-restarts learning restarts the reference with it.  A snapshot keeps the frozen reference
+The reference is the first ``reference_size`` events the monitor sees, then frozen: a
+slow drift stays visible instead of being absorbed by a sliding reference.  A drift
+action that restarts learning (``reset``, ``rollback``) re-collects it, but only
+``drift_cooldown`` events later (:meth:`DataDriftMonitor.rebase_in`): until then the
+shift that came with the drift stays on the scores, the metrics and the dashboard; after
+it, the new world is the reference.  A snapshot keeps the frozen reference
 (bin edges and shares), not the raw window.
 
 Cost
@@ -204,9 +206,14 @@ class DataDriftMonitor:
         return cls(list(spec.numeric), list(spec.categorical),
                    reference_size=spec.drift_reference_size, threshold=spec.drift_threshold)
 
+    def rebase_in(self, rows: int) -> None:
+        """Collect a new reference after ``rows`` more rows (see the reference policy)."""
+        self._rebase_in = max(0, int(rows))
+
     def restart(self) -> None:
-        """Start collecting a new reference window (see the module's reference policy)."""
+        """Start collecting a new reference window now (see the module's reference policy)."""
         d, c, k = len(self.features), len(self.categorical), self.top_k
+        self._rebase_in: int | None = None
         self.ready = False
         self._buf_x: list[np.ndarray] = []
         self._buf_h: list[np.ndarray] = []
@@ -246,6 +253,10 @@ class DataDriftMonitor:
         if hashed is None or hashed.shape[1] != c:  # no slots: fold the numerics only
             hashed = np.zeros((n, 0), dtype=np.int64)
         size = batch_size or n
+        if self._rebase_in is not None:
+            self._rebase_in -= n
+            if self._rebase_in <= 0:  # at this call's granularity: a few hundred rows
+                self.restart()
         start = 0
         while not self.ready and start < n:  # the batch that completes it is not folded
             self._buf_x.append(np.array(X[start : start + size], dtype=np.float64))
@@ -374,8 +385,9 @@ class DataDriftMonitor:
         return {
             "ready": self.ready,
             "reference_events": self.reference_size,
-            "reference_policy": "first reference_events events after start or after an "
-                                "action, then frozen",
+            "reference_policy": "first reference_events events, frozen; re-collected "
+                                "drift_cooldown events after a reset or rollback",
+            "rebase_in_events": self._rebase_in,
             "statistic": "psi",
             "threshold": self.threshold,
             "level": self.level(),
@@ -398,6 +410,7 @@ class DataDriftMonitor:
             "categorical": list(self.categorical), "reference_size": self.reference_size,
             "halflife": self.halflife, "threshold": self.threshold, "bins": self.bins,
             "top_k": self.top_k, "ready": self.ready, "started": int(self._started[0]),
+            "rebase_in": self._rebase_in,
         }
         if self.ready:
             state |= {name: getattr(self, name).copy() for name in self._ARRAYS}
@@ -425,6 +438,8 @@ class DataDriftMonitor:
                 or (m.bins_of.size and not 0 <= m.bins_of.min() <= m.bins_of.max() <= m.top_k)):
             raise ValueError("data drift state has a malformed slot table")
         m._started[0] = int(state.get("started", 0))
+        if state.get("rebase_in") is not None:
+            m.rebase_in(int(state["rebase_in"]))
         m.ready = True
         return m
 

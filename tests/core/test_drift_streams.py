@@ -160,11 +160,21 @@ def test_a_shifted_categorical_field_ranks_first_with_its_unseen_rate():
     assert report["features"]["j"]["unseen_rate"] < 0.05
 
 
-def test_the_reference_is_collected_again_after_an_action(streams):
-    model, _ = _run(_spec(drift_action="reset"), streams["change"][:26_000])
+def test_the_reference_is_collected_again_one_cooldown_after_an_action(streams):
+    model, _ = _run(_spec(drift_action="reset", drift_cooldown=2_000), streams["change"][:21_504])
     assert model.drift_actions.counts["reset"] == 1
-    # 5,000 events after the reset the new reference is complete again.
-    assert model.data_drift.ready
+    data = model.data_drift
+    assert data.ready and data._rebase_in is not None  # the old reference, still shown
+    for lo in range(21_504, 30_000, 256):
+        batch, _ = model.vectorizer.transform_many(streams["change"][lo : lo + 256])
+        model.process_many(batch)
+        if not data.ready:
+            break
+    assert not data.ready and lo - 20_224 <= 2_000 + 512  # rebased one cool-down later
+    for lo2 in range(lo + 256, 40_000, 256):
+        batch, _ = model.vectorizer.transform_many(streams["change"][lo2 : lo2 + 256])
+        model.process_many(batch)
+    assert data.ready  # the new reference is complete again
     restored = OnlineModel.from_state(model.to_state())
     assert restored.drift_actions.history == model.drift_actions.history
     assert restored.drift_report()["data"] == model.drift_report()["data"]
