@@ -389,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one linear sc
                 time.sleep(0.5)
 
             parts = set(args.parts.split(","))
+            # Both servers' first requests pay for imports, numba's cached kernels and
+            # allocator growth: run each body against each app before measuring anything.
+            for base, _ in apps.values():
+                for path in bodies.values():
+                    wrk(base + PREDICT, path, script, 8, 2, cpus[1])
             if "idle" in parts:
                 print("\n1a. /predict, learning idle", flush=True)
                 results["idle"] = matrix(apps, bodies, script, connections, duration, cpus[1],
