@@ -39,6 +39,7 @@ def serve(snapshot: Path, port: int) -> None:
 
     import uvicorn
 
+    from streamlearn.services.api.http import protocol_class
     from streamlearn.services.api.main import UVICORN_OPTIONS, create_app
     from streamlearn.serving import ModelStore
 
@@ -51,7 +52,8 @@ def serve(snapshot: Path, port: int) -> None:
     )
     app = create_app(settings, store)
     app.state.freeze_gc = True  # as streamlearn api does
-    uvicorn.run(app, **(UVICORN_OPTIONS | {"log_level": "warning"}), host="127.0.0.1", port=port)
+    uvicorn.run(app, **(UVICORN_OPTIONS | {"log_level": "warning"}), host="127.0.0.1", port=port,
+                http=protocol_class())
 
 
 # -- model ---------------------------------------------------------------------

@@ -62,6 +62,10 @@ _BLOCK = 154  # a run of 2 * _BLOCK - 1 digits always covers one aligned block
 _HEADERS_JSON = (b"content-type", _JSON)
 
 
+#: Scope key set when the fast path declined a request (the ASGI path then skips it).
+DECLINED = "streamlearn.fast_declined"
+
+
 class _Unsure(Exception):
     """The fast path declines: the full route decides."""
 
@@ -141,23 +145,51 @@ class FastPredictMiddleware:
         self.stats = stats if stats is not None else FastPathStats()
         self.owner = owner
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def eligible(self, scope: Scope) -> tuple[str, Any, _ModelPath, int] | None:
+        """``(name, served, model path, declared length)`` when this path may answer."""
         app = self.owner if self.owner is not None else scope.get("app")
         if (scope["type"] != "http" or scope["method"] != "POST" or scope.get("root_path")
-                or getattr(app, "dependency_overrides", None)):  # overrides: the route obeys
-            await self.app(scope, receive, send)
-            return
+                or getattr(app, "dependency_overrides", None)  # overrides: the route obeys
+                or scope.get(DECLINED)):
+            return None
         path: str = scope["path"]
         if not (path.startswith(_PREFIX) and path.endswith(_SUFFIX)):
-            await self.app(scope, receive, send)
-            return
+            return None
         name = path[len(_PREFIX):-len(_SUFFIX)]
         served = self.store.get(name) if name and "/" not in name else None
         model_path = self._model_path(name, served) if served is not None else None
         declared = _content(scope["headers"])
         if model_path is None or declared is None or declared > self.max_body:
+            return None
+        return name, served, model_path, declared
+
+    def answer_now(self, scope: Scope, body: bytes) -> bytes | None:
+        """The whole answer's body for a complete request, or None (then ``scope`` is
+        marked so that the ASGI path does not try again: the route answers)."""
+        t0 = time.perf_counter()
+        found = self.eligible(scope)
+        if found is None:
+            return None
+        name, served, model_path, _ = found
+        try:
+            raw, n = self._answer(name, served, model_path, body)
+        except Exception as exc:  # noqa: BLE001 - _Unsure or anything odd: the route decides
+            if not isinstance(exc, _Unsure):
+                log.debug("fast predict path declined: %r", exc)
+            self.stats.declined += 1
+            scope[DECLINED] = True
+            return None
+        model_path.latency.observe(time.perf_counter() - t0)
+        model_path.count.inc(n)
+        self.stats.answered += 1
+        return raw
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        found = self.eligible(scope)
+        if found is None:
             await self.app(scope, receive, send)
             return
+        name, served, model_path, _ = found
         t0 = time.perf_counter()
         chunks: list[bytes] = []
         message = await receive()

@@ -44,6 +44,7 @@ from streamlearn.services.api.feed import (
     SnapshotFeed,
     load_snapshot_dir,
 )
+from streamlearn.services.api.http import protocol_class
 from streamlearn.services.api.routes import admin, health, models
 from streamlearn.services.api.schemas import OrjsonResponse
 from streamlearn.serving import ModelStore, SnapshotPolicy
@@ -356,7 +357,8 @@ def _uvicorn_config(settings: SettingsLike, store: ModelStore | None) -> uvicorn
     host = getattr(settings.api, "host", "") or "127.0.0.1"
     app = create_app(settings, store)
     app.state.freeze_gc = True
-    return uvicorn.Config(app, **UVICORN_OPTIONS, host=host, port=int(settings.api.port))
+    return uvicorn.Config(app, **UVICORN_OPTIONS, host=host, port=int(settings.api.port),
+                          http=protocol_class())
 
 
 #: How the API runs under uvicorn (``load_tests/bench_predict.py`` uses the same).
