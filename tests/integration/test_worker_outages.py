@@ -61,7 +61,10 @@ class Worker:
                     "STREAMLEARN_KAFKA__FAST_JOIN": "true",
                     "STREAMLEARN_WORKER__SNAPSHOT_DIR": str(tmp / "snaps"),
                     "STREAMLEARN_WORKER__REPLICA_ID": "r0",
-                    "STREAMLEARN_WORKER__APP_ID": self.group, **env}
+                    "STREAMLEARN_WORKER__APP_ID": self.group,
+                    # Own models and dead-letter topics: other tests share the broker.
+                    "STREAMLEARN_KAFKA__MODELS_TOPIC": f"{self.name}.models",
+                    "STREAMLEARN_KAFKA__DEADLETTER_TOPIC": f"{self.name}.deadletter", **env}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Worker:
@@ -168,8 +171,7 @@ def test_poison_pills_are_dead_lettered_and_the_worker_lives_on(broker, tmp_path
         assert worker.proc is not None and worker.proc.poll() is None, worker.tail()
     finally:
         worker.stop()
-    dead = [orjson.loads(v) for v in asyncio.run(_read_all(broker, "streamlearn.deadletter"))
-            if orjson.loads(v)["model"] == worker.name]
+    dead = [orjson.loads(v) for v in asyncio.run(_read_all(broker, f"{worker.name}.deadletter"))]
     by_offset = {d["source"]["offset"]: d for d in dead}
     assert set(by_offset) == {500, 501}, dead
     assert "event id must be" in by_offset[500]["reason"]
