@@ -6,6 +6,7 @@ from TOML and ``STREAMLEARN_`` variables.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -75,6 +76,10 @@ class ModelSpec:
     drift_reference_size, drift_threshold
         Events in the data-drift reference window, and the per-feature PSI above which
         a feature counts as drifting.
+    decision_block, decision_review
+        Optional score thresholds of the decision bands (:mod:`streamlearn.reasons`):
+        ``/predict`` answers ``block`` at or above the first, ``review`` at or above the
+        second, else ``allow``; ``decision_block >= decision_review``.
 
     Examples
     --------
@@ -113,6 +118,8 @@ class ModelSpec:
     drift_cooldown: int = 50_000
     drift_reference_size: int = 5_000
     drift_threshold: float = 0.25
+    decision_block: float | None = None
+    decision_review: float | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -151,6 +158,11 @@ class ModelSpec:
         if self.drift_cooldown < 0 or self.drift_reference_size < 1 or self.drift_threshold <= 0:
             raise ValueError(f"model {self.name!r}: drift_cooldown must be >= 0, "
                              "drift_reference_size >= 1, drift_threshold > 0")
+        bands = (self.decision_block, self.decision_review)
+        if any(b is not None and not math.isfinite(b) for b in bands) or (
+                None not in bands and bands[0] < bands[1]):  # type: ignore[operator]
+            raise ValueError(f"model {self.name!r}: decision_block and decision_review must "
+                             "be finite, with decision_block >= decision_review")
 
     @property
     def step_norm(self) -> float:

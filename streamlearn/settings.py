@@ -198,6 +198,16 @@ class ModelSettings(_Section):
     drift_cooldown: int = Field(50_000, ge=0)
     drift_reference_size: int = Field(5_000, ge=1)
     drift_threshold: float = Field(0.25, gt=0)
+    # Decision bands on the score: block >= decision_block, review >= decision_review.
+    decision_block: float | None = Field(None, allow_inf_nan=False)
+    decision_review: float | None = Field(None, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _bands_ordered(self) -> ModelSettings:
+        if (self.decision_block is not None and self.decision_review is not None
+                and self.decision_block < self.decision_review):
+            raise ValueError("decision_block must be >= decision_review")
+        return self
 
     @field_validator("categorical")
     @classmethod

@@ -44,6 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from streamlearn import features as features_module
 from streamlearn.features import MAX_ABS_VALUE, FeatureBatch
 from streamlearn.metrics import ApiMetrics
+from streamlearn.reasons import all_finite, annotate, reason_codes, serving_spec
 from streamlearn.serving import ModelStore
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ _DIGITS = re.compile(rb"[0-9]{309}")
 _REGEX_BELOW = 512
 _BLOCK = 154  # a run of 2 * _BLOCK - 1 digits always covers one aligned block
 _HEADERS_JSON = (b"content-type", _JSON)
+# The one query this path answers (``?reasons=K``); any other goes to the route.
+_REASONS = re.compile(rb"reasons=([0-9]{1,3})")
 
 
 #: Scope key set when the fast path declined a request (the ASGI path then skips it).
@@ -172,7 +175,7 @@ class FastPredictMiddleware:
             return None
         name, served, model_path, _ = found
         try:
-            raw, n = self._answer(name, served, model_path, body)
+            raw, n = self._answer(name, served, model_path, body, scope.get("query_string", b""))
         except Exception as exc:  # noqa: BLE001 - _Unsure or anything odd: the route decides
             if not isinstance(exc, _Unsure):
                 log.debug("fast predict path declined: %r", exc)
@@ -206,7 +209,7 @@ class FastPredictMiddleware:
             message = await receive()
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         try:
-            raw, n = self._answer(name, served, model_path, body)
+            raw, n = self._answer(name, served, model_path, body, scope.get("query_string", b""))
         except Exception as exc:  # noqa: BLE001 - _Unsure or anything odd: the route decides
             if not isinstance(exc, _Unsure):
                 log.debug("fast predict path declined: %r", exc)
@@ -231,7 +234,13 @@ class FastPredictMiddleware:
         return built
 
     def _answer(self, name: str, served: Any, model_path: _ModelPath,
-                body: bytes) -> tuple[bytes, int]:
+                body: bytes, query: bytes = b"") -> tuple[bytes, int]:
+        k = 0
+        if query:
+            found = _REASONS.fullmatch(query)
+            if found is None:
+                raise _Unsure
+            k = int(found.group(1))
         # Values the struct decoder skips (fields the model does not read) must still be
         # JSON scalars the route accepts: no nesting beyond the envelope, no escapes that
         # could hide a lone surrogate, valid UTF-8, numbers within double range.
@@ -271,8 +280,13 @@ class FastPredictMiddleware:
         out: dict[str, Any] = {"model": name, "version": served.version,
                                "snapshot_age_s": round(served.age_s(), 3),
                                "predictions": predictions}
-        if features is not msgspec.UNSET:
+        single = features is not msgspec.UNSET
+        if single:
             out["score"] = predictions[0]
+        codes = reason_codes(model, batch, k) if k else None
+        if codes is not None and not all_finite(codes):
+            raise _Unsure
+        annotate(out, serving_spec(self.store, name, model.spec), predictions, single, codes)
         return orjson.dumps(out), len(rows)
 
 

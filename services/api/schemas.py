@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import Request, Response
@@ -240,11 +240,28 @@ class _Served(BaseModel):
     snapshot_age_s: float = Field(description="Seconds since the served model last learned.")
 
 
+class Reason(BaseModel):
+    """One reason code: a field and its additive contribution to the margin."""
+
+    feature: str = Field(description="Field name (a categorical field's hashed value is "
+                                     "summed back to its field).")
+    contribution: float = Field(description="Contribution to the margin (target units for "
+                                            "regression with the label prior).")
+
+
 class PredictResponse(_Served):
     """Scores in request order: probabilities (binary, ranking) or values (regression)."""
 
     predictions: list[float]
     score: float | None = Field(None, description="Present when the body had 'features'.")
+    decisions: list[Literal["block", "review", "allow"]] | None = Field(
+        None, description="Per prediction, when the model has decision bands: 'block' "
+        "(score >= decision_block), 'review' (score >= decision_review) or 'allow'.")
+    decision: Literal["block", "review", "allow"] | None = Field(
+        None, description="The decision, when the body had 'features' and bands are set.")
+    reasons: list[list[Reason]] | None = Field(
+        None, description="Per prediction with ?reasons=K: its top-K reason codes, "
+        "largest contribution first.")
 
 
 class ExplainResponse(_Served):

@@ -7,11 +7,12 @@ import re
 import time
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 
 from streamlearn.features import InvalidEvent
+from streamlearn.reasons import MAX_REASONS, all_finite, annotate, reason_codes, serving_spec
 from streamlearn.services.api.deps import FeedDep, MetricsDep, SettingsDep, StoreDep, max_instances
 from streamlearn.services.api.schemas import (
     DriftResponse,
@@ -99,9 +100,17 @@ async def get_model(name: str, store: StoreDep, feed: FeedDep) -> Response:
 @router.post("/{name}/predict", response_model=PredictResponse, responses=_NOT_FOUND,
              summary="Score one event or a batch")
 async def predict(
-    name: str, body: PredictRequest, store: StoreDep, settings: SettingsDep, metrics: MetricsDep
+    name: str, body: PredictRequest, store: StoreDep, settings: SettingsDep, metrics: MetricsDep,
+    reasons: int = Query(0, ge=0, le=MAX_REASONS, description=(
+        "Reason codes per prediction: the top-K features by contribution to the margin "
+        "(largest first), named by field; 0: none.")),
 ) -> Response:
-    """Score ``features`` (one event) or ``instances`` (1..max_instances events)."""
+    """Score ``features`` (one event) or ``instances`` (1..max_instances events).
+
+    With ``reasons=K`` each prediction also gets its top-K reason codes (``reasons``, in
+    request order); when the model has decision bands (``decision_block``,
+    ``decision_review``), each gets a decision (``decisions``; ``decision`` for one event).
+    """
     t0 = time.perf_counter()
     served = served_or_404(store, name)
     events = body.events()
@@ -129,8 +138,17 @@ async def predict(
         "model": name, "version": served.version,
         "snapshot_age_s": round(served.age_s(), 3), "predictions": predictions,
     }
-    if body.features is not None:
+    single = body.features is not None
+    if single:
         out["score"] = predictions[0]
+    codes = None
+    if reasons:
+        batch, _ = model.vectorizer.transform_many(events)  # valid: scored above
+        codes = reason_codes(model, batch, reasons)
+        if not all_finite(codes):
+            raise _not_finite(("body", "features") if single else ("body", "instances"),
+                              "a reason code's contribution")
+    annotate(out, serving_spec(store, name, model.spec), predictions, single, codes)
     response = OrjsonResponse(out)
     metrics.prediction_latency.labels(name).observe(time.perf_counter() - t0)
     metrics.predictions.labels(name).inc(len(events))
