@@ -1,0 +1,213 @@
+"""The replica merge rule (streamlearn.replicas): nothing counted twice, exact statistics."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+from streamlearn import replicas
+from streamlearn.config import ModelSpec
+from streamlearn.models import OnlineModel
+from streamlearn.prequential import roc_auc
+
+
+def spec(optimizer: str = "ftrl", task: str = "binary", **kw: Any) -> ModelSpec:
+    return ModelSpec(name="m", topic="t", numeric=("x", "u"), categorical=("c",), label="y",
+                     task=task, optimizer=optimizer, hash_bits=6, **kw)
+
+
+def events(seed: int, n: int) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+    x, u = rng.normal(1.0, 2.0, n), rng.normal(-3.0, 0.5, n)
+    c = rng.integers(0, 20, n)
+    logit = 1.5 * x - 1.0 + (c % 3 == 0) * 1.0 - 2.0
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
+    return [{"x": float(a), "u": float(b), "c": f"k{k}", "y": int(t)}
+            for a, b, k, t in zip(x, u, c, y, strict=True)]
+
+
+def learn(model: OnlineModel, evs: list[dict[str, Any]]) -> None:
+    for i in range(0, len(evs), 200):
+        batch, _ = model.vectorizer.transform_many(evs[i:i + 200])
+        model.process_many(batch)
+
+
+def from_state(state: dict[str, Any]) -> OnlineModel:
+    # from_state keeps float32 arrays as they are: learning must not write into ``state``.
+    return OnlineModel.from_state(copy.deepcopy(state))
+
+
+def fresh(s: ModelSpec) -> dict[str, Any]:
+    return OnlineModel(s).to_state()
+
+
+def test_stat_subtraction_inverts_chan() -> None:
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(50, 3)), rng.normal(3, 2, size=(70, 3))
+
+    def st(x: np.ndarray) -> tuple[np.ndarray, ...]:
+        return (np.full(3, float(len(x))), x.mean(0), ((x - x.mean(0)) ** 2).sum(0))
+
+    n, m, q = replicas.subtract_stats(*st(np.vstack([a, b])), *st(a))
+    np.testing.assert_allclose(n, 70)
+    np.testing.assert_allclose(m, b.mean(0))
+    np.testing.assert_allclose(q, st(b)[2], rtol=1e-9)
+
+
+@pytest.mark.parametrize("optimizer", ["ftrl", "adagrad", "sgd"])
+def test_merge_sums_statistics_exactly_and_fedavgs_weights(optimizer: str) -> None:
+    s = spec(optimizer)
+    base = fresh(s)
+    a, b = OnlineModel(s), OnlineModel(s)
+    ea, eb = events(1, 1200), events(2, 600)
+    learn(a, ea)
+    learn(b, eb)
+    sa, sb = a.to_state(), b.to_state()
+    m = replicas.merge(base, {"ra": sa, "rb": sb}, merged_by="ra", now=0.0)
+    # Scaler and label statistics: exactly those of all events.
+    whole = OnlineModel(s)
+    learn(whole, ea + eb)
+    np.testing.assert_allclose(m["scaler"]["count"], whole.scaler.count)
+    np.testing.assert_allclose(m["scaler"]["mean"], whole.scaler.mean, rtol=1e-9)
+    np.testing.assert_allclose(m["scaler"]["m2"], whole.scaler.m2, rtol=1e-9)
+    np.testing.assert_allclose(m["target"][:3], whole.target[:3], rtol=1e-9)
+    assert m["n_learned"] == 1800 and m["n_seen"] == 1800
+    assert replicas.merged_version(m) == 1 and replicas.merged_id(m) == "1@ra"
+    wa, wb = (np.asarray(x["weights"]["w"], np.float64) for x in (sa, sb))
+    if optimizer == "ftrl":
+        # z and n add up (the bias brought to one prior first); w follows from them.
+        np.testing.assert_allclose(m["weights"]["s2"], sa["weights"]["s2"] + sb["weights"]["s2"],
+                                   rtol=1e-5)
+        z, n = (np.asarray(m["weights"][k], np.float64) for k in ("s1", "s2"))
+        lr = s.step_size / s.step_norm
+        touched = n[:-1] > 0
+        expect = -(z[:-1] - np.sign(z[:-1]) * s.l1) / ((s.ftrl_beta + np.sqrt(n[:-1])) / lr + s.l2)
+        expect[np.abs(z[:-1]) <= s.l1] = 0
+        np.testing.assert_allclose(m["weights"]["w"][:-1][touched], expect[touched], rtol=1e-4,
+                                   atol=1e-6)
+        assert m["weights"]["w"][-1] == pytest.approx(
+            -z[-1] * lr / (s.ftrl_beta + math.sqrt(n[-1])), rel=1e-4)
+    else:
+        if optimizer == "adagrad":
+            np.testing.assert_allclose(m["weights"]["s1"],
+                                       sa["weights"]["s1"] + sb["weights"]["s1"], rtol=1e-5)
+        # FedAvg: base (0) + deltas weighted by events (2:1), bias aside (prior shifts).
+        np.testing.assert_allclose(m["weights"]["w"][:-1], (2 * wa[:-1] + wb[:-1]) / 3,
+                                   rtol=1e-4, atol=1e-6)
+    # The bias carries the merged prior offset: the logit of the merged base rate.
+    t = m["target"]
+    p = (t[1] * t[0] + 0.5) / (t[0] + 1)
+    assert t[3] == pytest.approx(math.log(p / (1 - p)))
+    merged = from_state(m)  # a valid model state
+    assert merged.n_learned == 1800
+
+
+def test_adoption_counts_nothing_twice() -> None:
+    """Ship, merge, keep learning, adopt, ship again, merge: every event counted once."""
+    s = spec("ftrl")
+    base = fresh(s)
+    ra, rb = OnlineModel(s), OnlineModel(s)
+    chunks = [events(10 + i, 300) for i in range(6)]
+    learn(ra, chunks[0])
+    learn(rb, chunks[1])
+    ship_a = ra.to_state() | {"merge": {"base_id": "", "ship": 1}}
+    ship_b = rb.to_state() | {"merge": {"base_id": "", "ship": 1}}
+    m1 = replicas.merge(base, {"a": ship_a, "b": ship_b}, merged_by="a", now=1.0)
+    learn(ra, chunks[2])  # learned after the ship: not in m1
+    local = ra.to_state() | {"merge": {"base_id": "", "ship": 1}}
+    adopted, how = replicas.rebase(local, m1, "a", {1: ship_a}, base)
+    assert how == "exact"
+    assert adopted["n_learned"] == 900 and replicas.base_id(adopted) == "1@a"
+    assert adopted["merge"]["adopted_version"] == 1
+    # b adopts too, learns more; both ship on base m1; merge 2 counts each event once.
+    b_local = rb.to_state() | {"merge": {"base_id": "", "ship": 1}}
+    b_adopted, _ = replicas.rebase(b_local, m1, "b", {1: ship_b}, base)
+    mb = from_state(b_adopted)
+    learn(mb, chunks[3])
+    ma = from_state(adopted)
+    learn(ma, chunks[4])
+    sa2 = ma.to_state() | {"merge": dict(adopted["merge"], ship=2)}
+    sb2 = mb.to_state() | {"merge": dict(b_adopted["merge"], ship=2)}
+    m2 = replicas.merge(m1, {"a": sa2, "b": sb2}, merged_by="a", now=2.0)
+    assert m2["n_learned"] == 5 * 300
+    whole = OnlineModel(s)
+    learn(whole, [e for c in chunks[:5] for e in c])
+    np.testing.assert_allclose(m2["scaler"]["count"], whole.scaler.count)
+    np.testing.assert_allclose(m2["scaler"]["mean"], whole.scaler.mean, rtol=1e-9)
+    np.testing.assert_allclose(m2["target"][:3], whole.target[:3], rtol=1e-9)
+    # FTRL's n sums the squared gradients of every replica step exactly once.
+    n_sum = (np.asarray(ship_a["weights"]["s2"], np.float64) + ship_b["weights"]["s2"]
+             + (sa2["weights"]["s2"] - np.asarray(adopted["weights"]["s2"], np.float64))
+             + (sb2["weights"]["s2"] - np.asarray(b_adopted["weights"]["s2"], np.float64))
+             + (np.asarray(adopted["weights"]["s2"], np.float64) - m1["weights"]["s2"]))
+    np.testing.assert_allclose(m2["weights"]["s2"], n_sum, rtol=1e-4, atol=1e-5)
+    assert m2["merge"]["included"] == {"a": {"base_id": "1@a", "ship": 2},
+                                       "b": {"base_id": "1@a", "ship": 2}}
+
+
+def test_shards_on_another_base_wait_and_unknown_ref_drops() -> None:
+    s = spec("ftrl")
+    base = fresh(s)
+    a = OnlineModel(s)
+    learn(a, events(3, 400))
+    sa = a.to_state() | {"merge": {"base_id": "", "ship": 1}}
+    m1 = replicas.merge(base, {"a": sa}, merged_by="a", now=0.0)
+    old = a.to_state() | {"merge": {"base_id": "", "ship": 2}}
+    m2 = replicas.merge(m1, {"a": old}, merged_by="a", now=1.0)  # a has not adopted m1
+    assert m2["n_learned"] == m1["n_learned"] == 400
+    assert replicas.eligible(m1, {"a": old}) == []
+    # A replica whose counted ship is gone, with no base either, adopts outright.
+    new, how = replicas.rebase(old, m2, "a", {}, None)
+    assert how == "dropped" and new["n_learned"] == 400
+
+
+def test_fm_factors_untouched_keep_their_initial_values() -> None:
+    s = ModelSpec(name="fm", topic="t", numeric=("x", "u"), categorical=("c",), label="y",
+                  task="ranking", hash_bits=8, fm_factors=4)
+    base = fresh(s)
+    a, b = OnlineModel(s), OnlineModel(s)
+    learn(a, events(4, 400))
+    learn(b, events(5, 400))
+    m = replicas.merge(base, {"a": a.to_state(), "b": b.to_state()}, merged_by="a", now=0.0)
+    untouched = np.asarray(m["weights"]["s2v"]).sum(axis=1) == 0
+    assert untouched.any()
+    np.testing.assert_array_equal(m["weights"]["V"][untouched],
+                                  np.asarray(base["weights"]["V"])[untouched])
+    assert np.isfinite(m["weights"]["V"]).all()
+
+
+@pytest.mark.parametrize("optimizer", ["ftrl", "adagrad"])
+def test_two_replicas_merging_match_one_learner(optimizer: str) -> None:
+    """Round-based data parallelism over 4 'partitions' reaches one learner's AUC."""
+    s = spec(optimizer)
+    stream = events(7, 12_000)
+    test = events(8, 4000)
+    single = OnlineModel(s)
+    learn(single, stream)
+    merged = fresh(s)
+    locs = {r: fresh(s) | {"merge": {"base_id": "", "ship": 0}} for r in ("a", "b")}
+    parts = {"a": stream[0::2], "b": stream[1::2]}
+    for lo in range(0, 6000, 500):
+        ships = {}
+        for r in ("a", "b"):
+            model = from_state(locs[r])
+            learn(model, parts[r][lo:lo + 500])
+            ship = int(locs[r]["merge"]["ship"]) + 1
+            ships[r] = model.to_state() | {"merge": dict(locs[r]["merge"], ship=ship)}
+        prev = merged
+        merged = replicas.merge(prev, ships, merged_by="a", now=float(lo))
+        for r in ("a", "b"):
+            locs[r], how = replicas.rebase(ships[r], merged, r,
+                                           {int(ships[r]["merge"]["ship"]): ships[r]}, prev)
+            assert how == "exact"
+    assert merged["n_learned"] == 12_000
+    served = from_state(merged)
+    batch, _ = served.vectorizer.transform_many(test)
+    y = batch.labels
+    auc_merged = roc_auc(y, served.predict_many(batch))
+    auc_single = roc_auc(y, single.predict_many(batch))
+    assert auc_merged > auc_single - 0.005, (auc_merged, auc_single)
