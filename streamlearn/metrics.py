@@ -14,7 +14,9 @@ Names the API exports:
   ``streamlearn_events_{consumed,scored,learned,deadlettered}_total{model,replica}``,
   ``streamlearn_learn_batch_seconds{model,replica}`` (histogram),
   ``streamlearn_model_version``, ``streamlearn_model_age_seconds``,
-  ``streamlearn_prequential_{log_loss,auc,mae}`` (gauges, ``{model,replica}``),
+  ``streamlearn_prequential_{log_loss,auc,mae}`` (gauges, ``{model,replica}``), and for
+  binary models the fraud metrics ``streamlearn_prequential_{pr_auc,recall_at_1pct_fpr,
+  precision_at_k_per_day}`` (:class:`streamlearn.prequential.PrequentialMetrics`),
   the served (merged) model's ``streamlearn_served_model_version{model}``,
   ``streamlearn_served_model_age_seconds{model}``, ``streamlearn_served_replicas{model}``,
   and ``streamlearn_snapshots_total{outcome}``.
@@ -46,6 +48,11 @@ if TYPE_CHECKING:
 #: snapshot telemetry in these buckets; ``streamlearn.pipeline`` must use the same.
 LEARN_BUCKETS: tuple[float, ...] = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)
+
+#: Prequential metrics exported as ``streamlearn_prequential_<key>`` gauges.
+PREQUENTIAL_KEYS: tuple[str, ...] = (
+    "log_loss", "auc", "mae", "pr_auc", "recall_at_1pct_fpr", "precision_at_k_per_day",
 )
 
 #: HTTP prediction latency buckets in seconds (50 µs .. 1 s).
@@ -193,7 +200,7 @@ class SnapshotTelemetryCollector(Collector):
                 by_name["streamlearn_model_version"].add_metric(labels, rep.version)
                 by_name["streamlearn_model_age_seconds"].add_metric(
                     labels, max(0.0, now - rep.updated_at))
-                for key in ("log_loss", "auc", "mae"):
+                for key in PREQUENTIAL_KEYS:
                     value = rep.metrics.get(key)
                     if value is not None:
                         by_name[f"streamlearn_prequential_{key}"].add_metric(labels, float(value))
@@ -231,6 +238,14 @@ class SnapshotTelemetryCollector(Collector):
                               "Rolling prequential ROC AUC.", labels=mr),
             GaugeMetricFamily("streamlearn_prequential_mae",
                               "Rolling prequential mean absolute error.", labels=mr),
+            GaugeMetricFamily("streamlearn_prequential_pr_auc",
+                              "Rolling prequential PR AUC (average precision).", labels=mr),
+            GaugeMetricFamily("streamlearn_prequential_recall_at_1pct_fpr",
+                              "Rolling prequential recall at a 1% false positive rate.",
+                              labels=mr),
+            GaugeMetricFamily("streamlearn_prequential_precision_at_k_per_day",
+                              "Rolling prequential precision of each UTC day's top-k scores "
+                              "(mean over days; k = top_k_per_day).", labels=mr),
         ]
         return fams
 

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 _EPS = 1e-7
+_DAY_S = 86_400
+UNKNOWN_DAY = -1  # a window entry whose day is not known (a state written without days)
+
+#: Default k of the precision at top-k per day.
+TOP_K_PER_DAY = 100
+#: The false positive rate at which recall is reported (``recall_at_1pct_fpr``).
+FRAUD_FPR = 0.01
 
 
 def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -62,7 +71,10 @@ def average_precision(y: np.ndarray, p: np.ndarray) -> float:
     """
     if len(y) == 0:
         return float("nan")
-    tps, fps, n_pos, _ = _ranked(y, p)
+    return _average_precision(*_ranked(y, p))
+
+
+def _average_precision(tps: np.ndarray, fps: np.ndarray, n_pos: int, n_neg: int) -> float:
     if n_pos == 0:
         return float("nan")
     recall_steps = np.diff(tps, prepend=0) / n_pos
@@ -84,11 +96,46 @@ def recall_at_fpr(y: np.ndarray, p: np.ndarray, max_fpr: float = 0.01) -> float:
     """
     if len(y) == 0:
         return float("nan")
-    tps, fps, n_pos, n_neg = _ranked(y, p)
+    return _recall_at_fpr(*_ranked(y, p), max_fpr)
+
+
+def _recall_at_fpr(tps: np.ndarray, fps: np.ndarray, n_pos: int, n_neg: int,
+                   max_fpr: float) -> float:
     if n_pos == 0 or n_neg == 0:
         return float("nan")
     ok = fps <= max_fpr * n_neg
     return float(tps[ok].max() / n_pos) if ok.any() else 0.0
+
+
+def precision_at_k_per_day(y: np.ndarray, p: np.ndarray, days: np.ndarray, k: int) -> float:
+    """Mean over days of the precision of each day's ``k`` highest scores; NaN if empty.
+
+    What an analyst team with a daily budget of ``k`` reviews sees: the share of fraud
+    among the cases it looks at.  A day with fewer than ``k`` events counts all of them;
+    ties at the cut keep arrival order.
+
+    Examples
+    --------
+    >>> y = np.array([1, 0, 0, 1, 1, 0])
+    >>> p = np.array([.9, .8, .1, .2, .7, .6])
+    >>> days = np.array([0, 0, 0, 1, 1, 1])
+    >>> precision_at_k_per_day(y, p, days, 2)  # day 0: 1/2, day 1: 1/2
+    0.5
+    >>> precision_at_k_per_day(y, p, days, 1)  # day 0: 1, day 1: 1
+    1.0
+    """
+    n = len(y)
+    if n == 0 or k < 1:
+        return float("nan")
+    days = np.asarray(days)
+    order = np.lexsort((-np.asarray(p, dtype=np.float64), days))  # by day, then score down
+    d = days[order]
+    hit = np.asarray(y)[order] > 0.5
+    starts = np.r_[0, np.flatnonzero(np.diff(d)) + 1]
+    sizes = np.diff(np.r_[starts, n])
+    rank = np.arange(n) - np.repeat(starts, sizes)
+    hits = np.add.reduceat((hit & (rank < k)).astype(np.float64), starts)
+    return float(np.mean(hits / np.minimum(sizes, k)))
 
 
 def log_loss(y: np.ndarray, p: np.ndarray, eps: float = _EPS) -> float:
@@ -139,24 +186,35 @@ class PrequentialMetrics:
     Keeps the last ``window`` (label, prediction) pairs in a ring buffer;
     the metrics are computed on demand, so updates cost one copy.
 
+    Binary and ranking models also get the fraud metrics: ``pr_auc`` (average
+    precision), ``recall_at_1pct_fpr`` (:func:`recall_at_fpr` at :data:`FRAUD_FPR`) and
+    ``precision_at_k_per_day`` (:func:`precision_at_k_per_day`, ``top_k_per_day`` =
+    ``top_k``).  The day of a pair is the UTC day (``clock() // 86400``) it was scored
+    and learned at, unless :meth:`update` is given the days of its events.
+
     Examples
     --------
     >>> m = PrequentialMetrics("binary", window=4)
     >>> m.update(np.array([0, 1, 1, 0, 1]), np.array([0.2, 0.9, 0.6, 0.4, 0.7]))
     >>> r = m.report()
-    >>> r["n"], r["window"], r["auc"]
-    (5, 4, 1.0)
+    >>> r["n"], r["window"], r["auc"], r["pr_auc"]
+    (5, 4, 1.0, 1.0)
     """
 
-    def __init__(self, task: str, window: int = 10_000) -> None:
+    def __init__(self, task: str, window: int = 10_000, top_k: int = TOP_K_PER_DAY,
+                 clock: Callable[[], float] = time.time) -> None:
         self.task = task
         self.window = window
+        self.top_k = top_k
+        self.clock = clock
         self._y = np.zeros(window, dtype=np.float32)
         self._p = np.zeros(window, dtype=np.float32)
+        self._day = np.full(window, UNKNOWN_DAY, dtype=np.int32)
         self.n = 0
 
-    def update(self, y: np.ndarray, p: np.ndarray) -> None:
-        """Add labelled predictions (pre-update scores)."""
+    def update(self, y: np.ndarray, p: np.ndarray, days: np.ndarray | None = None) -> None:
+        """Add labelled predictions (pre-update scores); ``days``: the UTC day numbers
+        (``unix seconds // 86400``) of their events, by default today's."""
         k = len(y)
         if k == 0:
             return
@@ -164,6 +222,8 @@ class PrequentialMetrics:
         idx = (self.n + k - keep + np.arange(keep)) % self.window
         self._y[idx] = y[k - keep :]
         self._p[idx] = p[k - keep :]
+        self._day[idx] = (int(self.clock() // _DAY_S) if days is None
+                          else np.asarray(days)[k - keep :])
         self.n += k
 
     def _filled(self) -> tuple[np.ndarray, np.ndarray]:
@@ -184,19 +244,38 @@ class PrequentialMetrics:
             auc = roc_auc(y, p)
             out["auc"] = None if np.isnan(auc) else round(auc, 6)
             out["positive_rate"] = float(y.mean())
+            out |= self._fraud(y, p)
         return out
+
+    def _fraud(self, y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
+        """PR AUC, recall at 1% FPR, precision at top-k per day (None when undefined)."""
+        def clean(x: float) -> float | None:
+            return None if np.isnan(x) else round(x, 6)
+
+        days = self._day[: len(y)]
+        # Days unknown (a state from before they were kept, a pooled merge): no per-day figure.
+        per_day = (float("nan") if (days == UNKNOWN_DAY).any()
+                   else precision_at_k_per_day(y, p, days, self.top_k))
+        ranked = _ranked(y, p)  # one sort for both
+        return {"pr_auc": clean(_average_precision(*ranked)),
+                "recall_at_1pct_fpr": clean(_recall_at_fpr(*ranked, FRAUD_FPR)),
+                "precision_at_k_per_day": clean(per_day), "top_k_per_day": self.top_k}
 
     def to_state(self) -> dict[str, Any]:
         """Plain state for snapshots (only the filled part of the window)."""
         y, p = self._filled()
-        return {"task": self.task, "window": self.window, "n": self.n, "y": y.copy(), "p": p.copy()}
+        return {"task": self.task, "window": self.window, "n": self.n, "y": y.copy(), "p": p.copy(),
+                "day": self._day[: len(y)].copy(), "top_k": self.top_k}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> PrequentialMetrics:
         """Rebuild from :meth:`to_state` output."""
-        m = cls(state["task"], int(state["window"]))
+        m = cls(state["task"], int(state["window"]), int(state.get("top_k", TOP_K_PER_DAY)))
         m.n = int(state["n"])
         k = len(state["y"])
         m._y[:k] = state["y"]
         m._p[:k] = state["p"]
+        day = state.get("day")
+        if day is not None and len(day) == k:  # else unknown: pooled or older states
+            m._day[:k] = day
         return m

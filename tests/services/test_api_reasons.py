@@ -160,3 +160,19 @@ def test_openapi_documents_reasons_and_decisions(clients: tuple[TestClient, Test
     props = schema["components"]["schemas"]["PredictResponse"]["properties"]
     assert {"reasons", "decisions", "decision"} <= set(props)
     assert "Reason" in schema["components"]["schemas"]
+
+
+def test_fraud_metrics_in_the_model_and_prometheus(clients: tuple[TestClient, TestClient],
+                                                   store: ModelStore) -> None:
+    detail = clients[1].get("/models/fraud").json()
+    metrics = detail["metrics"]
+    assert 0.0 < metrics["pr_auc"] <= 1.0
+    assert 0.0 <= metrics["recall_at_1pct_fpr"] <= 1.0
+    assert 0.0 <= metrics["precision_at_k_per_day"] <= 1.0
+    assert metrics["top_k_per_day"] == 100
+    text = clients[1].get("/metrics").text
+    for key in ("pr_auc", "recall_at_1pct_fpr", "precision_at_k_per_day"):
+        line = next(x for x in text.splitlines()
+                    if x.startswith(f"streamlearn_prequential_{key}{{"))
+        assert 'model="fraud"' in line
+        assert float(line.rsplit(" ", 1)[1]) == pytest.approx(metrics[key], abs=1e-6)
