@@ -101,3 +101,12 @@ def test_the_configured_spec_sets_the_bands() -> None:
     assert serving_spec(Store(), "m", "snapshot") == "configured"
     assert serving_spec(Store(), "other", "snapshot") == "snapshot"
     assert serving_spec(object(), "m", "snapshot") == "snapshot"
+
+
+def test_the_shipped_fraud_model_has_decision_bands() -> None:
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[2] / "streamlearn.toml"
+    fraud = next(s for s in load_settings(config).specs if s.name == "fraud")
+    assert fraud.decision_block is not None and fraud.decision_review is not None
+    assert 0.0 < fraud.decision_review < fraud.decision_block < 1.0
