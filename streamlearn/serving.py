@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from streamlearn import replicas as merging
 from streamlearn import snapshots
 from streamlearn.config import ModelSpec
 from streamlearn.logs import RateLimitedLog
@@ -231,13 +232,22 @@ class Replica:
     telemetry: dict[str, Any]
     metrics: dict[str, Any]
     size_bytes: int
+    partitions: tuple[int, ...] = ()
+    adopted_version: int = 0
+    published_at: float = 0.0  # when the replica shipped it (0: unknown, use received_at)
+
+    def staleness_s(self, now: float) -> float:
+        """Seconds since the replica shipped this shard (or since it arrived)."""
+        return max(0.0, now - (self.published_at or self.received_at))
 
     def to_dict(self, now: float | None = None) -> dict[str, Any]:
         """JSON-ready summary, with the snapshot age at ``now``."""
         now = time.time() if now is None else now
         return {
-            "replica": self.replica, "version": self.version, "events_seen": self.n_seen,
-            "events_learned": self.n_learned, "updated_at": self.updated_at,
+            "replica": self.replica, "partitions": list(self.partitions),
+            "version": self.version, "events_seen": self.n_seen,
+            "events_learned": self.n_learned, "adopted_version": self.adopted_version,
+            "staleness_s": round(self.staleness_s(now), 3), "updated_at": self.updated_at,
             "age_s": round(max(0.0, now - self.updated_at), 3), "received_at": self.received_at,
             "size_bytes": self.size_bytes, "metrics": self.metrics, "telemetry": self.telemetry,
         }
@@ -283,6 +293,11 @@ class Served:
     replicas: Mapping[str, Replica]
     telemetry: dict[str, Any]
     info: dict[str, Any]
+    #: Position of the newest merged model (``<model>/@merged``) in the chain; 0: none.
+    merged_version: int = 0
+    #: Replicas whose shards are in the served merge (fresh), and those left out (stale).
+    in_merge: tuple[str, ...] = ()
+    stale: tuple[str, ...] = ()
 
     def age_s(self, now: float | None = None) -> float:
         """Seconds since the snapshot's last learning step (never negative)."""
@@ -375,6 +390,8 @@ class SnapshotPolicy:
     limits: snapshots.Limits = snapshots.DEFAULT_LIMITS
     max_replicas: int = 64
     max_clock_skew_s: float = 300.0
+    #: A replica shard not refreshed for this long leaves the served merge (None: never).
+    stale_after_s: float | None = None
 
     @property
     def key_bytes(self) -> bytes | None:
@@ -671,6 +688,7 @@ class ModelStore:
                                           "too_large")
         validate_state(state, now=self._clock(), max_clock_skew_s=self.policy.max_clock_skew_s)
         shard_model = OnlineModel.from_state(state, device=self.device)
+        meta = merging.meta(state)
         summary = Replica(
             replica=replica,
             version=shard_model.version,
@@ -681,6 +699,9 @@ class ModelStore:
             telemetry=clean_telemetry(state.get("telemetry")),
             metrics=shard_model.metrics.report(),
             size_bytes=size,
+            partitions=tuple(int(p) for p in meta.get("partitions", ()))[:4096],
+            adopted_version=int(meta.get("adopted_version", meta.get("merged_version", 0))),
+            published_at=float(meta.get("published_at", meta.get("merged_at", 0.0))),
         )
         shard = _Shard(key, state, summary, crc if crc is not None else -1, shard_model)
         with self._lock:
@@ -734,17 +755,70 @@ class ModelStore:
             self._publish(name, self._build(name, shards))
         return True
 
+    def refresh(self) -> list[str]:
+        """Rebuild the models whose set of fresh shards changed with time (a replica went
+        quiet past ``policy.stale_after_s``); returns their names. Cheap when none did."""
+        if self.policy.stale_after_s is None:
+            return []
+        changed = []
+        with self._lock:
+            for name, shards in self._shards.items():
+                served = self._served.get(name)
+                fresh = tuple(sorted(self._fresh(shards)))
+                if served is None or fresh == tuple(sorted(
+                        r for r in served.replicas if r not in served.stale)):
+                    continue
+                try:
+                    self._publish(name, self._build(name, shards))
+                except Exception as exc:  # noqa: BLE001 - keep the old model
+                    self.count_reject(f"{name}/*", "merge_failed", f"{type(exc).__name__}: {exc}")
+                    continue
+                changed.append(name)
+        for name in changed:
+            log.warning("rebuilt %s: replica shards went stale", name)
+        return changed
+
     # -- internals ---------------------------------------------------------------
+    def _fresh(self, shards: Mapping[str, _Shard]) -> list[str]:
+        """Replica shards (the merged model aside) refreshed within the staleness bound."""
+        bound = self.policy.stale_after_s
+        now = self._clock()
+        return [r for r, s in shards.items() if r != merging.MERGED
+                and (bound is None or s.summary.staleness_s(now) <= bound)]
+
     def _build(self, name: str, shards: dict[str, _Shard]) -> Served:
-        ordered = [shards[r] for r in sorted(shards)]
-        if len(ordered) == 1:
-            model = ordered[0].model
-            telemetry = ordered[0].summary.telemetry
+        merged = shards.get(merging.MERGED)
+        live = {r: s for r, s in shards.items() if r != merging.MERGED}
+        fresh = sorted(self._fresh(shards))
+        stale = tuple(sorted(set(live) - set(fresh)))
+        chained = merged is not None or any(merging.meta(s.state) for s in live.values())
+        use = [live[r] for r in fresh]
+        in_merge: tuple[str, ...] = tuple(fresh)
+        if not chained:  # shards of workers that do not merge: the weighted average
+            if not use:  # all stale: serve the newest rather than nothing
+                use = [max(live.values(), key=lambda s: s.summary.updated_at)]
+                in_merge = ()
+            model = (use[0].model if len(use) == 1 else OnlineModel.from_state(
+                merge_states([s.state for s in use]), device=self.device))
         else:
-            merged = merge_states([s.state for s in ordered])
-            model = OnlineModel.from_state(merged, device=self.device)
-            telemetry = sum_telemetry([s.summary.telemetry for s in ordered])
+            base = merged.state if merged is not None else OnlineModel(
+                self._spec_of(name, next(iter(live.values())).state), device="cpu").to_state()
+            names = merging.eligible(base, {r: live[r].state for r in fresh})
+            in_merge = tuple(names)
+            if not names:
+                model = merged.model if merged is not None else use[0].model if use else max(
+                    live.values(), key=lambda s: s.summary.updated_at).model
+            elif len(names) == 1 and merged is None and len(fresh) == 1:
+                model = live[names[0]].model  # one replica, nothing merged yet: its own state
+            else:
+                state = merging.merge(base, {r: live[r].state for r in names},
+                                      merged_by="api", now=self._clock())
+                model = OnlineModel.from_state(state, device=self.device)
+        parts = [live[r] for r in fresh] or list(live.values())
+        telemetry = (parts[0].summary.telemetry if len(parts) == 1 else
+                     sum_telemetry([s.summary.telemetry for s in parts]))
         info = model.info()
+        ordered = [live[r] for r in sorted(live)]
         return Served(
             name=name,
             model=model,
@@ -755,6 +829,9 @@ class ModelStore:
             replicas=MappingProxyType({s.summary.replica: s.summary for s in ordered}),
             telemetry=telemetry,
             info=info,
+            merged_version=merging.merged_version(merged.state) if merged is not None else 0,
+            in_merge=in_merge,
+            stale=stale,
         )
 
     def _publish(self, name: str, served: Served) -> None:

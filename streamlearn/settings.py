@@ -7,7 +7,6 @@ Settings are built on demand (:func:`load_settings`), never at import time.
 from __future__ import annotations
 
 import os
-import socket
 import ssl
 from pathlib import Path
 from typing import Any, Literal
@@ -127,7 +126,13 @@ class WorkerSettings(_Section):
     """Faust worker tuning."""
 
     app_id: str = "streamlearn-worker"
-    replica_id: str = Field(default_factory=socket.gethostname)
+    # Names this replica's shard; empty: a persistent id kept in ``snapshot_dir/replica-id``
+    # (stable across restarts, whatever the hostname).
+    replica_id: str = ""
+    # Replicas adopt the merged model at least this often (data-parallel training).
+    merge_interval_s: float = Field(2.0, gt=0)
+    # A shard not refreshed for this long leaves the merge (and the served model).
+    stale_after_s: float = Field(15.0, gt=0)
     batch_within_s: float = Field(0.2, gt=0, description="max wait to fill a mini-batch")
     snapshot_interval_s: float = Field(0.5, gt=0)
     snapshot_dir: str = ".snapshots"

@@ -223,6 +223,7 @@ def snapshot_policy(settings: SettingsLike) -> SnapshotPolicy:
     return SnapshotPolicy(
         key=key, require_signature=require,
         specs={spec.name: spec for spec in specs} if specs else None, limits=limits,
+        stale_after_s=getattr(getattr(settings, "worker", None), "stale_after_s", None),
     )
 
 

@@ -112,7 +112,7 @@ from streamlearn import snapshots
 from streamlearn.config import ModelSpec
 from streamlearn.drift.concept import defer_detector_import, load_detectors_in_background
 from streamlearn.logs import RateLimitedLog
-from streamlearn.services.worker import observe, restore
+from streamlearn.services.worker import merging, observe, restore
 from streamlearn.services.worker.outputs import Backoff, Outputs, declare_topics
 from streamlearn.settings import Settings
 
@@ -278,13 +278,15 @@ def snapshot_path(snapshot_dir: str, model: str, replica: str) -> Path:
 
 
 def restore_runner(spec: ModelSpec, settings: Settings,
-                   latest: dict[str, bytes] | None = None) -> ModelRunner:
+                   latest: dict[str, bytes] | None = None, *, replica: str | None = None,
+                   restored: dict[str, dict[str, Any]] | None = None) -> ModelRunner:
     """Resume from the newest matching snapshot: the local checkpoint, or one on the models
-    topic (``latest``, from :func:`restore.read_latest`) when that is newer; else fresh."""
+    topic (``latest``, from :func:`restore.read_latest`) when that is newer; else fresh.
+    The state resumed from goes to ``restored[spec.name]`` (its merge lineage)."""
     from streamlearn.models import OnlineModel
     from streamlearn.pipeline import ModelRunner, Telemetry
 
-    replica = settings.worker.replica_id
+    replica = replica or merging.replica_id(settings)
     path = snapshot_path(settings.worker.snapshot_dir, spec.name, replica)
     emit = settings.worker.emit_predictions
     local = None
@@ -314,6 +316,8 @@ def restore_runner(spec: ModelSpec, settings: Settings,
             continue
         log.warning("restored %s v%d (%d events learned) from %s", spec.name, model.version,
                     model.n_learned, best.source)
+        if restored is not None:
+            restored[spec.name] = dict(best.state, replica=best.replica)
         return ModelRunner(model, Telemetry.from_dict(best.state.get("telemetry", {})), emit)
     return ModelRunner(OnlineModel(spec), emit_predictions=emit)
 
@@ -557,12 +561,17 @@ class Feeder:
                 self._released.set()
                 await self.runtime.commit(self.spec.topic, len(entry.job))
 
-    async def state(self, replica: str) -> tuple[dict[str, Any], int]:
-        """A snapshot state captured on the learner thread, with the jobs it includes."""
+    async def state(self, replica: str, lineage: merging.Lineage | None = None,
+                    partitions: list[int] | None = None) -> tuple[dict[str, Any], int]:
+        """A snapshot state captured on the learner thread, with the jobs it includes
+        (tagged there with its merge lineage: the base it is relative to, its ship number)."""
         loop = asyncio.get_running_loop()
 
         def capture() -> tuple[dict[str, Any], int]:
-            return self.runner.snapshot_state(replica), self.learned_seq
+            state = self.runner.snapshot_state(replica)
+            if lineage is not None:
+                lineage.tag(state, partitions or [])
+            return state, self.learned_seq
 
         return await loop.run_in_executor(self.executor, capture)
 
@@ -583,8 +592,14 @@ class WorkerRuntime:
         self.bootstrap = bootstrap
         self.outputs = Outputs(bootstrap, settings.kafka.client_kwargs())
         self.ready = asyncio.Event()
-        self.replica = settings.worker.replica_id
+        self.replica = merging.replica_id(settings)
         self.runners: dict[str, ModelRunner] = {}
+        # Data-parallel training (streamlearn.replicas): each model's merge lineage, the
+        # models-topic feed of every replica's shard, and the adopt/merge loop.
+        self.lineages: dict[str, merging.Lineage] = {}
+        self.shard_feed = merging.ShardFeed(self)
+        self.merge_loop = merging.MergeLoop(self, self.shard_feed)
+        self._published_at: dict[str, float] = {}
         self.feeders: dict[str, Feeder] = {}
         self._published: dict[str, tuple[int, int]] = {}
         self._snapshot_lock = asyncio.Lock()
@@ -603,6 +618,8 @@ class WorkerRuntime:
 
         app.task(self.start)
         app.task(self.watch_loop_lag)
+        app.task(self._follow_shards)
+        app.task(self.merge_loop.run)
         app.task(lambda: observe.watch_commands(self))  # admin drift actions (issue 12)
         self.rates = observe.RateMeter()
         app.on_before_shutdown.connect(self.on_shutdown)
@@ -702,11 +719,32 @@ class WorkerRuntime:
             latest = restore.read_latest_blocking(self.bootstrap, k.models_topic,
                                                   [s.name for s in self.settings.specs],
                                                   k.client_kwargs())
-        runners = {spec.name: restore_runner(spec, self.settings, latest)
+        restored: dict[str, dict[str, Any]] = {}
+        runners = {spec.name: restore_runner(spec, self.settings, latest, replica=self.replica,
+                                             restored=restored)
                    for spec in self.settings.specs}
+        from streamlearn.models import OnlineModel
+
+        for spec in self.settings.specs:
+            fresh = OnlineModel(spec, device="cpu").to_state()
+            state = restored.get(spec.name)
+            self.lineages[spec.name] = (merging.Lineage(base=fresh) if state is None else
+                                        merging.Lineage.restored(state, self.replica, fresh))
         for runner in runners.values():
             warm_up(runner)
         return runners
+
+    async def _follow_shards(self) -> None:
+        await self.ready.wait()  # the models topic is declared by then
+        await self.shard_feed.run()
+
+    def partitions(self, topic: str) -> list[int]:
+        """Partitions of ``topic`` assigned to this replica now."""
+        try:
+            return sorted(tp.partition for tp in self.app.consumer.assignment()
+                          if tp.topic == topic)
+        except Exception:  # noqa: BLE001 - no consumer yet (start-up, shutdown)
+            return []
 
     async def watch_loop_lag(self) -> None:
         """Record how late the event loop wakes up (a blocked loop stalls consumption)."""
@@ -857,10 +895,15 @@ class WorkerRuntime:
         async with self._snapshot_lock:
             for name, runner in self.runners.items():
                 mark = (runner.model.version, runner.telemetry.messages)
-                if not force and self._published.get(name) == mark:
+                # Unchanged shards are re-sent as a heartbeat: a shard not refreshed within
+                # worker.stale_after_s leaves the merge.
+                beat = self.settings.worker.stale_after_s / 3
+                if (not force and self._published.get(name) == mark
+                        and time.monotonic() - self._published_at.get(name, 0.0) < beat):
                     continue
                 feeder = self.feeders[name]
-                state, covered = await feeder.state(self.replica)
+                state, covered = await feeder.state(self.replica, self.lineages.get(name),
+                                                    self.partitions(feeder.spec.topic))
                 state["worker"] = self.health()
                 state["observed"] = observe.observed(self, feeder, state, self.rates)
                 self.loop_lag_max = 0.0
@@ -884,6 +927,7 @@ class WorkerRuntime:
                     continue
                 await feeder.release(covered)  # only now may Kafka forget these events
                 self._published[name] = (int(state["version"]), state["telemetry"]["messages"])
+                self._published_at[name] = time.monotonic()
                 sent += 1
         return sent
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -211,3 +212,45 @@ def test_two_replicas_merging_match_one_learner(optimizer: str) -> None:
     auc_merged = roc_auc(y, served.predict_many(batch))
     auc_single = roc_auc(y, single.predict_many(batch))
     assert auc_merged > auc_single - 0.005, (auc_merged, auc_single)
+
+
+def test_store_serves_the_merge_and_drops_stale_shards() -> None:
+    from streamlearn import snapshots
+    from streamlearn.serving import ModelStore, SnapshotPolicy
+
+    s = spec("ftrl")
+    now = [time.time()]
+    store = ModelStore(policy=SnapshotPolicy(stale_after_s=10.0), clock=lambda: now[0])
+    base = fresh(s)
+    shards = {}
+    for r, seed in (("a", 1), ("b", 2)):
+        model = OnlineModel(s)
+        learn(model, events(seed, 600))
+        shards[r] = model.to_state() | {"merge": {"base_id": "", "ship": 1, "partitions": [0, 1],
+                                                  "published_at": now[0], "adopted_version": 0}}
+        assert store.offer(f"m/{r}", snapshots.encode(shards[r]))
+    served = store.get("m")
+    assert served.in_merge == ("a", "b") and served.stale == () and served.model.n_learned == 1200
+    assert served.replicas["a"].to_dict(now[0])["partitions"] == [0, 1]
+    m1 = replicas.merge(base, shards, merged_by="a", now=now[0])
+    assert store.offer("m/@merged", snapshots.encode(m1))
+    served = store.get("m")
+    # The shards are on the old base now: the merged model alone is served.
+    assert served.merged_version == 1 and served.in_merge == ()
+    assert served.model.n_learned == 1200
+    # b refreshes on the new base with 300 more events; a goes quiet.
+    now[0] += 8.0
+    b = from_state(replicas.rebase(shards["b"], m1, "b", {1: shards["b"]}, base)[0])
+    learn(b, events(3, 300))
+    sb = b.to_state() | {"merge": {"base_id": "1@a", "ship": 2, "published_at": now[0],
+                                   "adopted_version": 1, "partitions": [1]}}
+    assert store.offer("m/b", snapshots.encode(sb))
+    served = store.get("m")
+    assert served.in_merge == ("b",) and served.model.n_learned == 1500
+    now[0] += 5.0  # a's shard is 13 s old: stale
+    assert store.refresh() == ["m"]
+    served = store.get("m")
+    assert served.stale == ("a",) and "a" in served.replicas
+    assert served.replicas["a"].staleness_s(now[0]) == pytest.approx(13.0)
+    assert served.model.n_learned == 1500  # what a learned was merged before: kept
+    assert store.refresh() == []

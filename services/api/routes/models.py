@@ -80,17 +80,28 @@ def _not_finite(loc: tuple[str | int, ...], what: str) -> RequestValidationError
 @router.get("", response_model=list[ModelSummary], summary="List served models")
 async def list_models(store: StoreDep) -> Response:
     """Every served model: version, events seen, prequential metrics, features."""
+    store.refresh()
     now = time.time()
     return OrjsonResponse([summary(s, now) for s in store.all()])
 
 
 @router.get("/{name}", response_model=ModelDetail, responses=_NOT_FOUND, summary="Describe a model")
 async def get_model(name: str, store: StoreDep, feed: FeedDep) -> Response:
-    """One model, with each replica's latest snapshot and summed worker telemetry."""
+    """One model, with each replica's latest snapshot and summed worker telemetry.
+
+    ``merged_version``: the newest merged model the served one builds on; per replica,
+    ``in_merge`` says whether its shard is in the served merge (``stale``: not refreshed
+    within ``worker.stale_after_s``, so left out).
+    """
+    store.refresh()  # a replica that went quiet leaves the merge even with no new record
     served = served_or_404(store, name)
     now = time.time()
     body = summary(served, now) | {
-        "replicas": [r.to_dict(now) for r in served.replicas.values()],
+        "merged_version": served.merged_version,
+        "stale_replicas": list(served.stale),
+        "replicas": [r.to_dict(now) | {"in_merge": r.replica in served.in_merge,
+                                       "stale": r.replica in served.stale}
+                     for r in served.replicas.values()],
         "telemetry": served.telemetry,
         "feed": feed.status() if feed is not None else None,
     }
