@@ -80,6 +80,8 @@ class ModelSpec:
         Optional score thresholds of the decision bands (:mod:`streamlearn.reasons`):
         ``/predict`` answers ``block`` at or above the first, ``review`` at or above the
         second, else ``allow``; ``decision_block >= decision_review``.
+    reasons_in_records
+        Reason codes (top-K fields by contribution) in each JSON prediction record; 0: none.
 
     Examples
     --------
@@ -120,6 +122,7 @@ class ModelSpec:
     drift_threshold: float = 0.25
     decision_block: float | None = None
     decision_review: float | None = None
+    reasons_in_records: int = 0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -163,6 +166,8 @@ class ModelSpec:
                 None not in bands and bands[0] < bands[1]):  # type: ignore[operator]
             raise ValueError(f"model {self.name!r}: decision_block and decision_review must "
                              "be finite, with decision_block >= decision_review")
+        if not 0 <= self.reasons_in_records <= 1000:
+            raise ValueError(f"model {self.name!r}: reasons_in_records must be in 0..1000")
 
     @property
     def step_norm(self) -> float:

@@ -206,6 +206,8 @@ class ModelSettings(_Section):
     # Decision bands on the score: block >= decision_block, review >= decision_review.
     decision_block: float | None = Field(None, allow_inf_nan=False)
     decision_review: float | None = Field(None, allow_inf_nan=False)
+    # Reason codes (top-K fields) in each JSON prediction record; 0: none.
+    reasons_in_records: int = Field(0, ge=0, le=1000)
 
     @model_validator(mode="after")
     def _bands_ordered(self) -> ModelSettings:

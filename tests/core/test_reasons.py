@@ -110,3 +110,29 @@ def test_the_shipped_fraud_model_has_decision_bands() -> None:
     fraud = next(s for s in load_settings(config).specs if s.name == "fraud")
     assert fraud.decision_block is not None and fraud.decision_review is not None
     assert 0.0 < fraud.decision_review < fraud.decision_block < 1.0
+
+
+def test_prediction_records_carry_reasons_when_configured() -> None:
+    import orjson
+
+    from streamlearn.pipeline import ModelRunner, Record
+
+    events = FraudStream(seed=6).take(300)
+    values = [orjson.dumps(e) for e in events]
+    records = [Record(v, "transactions", 0, i) for i, v in enumerate(values)]
+    for k in (0, 2):
+        spec = ModelSpec(name="fraud", topic="transactions", label="is_fraud",
+                         numeric=("amount", *NUMERIC), categorical=CATEGORICAL, hash_bits=10,
+                         reasons_in_records=k)
+        runner = ModelRunner(OnlineModel(spec, device="cpu"))
+        runner.handle(records[:200])
+        before = OnlineModel.from_state(runner.model.to_state())  # as the next batch finds it
+        out = runner.handle(records[200:])
+        got = [orjson.loads(p) for p in out.predictions]
+        assert len(got) == 100
+        if k == 0:
+            assert all("reasons" not in g for g in got)
+            continue
+        batch, _ = before.vectorizer.transform_many(events[200:])
+        assert [g["reasons"] for g in got] == reason_codes(before, batch, 2)
+        assert list(got[0]) == ["id", "model", "version", "score", "reasons"]
