@@ -199,7 +199,8 @@ async def test_a_checkpoint_that_keeps_failing_stops_the_worker(fraud_spec, tmp_
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     settings = load_settings(
-        worker={"snapshot_dir": str(blocker / "snaps"), "checkpoint_failure_exit_s": 0.2},
+        worker={"snapshot_dir": str(blocker / "snaps"), "checkpoint_failure_exit_s": 0.2,
+                "replica_id": "r0"},
         model=[{"name": "fraud", "topic": "transactions", "numeric": ["amount"],
                 "label": "is_fraud"}])
     app, runtime = build_app(settings, "127.0.0.1:1")
