@@ -8,6 +8,10 @@ with the difference from the baseline.  ``--route`` also times the FastAPI route
 (``api.fast_predict = false``), which answers everything the fast path declines.
 
     python load_tests/bench_reasons.py [--requests 2000] [--rounds 7] [--k 3] [--route]
+                                       [--worker]
+
+``--worker`` also times the worker's step (``ModelRunner.handle`` on JSON events, with
+prediction records) without and with ``reasons_in_records = K``, alternating rounds.
 
 The target (issue 11): at most 50 µs extra per single-event prediction.
 """
@@ -114,12 +118,48 @@ class _lifespans:
             await c.__aexit__(None, None, None)
 
 
+def worker_step(k: int, rounds: int, n: int = 20_000) -> None:
+    """Per-event cost of the worker step without and with ``reasons_in_records = k``."""
+    import dataclasses as dc
+
+    from streamlearn.config import ModelSpec
+    from streamlearn.models import OnlineModel
+    from streamlearn.pipeline import ModelRunner, Record
+    from streamlearn.synthetic import FraudStream
+
+    spec = ModelSpec(
+        name=MODEL, topic="transactions", label="is_fraud",
+        numeric=("amount", "hour", "distance_km", "card_age_days", "tx_last_hour"),
+        categorical=("merchant_category", "country", "channel"), hash_bits=18,
+    )
+    records = [Record(orjson.dumps(e), "transactions", 0, i)
+               for i, e in enumerate(FraudStream(seed=2).take(n))]
+    runners = {0: ModelRunner(OnlineModel(spec, device="cpu")),
+               k: ModelRunner(OnlineModel(dc.replace(spec, reasons_in_records=k), device="cpu"))}
+    per: dict[int, list[float]] = {0: [], k: []}
+    for runner in runners.values():
+        runner.handle(records[:2000])  # warm-up
+    for _ in range(rounds):
+        for key, runner in runners.items():
+            t0 = time.perf_counter()
+            for lo in range(0, n, 2000):
+                runner.handle(records[lo:lo + 2000])
+            per[key].append((time.perf_counter() - t0) / n)
+    base, with_k = statistics.median(per[0]), statistics.median(per[k])
+    print(f"worker step, JSON events with prediction records, median of {rounds} rounds of {n}:")
+    print(f"  reasons_in_records = 0 (baseline) {base * 1e6:7.2f} µs/event")
+    print(f"  reasons_in_records = {k}          {with_k * 1e6:7.2f} µs/event  "
+          f"(+{(with_k - base) * 1e6:.2f} µs, x{with_k / base:.2f})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests per round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--k", type=int, default=3, help="reason codes asked for")
     parser.add_argument("--route", action="store_true", help="also the FastAPI route alone")
+    parser.add_argument("--worker", action="store_true",
+                        help="also the worker step with reasons_in_records")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="streamlearn-reasons-") as tmp:
         snap = Path(tmp) / "fraud.snap"
@@ -146,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         ref = base["route" if name.startswith("route") else "fast"]
         extra = "" if "baseline" in name else f"  (+{(per - ref) * 1e6:.1f} µs, x{per / ref:.2f})"
         print(f"  {name:48s} {per * 1e6:7.1f} µs{extra}")
+    if args.worker:
+        worker_step(args.k, args.rounds)
     return 0
 
 
