@@ -1,0 +1,194 @@
+"""Two worker replicas train one model on the real embedded broker (issue 10).
+
+Real processes (``python -m streamlearn worker`` twice, ``... api``) on one 4-partition
+stream: the replicas adopt merged models (``adopted_version`` rises), the served merge
+is as good as one learner on the whole stream, and a stopped replica leaves the served
+merge within the staleness bound while what it learned stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from streamlearn.broker import free_port
+from streamlearn.config import ModelSpec
+from streamlearn.models import OnlineModel
+from streamlearn.prequential import roc_auc
+from streamlearn.synthetic import FraudStream
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(150)]
+
+N_EVENTS = 40_000
+TOPIC = "rep.transactions"
+STALE_S = 6.0
+CONFIG = f"""
+[kafka]
+partitions = 4
+[worker]
+batch_within_s = 0.1
+snapshot_interval_s = 0.5
+merge_interval_s = 1.0
+stale_after_s = {STALE_S}
+[[model]]
+name = "rep"
+topic = "{TOPIC}"
+label = "is_fraud"
+numeric = ["amount", "hour", "distance_km", "card_age_days", "tx_last_hour"]
+categorical = ["merchant_category", "country", "channel"]
+hash_bits = 14
+batch_size = 256
+"""
+
+
+@pytest.fixture
+def stack(broker: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    (tmp_path / "streamlearn.toml").write_text(CONFIG)
+    port = free_port()
+    env = {**os.environ, "STREAMLEARN_CONFIG": str(tmp_path / "streamlearn.toml"),
+           "STREAMLEARN_KAFKA__BOOTSTRAP": broker, "STREAMLEARN_KAFKA__FAST_JOIN": "true",
+           "STREAMLEARN_KAFKA__MODELS_TOPIC": "rep.models",
+           "STREAMLEARN_WORKER__APP_ID": "rep-test", "STREAMLEARN_API__PORT": str(port)}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    for name, cmd in (("ra", "worker"), ("rb", "worker"), ("api", "api")):
+        # No replica id is configured: each worker makes a persistent one in its dir.
+        penv = env | {"STREAMLEARN_WORKER__SNAPSHOT_DIR": str(tmp_path / f"snap-{name}")}
+        procs[name] = subprocess.Popen([sys.executable, "-m", "streamlearn", cmd], env=penv,
+                                       stdout=(tmp_path / f"{name}.log").open("wb"),
+                                       stderr=subprocess.STDOUT)
+    try:
+        yield {"base": f"http://127.0.0.1:{port}", "bootstrap": broker, "dir": tmp_path,
+               "procs": procs}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _tail(stack: dict[str, Any]) -> str:
+    return "\n".join(f"--- {p.name}\n" + p.read_text()[-2500:]
+                     for p in sorted(Path(stack["dir"]).glob("*.log")))
+
+
+def _info(client: httpx.Client) -> dict[str, Any]:
+    try:
+        r = client.get("/models/rep")
+        return r.json() if r.status_code == 200 else {}
+    except httpx.HTTPError:
+        return {}
+
+
+def _wait(client: httpx.Client, stack: dict[str, Any], predicate, timeout: float,
+          seen: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    info: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        info = _info(client)
+        if info and seen is not None:
+            seen.append(info)
+        if info and predicate(info):
+            return info
+        time.sleep(0.25)
+    pytest.fail(f"timed out; last model info {orjson.dumps(info)[:3000]!r}\n{_tail(stack)}")
+
+
+async def _produce(bootstrap: str, events: list[dict[str, Any]], rate: float) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        t0 = time.monotonic()
+        for i, event in enumerate(events):
+            # Keyed: spread over the 4 partitions, whichever replica owns them.
+            await producer.send(TOPIC, orjson.dumps(event), key=str(i).encode())
+            if i % 1000 == 999:
+                await asyncio.sleep(max(0.0, (i + 1) / rate - (time.monotonic() - t0)))
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+def _auc_single(events: list[dict[str, Any]], holdout: list[dict[str, Any]]) -> float:
+    """One learner on the whole stream (what a single worker learns), same spec."""
+    from streamlearn.settings import load_settings
+
+    spec: ModelSpec = load_settings(model=[{"name": "rep", "topic": TOPIC, "label": "is_fraud",
+                                            "numeric": ["amount", "hour", "distance_km",
+                                                        "card_age_days", "tx_last_hour"],
+                                            "categorical": ["merchant_category", "country",
+                                                            "channel"],
+                                            "hash_bits": 14, "batch_size": 256}]).specs[0]
+    model = OnlineModel(spec)
+    for i in range(0, len(events), 2048):
+        batch, _ = model.vectorizer.transform_many(events[i:i + 2048])
+        model.process_many(batch)
+    batch, _ = model.vectorizer.transform_many(holdout)
+    return roc_auc(batch.labels, model.predict_many(batch))
+
+
+def test_two_replicas_train_one_model_and_a_stopped_one_leaves_the_merge(stack) -> None:
+    events = FraudStream(seed=31).take(N_EVENTS)
+    holdout = FraudStream(seed=32).take(6000)
+    with httpx.Client(base_url=stack["base"], timeout=10) as client:
+        # Both replicas in the group, with the 4 partitions split between them.
+        info = _wait(client, stack, lambda i: len(i.get("replicas", [])) == 2 and sorted(
+            p for r in i["replicas"] for p in r["partitions"]) == [0, 1, 2, 3]
+            and all(r["partitions"] for r in i["replicas"]), 60)
+        ids = sorted(r["replica"] for r in info["replicas"])
+        assert all(r.startswith("r-") for r in ids)  # persistent ids, not the hostname
+        seen: list[dict[str, Any]] = []
+        producing = threading.Thread(target=asyncio.run,
+                                     args=(_produce(stack["bootstrap"], events, rate=5000),))
+        producing.start()  # ~8 s of events; the model is watched meanwhile
+        info = _wait(client, stack, lambda i: i["events_learned"] >= N_EVENTS
+                     and i["merged_version"] >= 3, 60, seen)
+        producing.join(30)
+        # Every event counted once in the merge; rebalance redeliveries are the only extra.
+        assert N_EVENTS <= info["events_learned"] <= N_EVENTS + 5_000
+        adopted = {r: sorted({rep["adopted_version"] for i in seen for rep in i["replicas"]
+                              if rep["replica"] == r}) for r in ids}
+        for r, versions in adopted.items():
+            assert len(versions) >= 3 and versions[-1] >= 2, (r, versions)
+
+        scores: list[float] = []
+        for i in range(0, len(holdout), 1000):
+            r = client.post("/models/rep/predict", json={"instances": holdout[i:i + 1000]})
+            assert r.status_code == 200, r.text
+            scores.extend(r.json()["predictions"])
+        y = np.array([e.get("is_fraud", 0) for e in holdout])
+        served_auc = roc_auc(y, np.array(scores))
+        single_auc = _auc_single(events, holdout)
+        assert served_auc >= single_auc - 0.005, (served_auc, single_auc)
+        print(f"served AUC {served_auc:.4f}, one learner {single_auc:.4f}, events learned "
+              f"{info['events_learned']}, merged v{info['merged_version']}, adopted {adopted}")
+
+        # Stop one replica: within the staleness bound (plus the API's refresh) it is
+        # reported stale and out of the merge; the merged model keeps what it learned.
+        learned_before = info["events_learned"]
+        stack["procs"]["rb"].send_signal(signal.SIGTERM)
+        stack["procs"]["rb"].wait(20)
+        stopped = time.monotonic()
+        mine = (Path(stack["dir"]) / "snap-rb" / "replica-id").read_text().strip()
+        info = _wait(client, stack, lambda i: i["stale_replicas"] == [mine], STALE_S + 10)
+        assert time.monotonic() - stopped <= STALE_S + 10
+        gone = next(r for r in info["replicas"] if r["replica"] == mine)
+        assert gone["in_merge"] is False and gone["staleness_s"] > STALE_S - 1
+        assert info["events_learned"] >= learned_before
