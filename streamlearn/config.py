@@ -114,6 +114,7 @@ class ModelSpec:
     fm_factors: int = 8
     fm_init_std: float = 0.1
     rolling_window: int = 10_000
+    top_k_per_day: int = 100
     drift_detector: DriftDetector = "page_hinkley"
     drift_params: dict[str, Any] = field(default_factory=dict, hash=False)
     drift_action: DriftAction = "alert"
@@ -153,6 +154,8 @@ class ModelSpec:
             )
         if not 1 <= self.update_rows <= self.batch_size:
             raise ValueError(f"model {self.name!r}: update_rows must be in 1..batch_size")
+        if self.top_k_per_day < 1:
+            raise ValueError(f"model {self.name!r}: top_k_per_day must be >= 1")
         if self.fm_init_std < 0:
             raise ValueError(f"model {self.name!r}: fm_init_std must be >= 0")
         if self.drift_detector not in DRIFT_DETECTORS or self.drift_action not in DRIFT_ACTIONS:

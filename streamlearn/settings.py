@@ -197,6 +197,7 @@ class ModelSettings(_Section):
     fm_factors: int = Field(8, ge=1, le=256)
     fm_init_std: float = Field(0.1, ge=0)
     rolling_window: int = Field(10_000, ge=10)
+    top_k_per_day: int = Field(100, ge=1)
     drift_detector: Literal["adwin", "page_hinkley", "kswin"] = "page_hinkley"
     drift_params: dict[str, float | int | str | bool] = {}
     drift_action: Literal["alert", "reset", "rollback"] = "alert"

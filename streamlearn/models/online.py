@@ -99,7 +99,7 @@ class OnlineModel:
         self.backend: Backend = get_backend(device or spec.device, spec.n_weights)
         self.vectorizer = Vectorizer(spec)
         self.scaler = RunningStandardScaler(spec.n_numeric)
-        self.metrics = PrequentialMetrics(spec.task, spec.rolling_window)
+        self.metrics = PrequentialMetrics(spec.task, spec.rolling_window, spec.top_k_per_day)
         self.concept_drift = ConceptDriftMonitor.for_spec(spec)
         self.data_drift = DataDriftMonitor.for_spec(spec)
         self.drift_actions = DriftActions.for_spec(spec)
