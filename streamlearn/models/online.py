@@ -296,9 +296,8 @@ class OnlineModel:
                                                  int(learned[c]))
         self.n_seen += n
         if stepped.any():
-            self.drift_actions.after_step(self, drifted)
-        if stepped.any():
             self.updated_at = time.time()
+            self.drift_actions.after_step(self, drifted)
         return Steps(scores, versions, learned)
 
     def _process_chunks(self, batch: FeatureBatch, size: int) -> Steps:
