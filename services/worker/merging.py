@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 import zlib
@@ -52,24 +54,49 @@ _ID = re.compile(r"^[\x21-\x2e\x30-\x7e]{1,200}$")  # printable, no '/' or space
 
 
 def replica_id(settings: Settings) -> str:
-    """``worker.replica_id``, else a persistent id in the snapshot dir (made on first use)."""
+    """``worker.replica_id``, else a persistent id claimed in the snapshot dir.
+
+    Ids live in ``snapshot_dir/replica-id.<id>`` files. A process claims the first one it
+    can lock (``flock``, held while it runs) or makes a new one, so replicas that share a
+    snapshot volume (compose's ``--scale``) get distinct ids, and a restarted replica, on
+    any host name, takes back a free id with its checkpoint.
+    """
     if settings.worker.replica_id:
         return settings.worker.replica_id
-    path = Path(settings.worker.snapshot_dir) / REPLICA_ID_FILE
+    with _CLAIM_LOCK:
+        if settings.worker.snapshot_dir in _CLAIMED:
+            return _CLAIMED[settings.worker.snapshot_dir][0]
+        folder = Path(settings.worker.snapshot_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in sorted(folder.glob(REPLICA_ID_FILE + ".*")):
+            rid = path.name[len(REPLICA_ID_FILE) + 1:]
+            if not _ID.match(rid) or rid.startswith("@"):
+                continue
+            claimed = _claim(path, settings.worker.snapshot_dir, rid)
+            if claimed:
+                return rid
+        rid = "r-" + uuid.uuid4().hex[:12]
+        path = folder / f"{REPLICA_ID_FILE}.{rid}"
+        path.write_text(rid + "\n")
+        if not _claim(path, settings.worker.snapshot_dir, rid):  # pragma: no cover - racing
+            raise RuntimeError(f"could not lock the new replica id file {path}")
+        log.warning("this replica's id is %s (kept in %s)", rid, path)
+        return rid
+
+
+_CLAIM_LOCK = threading.Lock()
+_CLAIMED: dict[str, tuple[str, int]] = {}  # snapshot dir -> (id, locked fd), per process
+
+
+def _claim(path: Path, folder: str, rid: str) -> bool:
+    fd = os.open(path, os.O_RDWR)
     try:
-        text = path.read_text().strip()
-        if _ID.match(text) and not text.startswith("@"):
-            return text
-        log.error("ignoring malformed %s; making a new replica id", path)
-    except FileNotFoundError:
-        pass
-    new = "r-" + uuid.uuid4().hex[:12]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(new + "\n")
-    os.replace(tmp, path)
-    log.warning("this replica's id is %s (kept in %s)", new, path)
-    return new
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _CLAIMED[folder] = (rid, fd)  # the fd stays open: the lock lasts as long as the process
+    return True
 
 
 @dataclass

@@ -186,7 +186,7 @@ def test_two_replicas_train_one_model_and_a_stopped_one_leaves_the_merge(stack) 
         stack["procs"]["rb"].send_signal(signal.SIGTERM)
         stack["procs"]["rb"].wait(20)
         stopped = time.monotonic()
-        mine = (Path(stack["dir"]) / "snap-rb" / "replica-id").read_text().strip()
+        mine = next((Path(stack["dir"]) / "snap-rb").glob("replica-id.*")).read_text().strip()
         info = _wait(client, stack, lambda i: i["stale_replicas"] == [mine], STALE_S + 10)
         assert time.monotonic() - stopped <= STALE_S + 10
         gone = next(r for r in info["replicas"] if r["replica"] == mine)
