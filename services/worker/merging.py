@@ -145,8 +145,17 @@ class Lineage:
         while len(self.shipped) > SHIPS_KEPT:
             self.shipped.popitem(last=False)
 
-    def adopt(self, model: OnlineModel, replica: str, merged: dict[str, Any]) -> str:
-        """On the learner thread: rebase ``model`` onto ``merged``; how it rebased."""
+    def adopt(self, model: OnlineModel, replica: str, merged: dict[str, Any],
+              found: dict[str, Any] | None = None,
+              found_base: dict[str, Any] | None = None) -> str:
+        """On the learner thread: rebase ``model`` onto ``merged``; how it rebased.
+        ``found``/``found_base``: the counted ship or the base, read back from the models
+        topic (after a restart)."""
+        if found is not None and replicas.base_id(found) == self.base_id:
+            self.shipped[int(replicas.meta(found).get("ship", -1))] = found
+        if (self.base is None and found_base is not None
+                and replicas.merged_id(found_base) == self.base_id):
+            self.base = found_base
         local = model.to_state()
         local["merge"] = {"base_id": self.base_id, "base_version": self.base_version}
         new, how = replicas.rebase(local, merged, replica, self.shipped, self.base)
@@ -191,7 +200,12 @@ class ShardFeed:
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.runtime = runtime
         self.records: dict[str, dict[str, Seen]] = {s.name: {} for s in runtime.settings.specs}
+        # This replica's own recent shards: after a restart, the one a merge counted is
+        # found here (Tansu keeps every record; Kafka keeps its active segment uncompacted).
+        self.own: dict[str, collections.deque[tuple[str, bytes]]] = {
+            s.name: collections.deque(maxlen=4 * SHIPS_KEPT) for s in runtime.settings.specs}
         self._decoded: dict[str, tuple[int, dict[str, Any]]] = {}
+        self.caught_up = False
 
     async def run(self) -> None:
         from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -213,10 +227,14 @@ class ShardFeed:
                 await consumer.seek_to_beginning(*tps)
                 while True:
                     batches = await consumer.getmany(timeout_ms=500, max_records=2000)
+                    if not batches:
+                        self.caught_up = True  # at the end: the views are current
                     now = time.time()
                     for msgs in batches.values():
                         for m in msgs:
-                            self._take(m.key, m.value, now)
+                            # The record's own time: an old shard read at start is old.
+                            at = m.timestamp / 1000.0 if m.timestamp and m.timestamp > 0 else now
+                            self._take(m.key, m.value, min(at, now))
             except (KafkaError, OSError) as exc:
                 limited.warning("shard-feed", "models topic feed failed (%s: %s); retrying",
                                 type(exc).__name__, exc)
@@ -231,6 +249,31 @@ class ShardFeed:
         shards = self.records.get(name)
         if shards is not None and replica:
             shards[replica] = Seen(value, now, zlib.crc32(value))
+            if replica == self.runtime.replica or replica == replicas.MERGED:
+                self.own[name].append((replica, value))
+
+    async def recent(self, name: str, *, ship: tuple[str, int] | None = None,
+                     merged: str | None = None) -> dict[str, Any] | None:
+        """From the recent records of this replica and of the merged model on the topic:
+        this replica's ship ``(base id, number)``, or the merged model of id ``merged``."""
+        from streamlearn.services.worker.app import decode_snapshot
+
+        spec = next(s for s in self.runtime.settings.specs if s.name == name)
+        want = replicas.MERGED if merged is not None else self.runtime.replica
+        for owner, value in reversed(list(self.own[name])):
+            if owner != want:
+                continue
+            try:
+                state = await asyncio.to_thread(decode_snapshot, self.runtime.settings, spec,
+                                                value, f"{name}/{owner}")
+            except (snapshots.SnapshotError, ValueError):
+                continue
+            m = replicas.meta(state)
+            if ship is not None and (str(m.get("base_id", "")), int(m.get("ship", -1))) == ship:
+                return state
+            if merged is not None and replicas.merged_id(state) == merged:
+                return state
+        return None
 
     async def decoded(self, name: str, replica: str) -> dict[str, Any] | None:
         """The newest state under ``name/replica`` (cached per payload); None if bad."""
@@ -282,6 +325,8 @@ class MergeLoop:
 
     async def tick(self, name: str) -> None:
         rt = self.runtime
+        if not self.feed.caught_up:
+            return  # neither adopt nor merge from a partial view of the topic
         lineage = rt.lineages[name]
         merged = await self.feed.decoded(name, replicas.MERGED)
         if merged is not None and self._newer(merged, lineage):
@@ -339,8 +384,17 @@ class MergeLoop:
         feeder = rt.feeders[name]
         lineage = rt.lineages[name]
         loop = asyncio.get_running_loop()
+        inc = dict(replicas.meta(merged).get("included", {})).get(rt.replica)
+        found = found_base = None
+        counted = inc is not None and str(inc.get("base_id")) == lineage.base_id
+        if counted and int(inc.get("ship", -1)) not in lineage.shipped:
+            found = await self.feed.recent(name, ship=(lineage.base_id, int(inc["ship"])))
+        elif not counted and lineage.base is None and lineage.base_id.startswith(
+                tuple("0123456789")):
+            found_base = await self.feed.recent(name, merged=lineage.base_id)
         how = await loop.run_in_executor(
-            feeder.executor, lineage.adopt, feeder.runner.model, rt.replica, merged)
+            feeder.executor, lineage.adopt, feeder.runner.model, rt.replica, merged, found,
+            found_base)
         if how != "exact":
             limited.warning(("rebase", name), "adopted merged %s v%d with a %s rebase",
                             name, replicas.merged_version(merged), how)
