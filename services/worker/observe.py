@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
 from streamlearn.drift.commands import decode_command
+from streamlearn.drift.concept import detectors_ready
 from streamlearn.logs import RateLimitedLog
 
 if TYPE_CHECKING:
@@ -101,6 +102,7 @@ async def watch_commands(runtime: WorkerRuntime) -> None:
                 for records in batches.values():
                     for rec in records:
                         await apply_command(runtime, rec.value)
+                await replay_pending(runtime)
         except asyncio.CancelledError:
             raise
         except (KafkaError, OSError) as exc:
@@ -109,6 +111,24 @@ async def watch_commands(runtime: WorkerRuntime) -> None:
         finally:
             await consumer.stop()
         await asyncio.sleep(RETRY_S)
+
+
+async def replay_pending(runtime: WorkerRuntime) -> int:
+    """Once river's detectors are in, replay the losses a model queued meanwhile (on its
+    learner thread) and act on a drift among them, then publish: a stream that paused
+    before the import ended would otherwise wait for its next event.  Models replayed."""
+    if not detectors_ready():
+        return 0
+    loop = asyncio.get_running_loop()
+    done = 0
+    for feeder in list(runtime.feeders.values()):
+        model = feeder.runner.model
+        if model.concept_drift.pending:
+            await loop.run_in_executor(feeder.executor, model.drift_actions.catch_up, model)
+            done += 1
+    if done:
+        await runtime.publish_snapshots(force=True)
+    return done
 
 
 async def apply_command(runtime: WorkerRuntime, value: bytes | None) -> str | None:

@@ -138,6 +138,14 @@ class DriftActions:
             self._checkpoint(model)
         return taken
 
+    def catch_up(self, model: OnlineModel) -> str | None:
+        """Replay the losses queued while river loaded, and act on a drift among them
+        (the worker calls it on the learner thread when its stream has paused)."""
+        if not model.concept_drift.pending:
+            return None
+        drifted = model.concept_drift.replay()
+        return self.after_step(model, drifted) if drifted else None
+
     def apply(self, model: OnlineModel, action: str, trigger: str = "manual") -> str:
         """Take ``action`` now (on the thread that owns the model) and record it."""
         if action not in ACTIONS:

@@ -97,6 +97,11 @@ def load_detectors_in_background() -> None:
     _loader.start()
 
 
+def detectors_ready() -> bool:
+    """Whether river's detectors are imported (monitors then feed, never queue)."""
+    return _loader.done.is_set() and _loader.error is None
+
+
 def defer_detector_import() -> None:
     """Promise a later :func:`load_detectors_in_background`: monitors queue until then.
 
@@ -153,6 +158,7 @@ class ConceptDriftMonitor:
         self._start: int | None = None  # events seen when feeding (re)started
         self._warmup_now = self.warmup
         self._restored_state: dict[str, float] = {}  # from a snapshot, until a detector runs
+        self._restored_queued = 0  # values the snapshot's monitor had queued
         self._slow: float | None = None
         self._recent: collections.deque[float] = collections.deque(maxlen=RECENT_BATCHES)
         self._drifted = False
@@ -161,25 +167,37 @@ class ConceptDriftMonitor:
         """Feed one batch-mean loss over ``weight`` labelled rows; True when this call
         detected a drift.
 
-        With :attr:`batch` set, losses are pooled until ``batch`` rows are in and the
-        detector sees their mean: a worker's partial mini-batch (a job of 300 messages
-        ends with a 44-row chunk) is not one noisy value of its own.  While river loads
-        in the background the value is queued; the first call after the import feeds
-        the queue in order, then this value.
+        With :attr:`batch` set, the detector sees one value per ``batch`` labelled rows
+        whatever the chunking: a chunk's mean stands for each of its rows, split across
+        values at ``batch``-row boundaries.  A worker's partial mini-batch (a job of 300
+        messages ends with a 44-row chunk) is then no noisy value of its own, and a
+        detector accumulates evidence per event, not per call.  While river loads in
+        the background values are queued; the first call after the import feeds the
+        queue in order, then this call's values.
         """
         self.last_loss = loss
         self.loss_total += loss
         self.loss_count += 1
+        values: list[float] = []
         if self.batch:
-            self._pool_sum += loss * weight
-            self._pool_n += weight
-            if self._pool_n < self.batch:
+            left = max(1, int(weight))
+            while left:
+                take = min(left, self.batch - self._pool_n)
+                self._pool_sum += loss * take
+                self._pool_n += take
+                left -= take
+                if self._pool_n >= self.batch:
+                    values.append(self._pool_sum / self._pool_n)
+                    self._pool_sum, self._pool_n = 0.0, 0
+        else:
+            values.append(loss)
+        now = time.time()
+        if self.detector is None:
+            if _loader.loading and len(self.pending) + len(values) <= MAX_PENDING:
+                self.pending.extend((v, events_seen, now) for v in values)
                 self._drifted = False
                 return False
-            loss, self._pool_sum, self._pool_n = self._pool_sum / self._pool_n, 0.0, 0
-        if self.detector is None:
-            if _loader.loading and len(self.pending) < MAX_PENDING:
-                self.pending.append((loss, events_seen, time.time()))
+            if not values and not self.pending:
                 self._drifted = False
                 return False
             self._build()
@@ -188,8 +206,27 @@ class ConceptDriftMonitor:
             queued, self.pending = self.pending, []
             for value, seen, at in queued:
                 drifted |= self._feed(value, seen, at)
-        self._drifted = drifted | self._feed(loss, events_seen, time.time())
-        return self._drifted
+        for value in values:
+            drifted |= self._feed(value, events_seen, now)
+        self._drifted = drifted
+        return drifted
+
+    def replay(self) -> bool:
+        """Feed the values queued while river loaded, once it has (never waits for it).
+
+        For a worker whose stream paused before the import ended: without a next update
+        the queue would wait for the next event.  True when a queued value was a drift.
+        """
+        if not self.pending or not detectors_ready():
+            return False
+        if self.detector is None:
+            self._build()
+        queued, self.pending = self.pending, []
+        drifted = False
+        for value, seen, at in queued:
+            drifted |= self._feed(value, seen, at)
+        self._drifted = drifted
+        return drifted
 
     @classmethod
     def for_spec(cls, spec: Any) -> ConceptDriftMonitor:
@@ -265,7 +302,8 @@ class ConceptDriftMonitor:
             "warmup_events": self.warmup,
             "last_batch_loss": self.last_loss,
             "updates": self.n_updates,
-            "loading": self.detector is None and bool(self.pending),
+            "loading": self.detector is None and bool(self.pending or self._restored_queued),
+            "queued": len(self.pending) or self._restored_queued,
             "state": self.detector_state(),
         }
 
@@ -301,6 +339,7 @@ class ConceptDriftMonitor:
             "last_loss": self.last_loss,
             "updates": self.n_updates,
             "detector_state": self.detector_state(),
+            "queued": len(self.pending),
         }
 
     @classmethod
@@ -311,6 +350,7 @@ class ConceptDriftMonitor:
                 **state.get("params", {}))
         m.directions = [str(d) for d in state.get("directions", [])]
         m.n_updates = int(state.get("updates", 0))
+        m._restored_queued = int(state.get("queued", 0))
         m._restored_state = {str(k): float(v) for k, v in
                              dict(state.get("detector_state", {})).items()}
         m.n_drifts = int(state.get("n_drifts", 0))

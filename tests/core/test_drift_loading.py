@@ -107,12 +107,12 @@ def test_report_and_state_before_the_detector_exists(gate):
                               "drifts": 0, "last_drift_at_event": None,
                               "last_drift_at_time": None, "recent_drifts_at_event": [],
                               "recent_drifts_at_time": [], "recent_drift_directions": [],
-                              "warmup_events": 0, "last_batch_loss": None,
+                              "warmup_events": 0, "last_batch_loss": None, "queued": 0,
                               "updates": 0, "loading": False, "state": {}}
     assert fresh.to_state() == {"detector": "page_hinkley", "params": params,
                                 "n_drifts": 0, "drift_points": [], "drift_times": [],
                                 "directions": [], "warmup": 0, "batch": 0, "last_loss": None,
-                                "updates": 0, "detector_state": {}}
+                                "updates": 0, "detector_state": {}, "queued": 0}
 
     concept.load_detectors_in_background()
     m = ConceptDriftMonitor.from_state({**fresh.to_state(), "n_drifts": 2,
@@ -125,7 +125,8 @@ def test_report_and_state_before_the_detector_exists(gate):
     assert r.to_state() == {"detector": "page_hinkley", "params": params,
                             "n_drifts": 2, "drift_points": [10, 20], "drift_times": [],
                             "directions": [], "warmup": 0, "batch": 0, "last_loss": 0.25,
-                            "updates": 0, "detector_state": {}}
+                            "updates": 0, "detector_state": {}, "queued": 0}
+    assert r.report()["loading"] and r.report()["queued"] == 1  # what the snapshot said
 
 
 def test_unknown_detector_is_rejected():
@@ -148,3 +149,25 @@ def test_a_deferred_import_queues_until_started_and_overflow_starts_it(gate, mon
     m.update(0.1, events_seen=5)  # the sixth value overflows: start and wait
     assert loader.thread is not None and loader.done.is_set()
     assert m.detector is not None and m.pending == []
+
+
+def test_a_paused_stream_replays_its_queue_and_acts_once_river_is_in(gate, fraud_spec):
+    """The worker's case: the events stop before the import ends. ``catch_up`` feeds the
+    queue without a next event and takes the spec's action on the drift it finds."""
+    from dataclasses import replace
+
+    from streamlearn.models import OnlineModel
+
+    concept.load_detectors_in_background()
+    model = OnlineModel(replace(fraud_spec, drift_action="reset"), device="cpu")
+    m = model.concept_drift = ConceptDriftMonitor("page_hinkley", threshold=5.0)
+    _fed(m, _losses())
+    model.n_seen = 600
+    assert m.detector is None and len(m.pending) == 600
+    assert not m.replay() and model.drift_actions.catch_up(model) is None  # still importing
+    gate.set()
+    assert concept._loader.done.wait(10)
+    assert model.drift_actions.catch_up(model) == "reset"
+    assert m.pending == [] and m.drift_points == [310]
+    assert model.drift_actions.history[0]["at_event"] == 600
+    assert model.drift_actions.catch_up(model) is None  # nothing left to replay
