@@ -50,7 +50,7 @@ from numba import njit
 EPS = 1e-4
 #: Fraction of the threshold from which the level reads ``warning``.
 WARNING_FRACTION = 0.4
-STATE_FORMAT = 4
+STATE_FORMAT = 5
 
 
 #: Empty slot of the lookup tables (hashed slots are >= 0).
@@ -59,18 +59,24 @@ _EMPTY = -1
 _GOLDEN = -7046029254386353131
 
 
-def _table(slots: np.ndarray, slot_bins: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fill one field's open-addressing table (the kernel's probe, in Python: built once)."""
-    keys = np.full(size, _EMPTY, dtype=np.int64)
-    bins = np.zeros(size, dtype=np.int64)
-    mask = size - 1
-    with np.errstate(over="ignore"):
-        hashes = ((slots.astype(np.int64) * np.int64(_GOLDEN)) >> 17) & mask
-    for s, h, b in zip(slots.tolist(), hashes.tolist(), slot_bins.tolist(), strict=True):
-        while keys[h] != _EMPTY:
-            h = (h + 1) & mask
-        keys[h], bins[h] = s, b
-    return keys, bins
+#: Reference slots kept per categorical field (the most frequent): bounds the lookup
+#: tables and the snapshot; a rarer reference slot then counts as unseen, in the
+#: reference's share as in the recent one.
+MAX_SLOTS = 2048
+
+
+@njit(cache=True, nogil=True)
+def _fill_tables(slots, slot_bins, ptr, keys, bins):  # pragma: no cover - compiled
+    """Open-addressing tables, one row per field, filled with the kernel's probe."""
+    mask = keys.shape[1] - 1
+    for j in range(len(ptr) - 1):
+        for i in range(ptr[j], ptr[j + 1]):
+            s = slots[i]
+            h = ((s * _GOLDEN) >> 17) & mask
+            while keys[j, h] != _EMPTY and keys[j, h] != s:
+                h = (h + 1) & mask
+            keys[j, h] = s
+            bins[j, h] = slot_bins[i]
 
 
 @njit(cache=True, nogil=True)
@@ -222,6 +228,9 @@ class DataDriftMonitor:
         self.ref_std = np.ones(d)
         self.edges = np.zeros((d, self.bins - 1))
         self.ref_num = np.zeros((d, self.bins + 1))
+        self.slots = np.zeros(0, dtype=np.int64)  # reference slots, field by field
+        self.slot_bins = np.zeros(0, dtype=np.int64)  # their bins (top-k index or k)
+        self.slot_ptr = np.zeros(c + 1, dtype=np.int64)
         self.keys = np.full((c, 2), _EMPTY, dtype=np.int64)  # per field: slot -> bin table
         self.bins_of = np.zeros((c, 2), dtype=np.int64)
         self.ref_cat = np.zeros((c, k + 2))
@@ -296,32 +305,46 @@ class DataDriftMonitor:
                 idx = np.searchsorted(self.edges[j], obs, side="right")
                 self.ref_num[j, : self.bins] = np.bincount(idx, minlength=self.bins) / len(col)
             self.ref_num[j, self.bins] = 1.0 - len(obs) / len(col)
-        tables = []
+        kept_slots, kept_bins, counts_kept = [], [], [0]
         for j in range(c):
             col = H[:, j]
             slots, counts = np.unique(col, return_counts=True)
-            order = np.argsort(-counts, kind="stable")[:k]
+            by_freq = np.argsort(-counts, kind="stable")
+            kept = by_freq[:MAX_SLOTS]
+            order = by_freq[:k]
             share = counts[order] / len(col)
+            dropped = float(counts[by_freq[MAX_SLOTS:]].sum()) / len(col)
             slot_bins = np.full(len(slots), k, dtype=np.int64)  # "another seen slot"
             slot_bins[order] = np.arange(len(order))
             half = len(col) // 2
             novelty = float(np.mean(~np.isin(col[half:], col[:half]))) if half else 0.0
             self.ref_novelty[j] = novelty
             self.ref_cat[j, : len(order)] = share * (1.0 - novelty)
-            self.ref_cat[j, k] = max(0.0, 1.0 - share.sum()) * (1.0 - novelty)
-            self.ref_cat[j, k + 1] = novelty
-            tables.append((slots, slot_bins))
+            self.ref_cat[j, k] = max(0.0, 1.0 - share.sum() - dropped) * (1.0 - novelty)
+            self.ref_cat[j, k + 1] = novelty + dropped * (1.0 - novelty)
+            kept_slots.append(slots[kept])
+            kept_bins.append(slot_bins[kept])
+            counts_kept.append(len(kept))
         if c:
-            size = 1 << max(2, int(2 * max(len(t[0]) for t in tables)).bit_length())
-            built = [_table(slots, slot_bins, size) for slots, slot_bins in tables]
-            self.keys = np.stack([keys for keys, _ in built])
-            self.bins_of = np.stack([bins for _, bins in built])
+            self.slots = np.concatenate(kept_slots).astype(np.int64)
+            self.slot_bins = np.concatenate(kept_bins).astype(np.int64)
+            self.slot_ptr = np.cumsum(counts_kept).astype(np.int64)
+            self._build_tables()
         # The recent shares start at the reference's, so the first batches move them
         # gradually instead of one noisy batch standing for the whole recent window.
         self.recent_num, self.recent_cat = self.ref_num.copy(), self.ref_cat.copy()
         self.recent_mean = self.ref_mean.copy()
         self._started[0] = 1
         self.ready = True
+
+    def _build_tables(self) -> None:
+        """The kernel's lookup tables from the compact slot lists (at most half full)."""
+        c = len(self.categorical)
+        widest = int(np.diff(self.slot_ptr).max()) if c else 0
+        size = 1 << max(2, (2 * widest).bit_length())
+        self.keys = np.full((c, size), _EMPTY, dtype=np.int64)
+        self.bins_of = np.zeros((c, size), dtype=np.int64)
+        _fill_tables(self.slots, self.slot_bins, self.slot_ptr, self.keys, self.bins_of)
 
     # -- reading -----------------------------------------------------------------
     @property
@@ -396,8 +419,8 @@ class DataDriftMonitor:
         }
 
     # -- state -------------------------------------------------------------------
-    _ARRAYS = ("ref_mean", "ref_std", "edges", "ref_num", "keys", "bins_of", "ref_cat",
-               "ref_novelty", "recent_num", "recent_cat", "recent_mean")
+    _ARRAYS = ("ref_mean", "ref_std", "edges", "ref_num", "slots", "slot_bins", "slot_ptr",
+               "ref_cat", "ref_novelty", "recent_num", "recent_cat", "recent_mean")
 
     def to_state(self) -> dict[str, Any]:
         """Plain state for snapshots: the frozen reference and the recent shares.
@@ -428,15 +451,18 @@ class DataDriftMonitor:
         for name in cls._ARRAYS:
             ref = getattr(m, name)
             arr = np.asarray(state[name], dtype=ref.dtype).copy()
-            if name not in ("keys", "bins_of") and arr.shape != ref.shape:
+            if name not in ("slots", "slot_bins") and arr.shape != ref.shape:
                 raise ValueError(f"data drift state {name!r} has shape {arr.shape}")
             setattr(m, name, arr)
-        # The kernel indexes with these without bounds checks: refuse anything malformed.
-        c, size = m.keys.shape[0], m.keys.shape[1] if m.keys.ndim == 2 else 0
-        if (m.keys.ndim != 2 or m.bins_of.shape != m.keys.shape or c != len(m.categorical)
-                or size < 2 or size & (size - 1)
-                or (m.bins_of.size and not 0 <= m.bins_of.min() <= m.bins_of.max() <= m.top_k)):
-            raise ValueError("data drift state has a malformed slot table")
+        # The tables are indexed without bounds checks: refuse anything malformed.
+        ptr, per = m.slot_ptr, np.diff(m.slot_ptr)
+        if (ptr[0] != 0 or (per < 0).any() or (per > MAX_SLOTS).any()
+                or ptr[-1] != len(m.slots) or len(m.slot_bins) != len(m.slots)
+                or (len(m.slot_bins) and not 0 <= m.slot_bins.min() <= m.slot_bins.max()
+                    <= m.top_k) or (len(m.slots) and m.slots.min() < 0)):
+            raise ValueError("data drift state has malformed reference slots")
+        if m.categorical:
+            m._build_tables()
         m._started[0] = int(state.get("started", 0))
         if state.get("rebase_in") is not None:
             m.rebase_in(int(state["rebase_in"]))

@@ -1,6 +1,7 @@
 """Drift monitors on seeded streams: exact detection points, and wiring into the model."""
 
 import numpy as np
+import pytest
 
 from streamlearn.drift import ConceptDriftMonitor, DataDriftMonitor
 from streamlearn.models import OnlineModel
@@ -104,3 +105,33 @@ def test_model_feeds_its_drift_monitor_every_raw_batch(fraud_spec):
     for name in ("ref_num", "ref_cat", "recent_num", "recent_cat", "recent_mean"):
         np.testing.assert_allclose(getattr(model.data_drift, name), getattr(direct, name),
                                    rtol=1e-9)
+
+
+def test_a_high_cardinality_field_is_stable_bounded_and_round_trips():
+    """An id-like field (thousands of slots, new ones all the time) is not drift by itself;
+    the reference keeps at most MAX_SLOTS slots, so tables and snapshots stay bounded."""
+    from streamlearn.drift.data import MAX_SLOTS
+
+    rng = np.random.default_rng(4)
+    m = DataDriftMonitor(["x"], ["user", "kind"], reference_size=6000, halflife=1000)
+
+    def batch():
+        users = rng.integers(10, 50_000, 256)  # mostly new ids
+        kinds = rng.choice([3, 4, 5], 256, p=[0.5, 0.3, 0.2])
+        return rng.normal(size=(256, 1)), None, np.c_[users, kinds]
+
+    for _ in range(60):
+        m.update(*batch())
+    assert m.ready and m.level() == "none", m.ranked()
+    assert int(np.diff(m.slot_ptr).max()) == MAX_SLOTS and m.keys.shape[1] <= 4 * MAX_SLOTS
+    state = m.to_state()
+    assert sum(np.asarray(v).size for v in state.values() if isinstance(v, np.ndarray)) < 10_000
+    r = DataDriftMonitor.from_state(state)
+    np.testing.assert_array_equal(r.scores(), m.scores())
+    x, _, h = batch()
+    r.update(x, None, h)
+    m.update(x, None, h)
+    np.testing.assert_array_equal(r.recent_cat, m.recent_cat)
+    bad = dict(state, slot_bins=np.full_like(state["slot_bins"], 99))
+    with pytest.raises(ValueError, match="malformed"):
+        DataDriftMonitor.from_state(bad)
