@@ -108,7 +108,7 @@ from faust.tables.manager import TableManager
 from faust.transport.utils import DefaultSchedulingStrategy
 from faust.types import TP, EventT
 
-from streamlearn import snapshots
+from streamlearn import replicas, snapshots
 from streamlearn.config import ModelSpec
 from streamlearn.drift.concept import defer_detector_import, load_detectors_in_background
 from streamlearn.logs import RateLimitedLog
@@ -298,6 +298,10 @@ def restore_runner(spec: ModelSpec, settings: Settings,
     remote = restore.topic_candidates(
         spec.name, latest or {}, lambda payload, key: decode_snapshot(settings, spec, payload,
                                                                       key))
+    # A sibling that merges shares its learning through <model>/@merged: warm-start from
+    # that (or fresh), never from the sibling's shard, whose delta the merge counts already.
+    remote = [c for c in remote if c.replica in (replica, replicas.MERGED)
+              or not replicas.meta(c.state)]
     tried: set[int] = set()
     while True:
         pool = [c for c in remote if id(c) not in tried]
@@ -775,6 +779,12 @@ class WorkerRuntime:
             await asyncio.wait_for(self.publish_snapshots(), timeout=SHUTDOWN_DRAIN_S)
         except TimeoutError:
             log.warning("shutdown: last snapshot not published within %.0f s", SHUTDOWN_DRAIN_S)
+        try:  # hand the last shard over: a merge counts it before this replica leaves
+            await asyncio.wait_for(self.merge_loop.retire(
+                min(SHUTDOWN_DRAIN_S, 2 * self.settings.worker.merge_interval_s + 2.0)),
+                timeout=SHUTDOWN_DRAIN_S)
+        except TimeoutError:
+            log.warning("shutdown: last shard not merged within %.0f s", SHUTDOWN_DRAIN_S)
         await self.outputs.stop()
 
     def _register_agent(self, spec: ModelSpec) -> None:

@@ -227,8 +227,11 @@ class ShardFeed:
                 await consumer.seek_to_beginning(*tps)
                 while True:
                     batches = await consumer.getmany(timeout_ms=500, max_records=2000)
-                    if not batches:
-                        self.caught_up = True  # at the end: the views are current
+                    if not self.caught_up:  # at the end once: the views are current
+                        highs = [consumer.highwater(tp) for tp in tps]
+                        pos = [await consumer.position(tp) for tp in tps]
+                        self.caught_up = not batches or all(
+                            h is not None and p >= h for h, p in zip(highs, pos, strict=True))
                     now = time.time()
                     for msgs in batches.values():
                         for m in msgs:
@@ -362,6 +365,31 @@ class MergeLoop:
         self.feed._take(key, signed, time.time())
         self.feed._decoded[key.decode()] = (zlib.crc32(signed), new)
         await self.adopt(name, new)
+
+    async def retire(self, timeout_s: float) -> None:
+        """At a clean stop, after the last snapshot: wait (bounded) until a merge counts
+        this replica's last shard, merging it ourselves when we are the merger."""
+        rt = self.runtime
+        deadline = time.monotonic() + timeout_s
+        for spec in rt.settings.specs:
+            name, lineage = spec.name, rt.lineages[spec.name]
+            while time.monotonic() < deadline and self.feed.caught_up:
+                merged = await self.feed.decoded(name, replicas.MERGED)
+                others = [r for r in self.feed.fresh(name, rt.settings.worker.stale_after_s,
+                                                     time.time()) if r != rt.replica]
+                if merged is None and not others:
+                    break  # alone: nothing to hand over
+                inc = dict(replicas.meta(merged or {}).get("included", {})).get(rt.replica)
+                if inc is not None and str(inc.get("base_id")) == lineage.base_id and int(
+                        inc.get("ship", -1)) >= lineage.ship:
+                    log.info("last shard of %s counted by merge v%d", name,
+                             replicas.merged_version(merged))
+                    break
+                before = lineage.base_id
+                await self.tick(name)
+                if lineage.base_id != before:  # adopted a newer merge: ship on it
+                    await rt.publish_snapshots(force=True)
+                await asyncio.sleep(0.2)
 
     @staticmethod
     def _newer(merged: dict[str, Any], lineage: Lineage) -> bool:

@@ -36,23 +36,24 @@ pytestmark = [pytest.mark.kafka, pytest.mark.timeout(150)]
 N_EVENTS = 40_000
 TOPIC = "rep.transactions"
 STALE_S = 6.0
-CONFIG = f"""
+CONFIG_TEMPLATE = """
 [kafka]
 partitions = 4
 [worker]
 batch_within_s = 0.1
 snapshot_interval_s = 0.5
 merge_interval_s = 1.0
-stale_after_s = {STALE_S}
+stale_after_s = {stale}
 [[model]]
-name = "rep"
-topic = "{TOPIC}"
+name = "{model}"
+topic = "{topic}"
 label = "is_fraud"
 numeric = ["amount", "hour", "distance_km", "card_age_days", "tx_last_hour"]
 categorical = ["merchant_category", "country", "channel"]
 hash_bits = 14
 batch_size = 256
 """
+CONFIG = CONFIG_TEMPLATE.format(stale=STALE_S, model="rep", topic=TOPIC)
 
 
 @pytest.fixture
@@ -89,9 +90,9 @@ def _tail(stack: dict[str, Any]) -> str:
                      for p in sorted(Path(stack["dir"]).glob("*.log")))
 
 
-def _info(client: httpx.Client) -> dict[str, Any]:
+def _info(client: httpx.Client, model: str = "rep") -> dict[str, Any]:
     try:
-        r = client.get("/models/rep")
+        r = client.get(f"/models/{model}")
         return r.json() if r.status_code == 200 else {}
     except httpx.HTTPError:
         return {}
@@ -102,7 +103,7 @@ def _wait(client: httpx.Client, stack: dict[str, Any], predicate, timeout: float
     deadline = time.monotonic() + timeout
     info: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        info = _info(client)
+        info = _info(client, stack.get("model", "rep"))
         if info and seen is not None:
             seen.append(info)
         if info and predicate(info):
@@ -111,14 +112,15 @@ def _wait(client: httpx.Client, stack: dict[str, Any], predicate, timeout: float
     pytest.fail(f"timed out; last model info {orjson.dumps(info)[:3000]!r}\n{_tail(stack)}")
 
 
-async def _produce(bootstrap: str, events: list[dict[str, Any]], rate: float) -> None:
+async def _produce(bootstrap: str, events: list[dict[str, Any]], rate: float,
+                   topic: str = TOPIC) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     await producer.start()
     try:
         t0 = time.monotonic()
         for i, event in enumerate(events):
             # Keyed: spread over the 4 partitions, whichever replica owns them.
-            await producer.send(TOPIC, orjson.dumps(event), key=str(i).encode())
+            await producer.send(topic, orjson.dumps(event), key=str(i).encode())
             if i % 1000 == 999:
                 await asyncio.sleep(max(0.0, (i + 1) / rate - (time.monotonic() - t0)))
         await producer.flush()
@@ -192,3 +194,144 @@ def test_two_replicas_train_one_model_and_a_stopped_one_leaves_the_merge(stack) 
         gone = next(r for r in info["replicas"] if r["replica"] == mine)
         assert gone["in_merge"] is False and gone["staleness_s"] > STALE_S - 1
         assert info["events_learned"] >= learned_before
+
+
+class Cluster:
+    """The API plus worker replicas started and stopped one by one."""
+
+    def __init__(self, broker: str, tmp: Path) -> None:
+        # A model and topic of its own: tests share the session's broker.
+        self.model, self.topic = f"rep{abs(hash(tmp.name)) % 10**8}", f"{tmp.name}.events"
+        (tmp / "streamlearn.toml").write_text(CONFIG_TEMPLATE.format(
+            stale=STALE_S, model=self.model, topic=self.topic))
+        self.tmp, self.bootstrap, port = tmp, broker, free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        self.env = {**os.environ, "STREAMLEARN_CONFIG": str(tmp / "streamlearn.toml"),
+                    "STREAMLEARN_KAFKA__BOOTSTRAP": broker, "STREAMLEARN_KAFKA__FAST_JOIN": "true",
+                    "STREAMLEARN_KAFKA__MODELS_TOPIC": f"{tmp.name}.models",
+                    "STREAMLEARN_WORKER__APP_ID": f"{tmp.name}-group",
+                    "STREAMLEARN_API__PORT": str(port)}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.start("api", "api")
+
+    def start(self, name: str, cmd: str = "worker") -> None:
+        env = self.env | {"STREAMLEARN_WORKER__SNAPSHOT_DIR": str(self.tmp / f"snap-{name}")}
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "streamlearn", cmd], env=env,
+            stdout=(self.tmp / f"{name}.log").open("ab"), stderr=subprocess.STDOUT)
+
+    def replica(self, name: str) -> str:
+        return next((self.tmp / f"snap-{name}").glob("replica-id.*")).read_text().strip()
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture
+def cluster(broker: str, tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(broker, tmp_path)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+async def _prediction_ids(bootstrap: str, model: str, want: int,
+                          timeout: float = 30.0) -> list[str]:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(f"{model}.predictions", bootstrap_servers=bootstrap,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    ids: list[str] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while len(set(ids)) < want and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=500, max_records=20_000)
+            ids.extend(orjson.loads(m.value)["id"] for msgs in batches.values() for m in msgs)
+    finally:
+        await consumer.stop()
+    return ids
+
+
+def _by_replica(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["replica"]: r for r in info.get("replicas", [])}
+
+
+def test_rebalance_moves_partitions_without_losing_an_event(cluster: Cluster) -> None:
+    """A second replica joins mid-stream, then the first stops: every event is learned at
+    least once (ledger: the prediction records, one per learned event, and the partitions'
+    offsets in the last shards), and the served model never falls back."""
+    n = 30_000
+    events = FraudStream(seed=41).take(n)
+    for i, e in enumerate(events):
+        e["event_id"] = f"e{i}"
+    cluster.start("ra")
+    with httpx.Client(base_url=cluster.base, timeout=10) as client:
+        stack = {"dir": cluster.tmp, "model": cluster.model}
+        _wait(client, stack, lambda i: len(i.get("replicas", [])) == 1, 60)
+        producing = threading.Thread(
+            target=asyncio.run, args=(_produce(cluster.bootstrap, events, 3000, cluster.topic),))
+        producing.start()  # ~10 s of events
+        seen: list[dict[str, Any]] = []
+        _wait(client, stack, lambda i: i["events_learned"] >= 3_000, 30, seen)
+        cluster.start("rb")
+        a, b = cluster.replica("ra"), None
+        info = _wait(client, stack, lambda i: len(_by_replica(i)) == 2 and all(
+            r["partitions"] for r in i["replicas"]), 40, seen)
+        b = next(r for r in _by_replica(info) if r != a)
+        cluster.procs["ra"].send_signal(signal.SIGTERM)  # a leaves mid-stream
+        assert cluster.procs["ra"].wait(30) == 0
+        info = _wait(client, stack, lambda i: i["events_learned"] >= n
+                     and _by_replica(i)[b]["partitions"] == [0, 1, 2, 3], 60, seen)
+        producing.join(30)
+        learned = [i["events_learned"] for i in seen]
+        assert all(y >= x for x, y in zip(learned, learned[1:], strict=False)), "fell back"
+        assert n <= info["events_learned"] <= n + 10_000  # rebalance redeliveries only
+        ids = asyncio.run(_prediction_ids(cluster.bootstrap, cluster.model, n))
+    assert set(ids) == {f"e{i}" for i in range(n)}  # every event learned at least once
+    assert len(ids) - n <= 10_000
+    print(f"rebalance: served events_learned {info['events_learned']}, prediction records "
+          f"{len(ids)} for {n} events")
+
+
+def test_sigkill_of_a_replica_loses_nothing_and_versions_keep_rising(cluster: Cluster) -> None:
+    n = 30_000
+    events = FraudStream(seed=51).take(n)
+    cluster.start("ra")
+    cluster.start("rb")
+    with httpx.Client(base_url=cluster.base, timeout=10) as client:
+        stack = {"dir": cluster.tmp, "model": cluster.model}
+        _wait(client, stack, lambda i: len(i.get("replicas", [])) == 2 and all(
+            r["partitions"] for r in i["replicas"]), 60)
+        producing = threading.Thread(
+            target=asyncio.run, args=(_produce(cluster.bootstrap, events, 3000, cluster.topic),))
+        producing.start()
+        info = _wait(client, stack, lambda i: i["events_learned"] >= 8_000
+                     and i["merged_version"] >= 2, 40)
+        victim = cluster.replica("rb")
+        before = _by_replica(info)[victim]
+        cluster.procs["rb"].send_signal(signal.SIGKILL)  # mid-stream: no shutdown hook runs
+        cluster.procs["rb"].wait(10)
+        cluster.start("rb")  # same snapshot dir: same replica id, its checkpoint
+        info = _wait(client, stack, lambda i: i["events_learned"] >= n
+                     and _by_replica(i).get(victim, {}).get("staleness_s", 99) < 3
+                     and _by_replica(i)[victim]["adopted_version"] > before["adopted_version"],
+                     90)
+        producing.join(30)
+    assert cluster.replica("rb") == victim
+    after = _by_replica(info)[victim]
+    assert after["version"] > before["version"]
+    assert n <= info["events_learned"] <= n + 10_000, (  # nothing lost; redeliveries bounded
+        [(r["replica"], r["events_learned"], r["adopted_version"], r["in_merge"])
+         for r in info["replicas"]], info["merged_version"])
+    print(f"kill: served events_learned {info['events_learned']} for {n} events; victim "
+          f"version {before['version']} -> {after['version']}, adopted "
+          f"{before['adopted_version']} -> {after['adopted_version']}")
