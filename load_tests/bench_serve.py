@@ -8,7 +8,8 @@ little of the server's CPU):
 
 1. ``POST /models/fraud/predict`` with one event and with 1,000 instances, at 1, 8 and 64
    connections, for streamlearn and the baseline, first with learning idle, then while a
-   producer sends the demo's 3,000 events/s and the worker learns them;
+   producer sends the demo's 3,000 events/s and the worker learns them; each cell three
+   times, the two apps interleaved, medians; with each server's CPU time per request;
 2. the learn+serve figure: producer rates in a sweep (the last one unthrottled), three wrk
    runs at 8 connections on single-event /predict per rate (medians); events/s the worker
    learned meanwhile; the figure is the highest learned rate whose median p99 is within
@@ -20,7 +21,7 @@ little of the server's CPU):
 
 With two or more CPUs, the API and the baseline run on CPU 0 (taskset-style affinity) and
 everything else (wrk, worker, broker, producer) on the others, so both apps get one core.
-Every run is bounded (``--duration`` seconds each, about 4 minutes in all by default);
+Every run is bounded (``--duration`` seconds each, about 8 minutes in all by default);
 every process started here is stopped by PID at the end.
 
     python load_tests/bench_serve.py [--duration 5] [--json out.json] [--quick]
@@ -224,20 +225,28 @@ def measured(app: str, pid: int, url: str, path: Path, script: Path, c: int,
 
 def matrix(apps: dict[str, tuple[str, int]], bodies: dict[str, Path], script: Path,
            connections: list[int], duration: float, cpus: set[int] | None,
-           procs: Procs) -> dict[str, dict[str, float]]:
-    rows: dict[str, dict[str, float]] = {}
+           procs: Procs, repeats: int) -> dict[str, dict[str, Any]]:
+    """Each cell ``repeats`` times, the apps interleaved (A B A B ...) so that both meet
+    the same bursts of other work; every figure is the median of its runs."""
+    rows: dict[str, dict[str, Any]] = {}
     for kind, path in bodies.items():
         for c in connections:
-            for app, (base, pid) in apps.items():
-                procs.check()
-                # A short warm-up run first: connections, caches, numba's first calls.
-                wrk(base + PREDICT, path, script, c, 1, cpus)
-                r = measured(app, pid, base + PREDICT, path, script, c, duration, cpus)
+            runs: dict[str, list[dict[str, float]]] = {app: [] for app in apps}
+            for _ in range(repeats):
+                for app, (base, pid) in apps.items():
+                    procs.check()
+                    wrk(base + PREDICT, path, script, c, 1, cpus)  # connections, caches
+                    runs[app].append(measured(app, pid, base + PREDICT, path, script, c,
+                                              duration, cpus))
+            for app, got in runs.items():
+                r: dict[str, Any] = {k: float(np.median([x[k] for x in got])) for k in got[0]}
+                r["rps_runs"] = [round(x["rps"]) for x in got]
+                r["errors"] = sum(x["errors"] for x in got)
                 rows[f"{app}|{kind}|{c}"] = r
                 print(f"  {app:12} {kind:>6} c={c:<3} {r['rps']:9,.0f} req/s  p50 "
                       f"{r['p50_ms']:7.2f}  p90 {r['p90_ms']:7.2f}  p99 {r['p99_ms']:7.2f} ms"
-                      f"  cpu {r['cpu_us_per_request']:7.1f} us/req  errors {r['errors']}",
-                      flush=True)
+                      f"  cpu {r['cpu_us_per_request']:7.1f} us/req  errors {r['errors']:.0f}"
+                      f"  (median of {len(got)}: {r['rps_runs']} req/s)", flush=True)
     return rows
 
 
@@ -333,7 +342,9 @@ def system(tmp: Path, cpus: tuple[set[int] | None, set[int] | None],
 
 def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one linear script
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="wrk runs per cell and per learn+serve rate (medians)")
     parser.add_argument("--connections", default="1,8,64")
     parser.add_argument("--rates", default="3000,10000,20000,30000,0",
                         help="learn+serve producer rates, events/s (0: unthrottled)")
@@ -354,12 +365,13 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one linear sc
     connections = [int(c) for c in args.connections.split(",")]
     bounds = [float(b) for b in args.bound_ms.split(",")]
     rates = [float(r) for r in args.rates.split(",")]
-    duration, probes, repeats = args.duration, args.probes, 3
+    duration, probes, repeats = args.duration, args.probes, args.repeats
     if args.quick:
         duration, connections, rates, probes, repeats = 1.0, [8], [DEMO_RATE, 0.0], 20, 1
     if not (0.5 <= duration <= 60 and all(1 <= c <= 512 for c in connections)
-            and 1 <= probes <= 1000):
-        parser.error("--duration in 0.5..60, connections in 1..512, --probes in 1..1000")
+            and 1 <= probes <= 1000 and 1 <= repeats <= 9):
+        parser.error("--duration in 0.5..60, connections in 1..512, --probes in 1..1000, "
+                     "--repeats in 1..9")
     cpus = cpu_sets()
     results: dict[str, Any] = {"cpus": os.cpu_count(), "pinned": cpus[0] is not None,
                                "duration_s": duration}
@@ -398,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one linear sc
             if "idle" in parts:
                 print("\n1a. /predict, learning idle", flush=True)
                 results["idle"] = matrix(apps, bodies, script, connections, duration, cpus[1],
-                                         procs)
+                                         procs, repeats)
 
             print(f"\n1b. /predict while the worker learns {DEMO_RATE:,} events/s", flush=True)
             producer = procs.start("producer", producer_argv(DEMO_RATE, 2), env, cpus[1])
@@ -406,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one linear sc
             if "learning" in parts:
                 n0, t0 = asyncio.run(learned(api)), time.monotonic()
                 results["learning"] = matrix(apps, bodies, script, connections, duration,
-                                             cpus[1], procs)
+                                             cpus[1], procs, repeats)
                 results["learning_events_per_s"] = (asyncio.run(learned(api)) - n0) / (
                     time.monotonic() - t0)
                 print(f"  (the worker learned {results['learning_events_per_s']:,.0f} "
@@ -433,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one linear sc
                         for _ in range(repeats)]
                 r = {k: float(np.median([x[k] for x in runs])) for k in runs[0]}
                 r["p99_ms_runs"] = [x["p99_ms"] for x in runs]
+                r["errors"] = sum(x["errors"] for x in runs)
                 r["learned_per_s"] = (asyncio.run(learned(api)) - n0) / (time.monotonic() - t0)
                 r["rate"] = rate
                 procs.stop(producer)
