@@ -1,87 +1,13 @@
-"""The Faust worker: one agent per model spec, plus snapshot and flush timers.
+"""The Faust worker: one agent per model spec, plus snapshot, flush and merge timers.
 
 Everything numerical happens in ``streamlearn.pipeline.ModelRunner``; this module moves
-bytes between Kafka and the runners and keeps Faust's per-message machinery off the hot
-path.  Figures below are py-spy profiles and ``load_tests/bench_worker.py`` runs on this
-project's 2-core machine (shared, so absolute rates move by +-20% between runs).
-
-Where the time went: Faust's per-message pipeline
--------------------------------------------------
-Faust hands every Kafka record to streams one at a time, and that costs ~100-200 us of
-Python per message here, whatever the agent does with it:
-
-- ``Consumer._drain_messages`` awaits ``Service.wait_first(callback(message),
-  suspend_flow.wait())`` per message: two ``ensure_future`` tasks and an
-  ``asyncio.wait`` (~20% of a no-op agent's CPU);
-- ``Conductor.on_message``: flow-control and producer-buffer checks, decoding into an
-  ``Event``, ``queue.put`` (~13%);
-- the stream iterator and the ``take_events`` buffer (``_c_aiter``, ``Channel.__anext__``,
-  ``add_to_buffer``; ~15%), per-event sensors (``Monitor.on_stream_event_in/out``,
-  ``on_message_in``) and per-event acks under ``ack_lock`` (~5-8%);
-- ``to_message`` and ``track_tp_end_offset`` in ``Consumer.getmany``.
-
-A one-by-one agent ran at 3-4k events/s in the same runs (the issue measured 12k on a
-quieter machine), the old ``take_events`` worker at ~3.5k with learning ~5% of the
-profile, and public settings alone (sensors off, ``broker_max_poll_records``,
-``stream_buffer_maxsize``, ``consumer_max_fetch_size``, ``noack_take``) moved a no-op
-agent by 10-30% only: the cost is per message.
-
-The largest step Faust's public API allows: fewer, fatter messages
--------------------------------------------------------------------
-- :func:`bundling_scheduler` is a ``ConsumerScheduler`` (a documented Faust class
-  setting) that hands Faust *one* message per run of consecutive records of a partition:
-  a :class:`Bundle` of their values and offsets, carried by a record at the run's last
-  offset.  Faust registers the skipped offsets as a gap (its mechanism for compacted
-  topics and transaction markers) and commits past them only once that message is
-  acked, and the agent acks it only after its events are in the model.  Two quirks of
-  Faust 0.15's gap bookkeeping shape the details: a read offset of 0 counts as "none"
-  (so the run after offset 0 starts with a single record), and a gap includes the acked
-  offset itself, so one commit advances a partition by one bundle only (so the feeder
-  commits with ``app.commit`` once per bundle it acks).
-  ``tests/services/test_worker_pipeline.py`` replays that arithmetic with Faust's own
-  ``_add_gap``/``_new_offset``: never past an unacked bundle, caught up after one commit
-  per bundle, and stuck without the offset-0 rule.
-- Batch records (``streamlearn.batch_format``) also remove the per-event costs that
-  bundling leaves: aiokafka's per-record parsing, JSON parsing and the dict walk.
-- Learning runs on one thread per model (:class:`Feeder`), so Faust's fetching and the
-  sending of outputs overlap decoding and learning; model state is only touched on that
-  thread (snapshots are captured there too), and acks follow, in order, once a job's
-  effects are in the model.
-- ``gc.freeze()`` after start-up: full collections of the ~1M objects the model stack
-  imports stopped every thread for ~150 ms every few seconds (the loop-lag spikes).
-
-Where the time goes now (busy samples, streaming; start-up and idle excluded)
------------------------------------------------------------------------------
-JSON (~40k events/s, 10x the one-by-one agent, 0.45x the raw aiokafka+orjson ceiling):
-decode and vectorize 36% (``orjson`` itself about a third of it), aiokafka's fetch and
-per-record parsing 18%, prediction records and their producer 11%, socket I/O 10%,
-learning 6%, Faust per bundle 6%, bundling 4%, Faust's commit bookkeeping 4%, snapshots
-3%.  All of it shares one GIL, so the sum is the bound; more throughput on JSON means
-more replicas (one process per core), the scale-out the design already has.
-
-Batch records: learning used to run as ``OnlineModel.process`` per 256-row mini-batch,
-~50 us of Python each under the GIL, so learning and consuming added up on one core
-(0.46x of ``process`` alone, 0.24x of the raw aiokafka+decode ceiling in one run).
-``OnlineModel.process_many`` now learns a whole bundle or batch record in one compiled
-``nogil`` call (:mod:`streamlearn.models.fused`), so the learner thread and the event
-loop overlap on two cores: in one run the worker reached 1.22x of ``process`` alone and
-0.51x of the raw ceiling.  The other busy samples of a py-spy run, all under the GIL:
-socket reads 21%, batch decoding 15%, aiokafka 10%, prediction records 10%, Faust 6%
-(learning, mostly GIL-free now, 34%).
-
-Start-up: Faust's group join on Tansu (~1 s with the short session below) overlaps the
-load of the model stack on a thread (imports, restore, numba's kernel cache), started by
-:meth:`WorkerRuntime.begin_loading` as soon as the app is built: Faust runs app tasks
-only once it is ready, and loading there had put ~0.8 s after Faust's ready (measured
-from the worker's log); now the first event follows Faust's ready by ~0.1 s.
-``river.drift`` used to be part of that load and its critical path (spawn -> first event
-~4 s, Faust ready at ~2.8 s): it pulls scipy.stats, scikit-learn and pandas (~2 s of
-CPU), for the concept-drift detector alone.  Now the drift monitors queue their batch
-losses and replay them in order once river is in (same drift points), and the worker
-imports it on a daemon thread only once it has caught up with its backlog (or after
-``DRIFT_IMPORT_DELAY_S``), so that it slows neither the first event nor a catch-up.
-:class:`PromptTableManager` drops Faust's fixed 1 s wait for tables that this worker
-does not have.
+bytes between Kafka and the runners. The pieces live in their own modules:
+:mod:`.faust_compat` (everything that depends on Faust 0.15's quirks: bundling, the
+commit-per-bundle rule, settings), :mod:`.checkpoint` (the at-least-once protocol, one
+``Checkpoint.commit``), :mod:`.merging` (replicas that train as one model) and
+:mod:`.restore`. :class:`Feeder` learns jobs in order on one thread per model (model
+state is only touched there) and acks them once a checkpoint covers them. Why it is
+shaped this way, with the measurements: README, "Performance", worker notes.
 """
 
 from __future__ import annotations
@@ -94,25 +20,27 @@ import gc
 import logging
 import threading
 import time
-from bisect import bisect_left
-from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from itertools import accumulate
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import faust
 from aiokafka.errors import KafkaError
-from aiokafka.structs import ConsumerRecord
-from faust.tables.manager import TableManager
-from faust.transport.utils import DefaultSchedulingStrategy
-from faust.types import TP, EventT
+from faust.types import EventT
 
 from streamlearn import replicas, snapshots
 from streamlearn.config import ModelSpec
 from streamlearn.drift.concept import defer_detector_import, load_detectors_in_background
 from streamlearn.logs import RateLimitedLog
 from streamlearn.services.worker import merging, observe, restore
+from streamlearn.services.worker.checkpoint import Checkpoint, snapshot_path
+from streamlearn.services.worker.faust_compat import (  # re-exported: worker API and tests
+    Bundle,
+    PromptTableManager,  # noqa: F401
+    bundling_scheduler,  # noqa: F401
+    commit_bundles,
+    faust_credentials,  # noqa: F401
+    faust_settings,
+)
 from streamlearn.services.worker.outputs import Backoff, Outputs, declare_topics
 from streamlearn.settings import Settings
 
@@ -124,11 +52,6 @@ log = logging.getLogger("streamlearn.worker")
 #: per interval, with the count of the lines it stood for.
 limited = RateLimitedLog(log, interval_s=10.0)
 
-#: Most records and bytes one bundle carries: bounds the work behind one ack.
-BUNDLE_MAX_RECORDS = 4096
-BUNDLE_MAX_BYTES = 4 * 1024 * 1024
-#: Faust's per-topic queue holds bundles, so a few already buffer ~30k events (or 30 MB).
-STREAM_BUFFER_BUNDLES = 8
 #: A job for the learning thread is flushed at ``batch_size`` messages or this many bytes
 #: (a batch record of a few hundred rows is worth a flush on its own).
 FLUSH_BYTES = 64 * 1024
@@ -146,135 +69,6 @@ DELIVERY_CHECK_S = 2.0
 REDECLARE_EVERY_S = 5.0
 #: Cyclic-GC thresholds while streaming (CPython's default is 700, 10, 10).
 GC_THRESHOLDS = (20_000, 20, 20)
-
-
-class Bundle(NamedTuple):
-    """The value Faust carries for a run of consecutive records of one partition."""
-
-    offsets: list[int]
-    values: list[bytes | None]
-    nbytes: int
-
-
-def bundling_scheduler(
-    topics: frozenset[str],
-    max_records: int = BUNDLE_MAX_RECORDS,
-    max_bytes: int = BUNDLE_MAX_BYTES,
-) -> type[DefaultSchedulingStrategy]:
-    """A Faust ``ConsumerScheduler`` class that bundles the records of ``topics``."""
-
-    class BundlingScheduler(DefaultSchedulingStrategy):
-        """Yield one synthetic record per run of records; other topics pass through."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            # Faust's gap bookkeeping skips a read offset of 0 (it tests ``if r_offset``),
-            # so the run after a record at offset 0 starts with a single record.
-            self._after_zero: set[TP] = set()
-
-        def iterate(self, records: Mapping[TP, list]) -> Iterator[tuple[TP, Any]]:
-            rest = {tp: recs for tp, recs in records.items() if tp.topic not in topics}
-            for tp, recs in records.items():
-                if tp.topic in topics and recs:
-                    yield from ((tp, rec) for rec in self._bundles(tp, recs))
-            if rest:
-                yield from super().iterate(rest)
-
-        def _bundles(self, tp: TP, recs: Sequence[ConsumerRecord]) -> Iterator[ConsumerRecord]:
-            values = [r.value for r in recs]
-            offsets = [r.offset for r in recs]
-            ends = list(accumulate(len(v) if v else 0 for v in values))
-            i, n = 0, len(recs)
-            if tp in self._after_zero:
-                self._after_zero.discard(tp)
-                yield _bundle_record(recs[0], offsets[:1], values[:1], ends[0])
-                i = 1
-            while i < n:
-                before = ends[i - 1] if i else 0
-                j = min(i + max_records, bisect_left(ends, before + max_bytes, i) + 1, n)
-                yield _bundle_record(recs[j - 1], offsets[i:j], values[i:j], ends[j - 1] - before)
-                i = j
-            if offsets[-1] == 0:
-                self._after_zero.add(tp)
-
-    return BundlingScheduler
-
-
-def _bundle_record(last: ConsumerRecord, offsets: list[int], values: list[bytes | None],
-                   nbytes: int) -> ConsumerRecord:
-    return ConsumerRecord(
-        topic=last.topic, partition=last.partition, offset=last.offset,
-        timestamp=last.timestamp, timestamp_type=last.timestamp_type, key=None,
-        value=Bundle(offsets, values, nbytes),
-        checksum=None, serialized_key_size=0, serialized_value_size=nbytes, headers=(),
-    )
-
-
-class PromptTableManager(TableManager):
-    """Faust's table manager waits 1 s at start for late tables; with none, start at once."""
-
-    async def on_start(self) -> None:
-        if len(self):
-            await super().on_start()
-        elif not self.should_stop:
-            await self._update_channels()
-            await self.recovery.start()
-
-
-def faust_settings(settings: Settings, bootstrap: str) -> dict[str, Any]:
-    """Faust keyword settings, tuned for the embedded broker unless told otherwise.
-
-    Tansu holds a new group's JoinGroup for about half the session timeout, so
-    Faust's default 60 s session makes a worker wait ~30 s to consume. A short
-    session trades that for a risk of spurious rebalances during long batches,
-    which our sub-second mini-batches do not have; a real Kafka keeps defaults.
-    Polls are large and Faust's queue small, because each queued item is a bundle.
-    """
-    w = settings.worker
-    session = w.session_timeout_s or (2.0 if settings.fast_join else None)
-    heartbeat = w.heartbeat_interval_s or (0.5 if settings.fast_join else None)
-    opts: dict[str, Any] = {
-        "broker": f"kafka://{bootstrap}",
-        "store": "memory://",
-        "web_enabled": False,
-        "topic_partitions": settings.kafka.partitions,
-        "consumer_auto_offset_reset": "earliest",
-        "producer_linger": 0.005,
-        "stream_wait_empty": False,
-        "ConsumerScheduler": bundling_scheduler(frozenset(s.topic for s in settings.specs)),
-        "broker_max_poll_records": 2 * BUNDLE_MAX_RECORDS,
-        "consumer_max_fetch_size": BUNDLE_MAX_BYTES,
-        "stream_buffer_maxsize": STREAM_BUFFER_BUNDLES,
-        "TableManager": PromptTableManager,
-    }
-    if session:
-        opts["broker_session_timeout"] = session
-        opts["broker_rebalance_timeout"] = session * 2
-    if heartbeat:
-        opts["broker_heartbeat_interval"] = heartbeat
-    credentials = faust_credentials(settings)
-    if credentials is not None:
-        opts["broker_credentials"] = credentials
-    return opts
-
-
-def faust_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
-    """Faust's form of ``kafka.security_protocol`` and friends (None: plaintext)."""
-    k = settings.kafka
-    if k.security_protocol == "PLAINTEXT":
-        return None
-    context = k.ssl_context()
-    if k.security_protocol.startswith("SASL"):
-        creds = faust.SASLCredentials(
-            username=k.sasl_username, password=k.sasl_password.get_secret_value(),
-            ssl_context=context, mechanism=k.sasl_mechanism)
-        return creds
-    return faust.SSLCredentials(context)
-
-
-def snapshot_path(snapshot_dir: str, model: str, replica: str) -> Path:
-    """Local checkpoint file of one model shard (survives a full broker restart)."""
-    return Path(snapshot_dir) / f"{model}--{replica}.snap"
 
 
 def restore_runner(spec: ModelSpec, settings: Settings,
@@ -805,10 +599,8 @@ class WorkerRuntime:
         app.agent(topic, name=f"streamlearn.learn.{spec.name}")(learn)
 
     async def commit(self, topic: str, bundles: int) -> None:
-        """Commit what was just acked: Faust advances a partition one bundle per commit."""
-        for _ in range(bundles):
-            if not await self.app.commit({topic}):
-                break
+        """Commit what was just acked (see :func:`faust_compat.commit_bundles`)."""
+        await commit_bundles(self.app, topic, bundles)
 
     async def send_outcome(self, spec: ModelSpec, out: Outcome) -> list[asyncio.Future[Any]]:
         """Queue predictions, then dead letters, of one learned job; their delivery futures."""
@@ -896,49 +688,14 @@ class WorkerRuntime:
                 f"checkpoints of {name} failing for {failing:.0f} s: {exc}")))
 
     async def publish_snapshots(self, *, force: bool = False) -> int:
-        """Publish and checkpoint each model whose weights or counters moved since last time.
-
-        The state is captured on the model's learner thread (``to_state`` copies the
-        arrays there) and encoded on another, so the event loop only awaits.
-        """
+        """:meth:`Checkpoint.commit` each model whose weights or counters moved since last
+        time (or whose heartbeat is due); the number committed."""
         sent = 0
         async with self._snapshot_lock:
-            for name, runner in self.runners.items():
-                mark = (runner.model.version, runner.telemetry.messages)
-                # Unchanged shards are re-sent as a heartbeat: a shard not refreshed within
-                # worker.stale_after_s leaves the merge.
-                beat = self.settings.worker.stale_after_s / 3
-                if (not force and self._published.get(name) == mark
-                        and time.monotonic() - self._published_at.get(name, 0.0) < beat):
-                    continue
-                feeder = self.feeders[name]
-                state, covered = await feeder.state(self.replica, self.lineages.get(name),
-                                                    self.partitions(feeder.spec.topic))
-                state["worker"] = self.health()
-                state["observed"] = observe.observed(self, feeder, state, self.rates)
-                self.loop_lag_max = 0.0
-                payload = await asyncio.to_thread(snapshots.encode, state)
-                path = snapshot_path(self.settings.worker.snapshot_dir, name, self.replica)
-                try:  # the local checkpoint is what a restart restores: it comes first
-                    await asyncio.to_thread(snapshots.save, path, payload)
-                except OSError as exc:
-                    self.checkpoint_failed(name, exc)
-                    continue
-                if self.checkpoint_failing_since is not None:
-                    log.warning("checkpoint of %s to %s works again", name, path)
-                    self.checkpoint_failing_since = None
-                    limited.reset(("checkpoint", name))
-                key = f"{name}/{self.replica}".encode()
-                try:  # for the API; a broker outage must not stop local checkpoints
-                    signed = snapshots.sign(payload, self.settings.kafka.snapshot_key, context=key)
-                    await self.outputs.send(self.settings.kafka.models_topic, key, signed)
-                except KafkaError as exc:
-                    self.output_failed(exc)
-                    continue
-                await feeder.release(covered)  # only now may Kafka forget these events
-                self._published[name] = (int(state["version"]), state["telemetry"]["messages"])
-                self._published_at[name] = time.monotonic()
-                sent += 1
+            for name in self.runners:
+                checkpoint = Checkpoint(self, name)
+                if checkpoint.due(force) and await checkpoint.commit():
+                    sent += 1
         return sent
 
 
