@@ -325,7 +325,7 @@ class Feeder:
         may then appear twice on the output topics, none is missing).
         """
         backoff = Backoff()
-        while True:
+        while entry.futures:  # none without predictions (emit_predictions off) and dead letters
             _, pending = await asyncio.wait(entry.futures, timeout=DELIVERY_CHECK_S)
             if pending:  # still retrying inside aiokafka: a broker that restarted empty
                 await self.runtime.ensure_topics()  # answers NotLeader until they exist
