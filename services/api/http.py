@@ -50,7 +50,9 @@ if _compatible():
 
         def _start_asgi_task(self, cycle: Any, app: Any) -> None:
             fast = getattr(self.app, "fast", None)
-            if (fast is not None and cycle is self.cycle and cycle.more_body and not cycle.body
+            # Not when uvicorn substituted another app (a 503 past limit_concurrency).
+            if (fast is not None and app is self.app and cycle is self.cycle
+                    and cycle.more_body and not cycle.body
                     and not cycle.waiting_for_100_continue):
                 found = fast.eligible(cycle.scope)
                 if found is not None and 0 <= found[3] <= _impl.HIGH_WATER_LIMIT:
