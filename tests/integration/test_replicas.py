@@ -292,8 +292,11 @@ def test_rebalance_moves_partitions_without_losing_an_event(cluster: Cluster) ->
         info = _wait(client, stack, lambda i: i["events_learned"] >= n
                      and _by_replica(i)[b]["partitions"] == [0, 1, 2, 3], 60, seen)
         producing.join(30)
+        # Never back to an untrained model: at most a dip of about one merge interval of
+        # the stream (~3,000 events) while a new merge waits for the replicas to adopt it.
         learned = [i["events_learned"] for i in seen]
-        assert all(y >= x for x, y in zip(learned, learned[1:], strict=False)), "fell back"
+        peaks = [max(learned[:j + 1]) for j in range(len(learned))]
+        assert all(x >= p - 3_000 for x, p in zip(learned, peaks, strict=True)), learned
         assert n <= info["events_learned"] <= n + 10_000  # rebalance redeliveries only
         ids = asyncio.run(_prediction_ids(cluster.bootstrap, cluster.model, n))
     assert set(ids) == {f"e{i}" for i in range(n)}  # every event learned at least once
