@@ -1,10 +1,10 @@
 """The fast path of ``POST /models/{name}/predict``: the common, valid request in C.
 
-Through the FastAPI route a valid single-event request costs ~170 µs of Python
+Through the FastAPI route a valid single-event request costs ~175 µs of Python
 (dependency injection, a pydantic model of the body, a per-value validator, the route's
 exception wrapping, the vectorizer turning dicts back into typed rows); this pure ASGI
 middleware, which ``StreamlearnAPI`` runs in front of FastAPI's whole stack, answers the
-same request in ~19 µs (``load_tests/profile_predict.py --compare``):
+same request in ~21 µs (``load_tests/profile_predict.py --compare``):
 
 - the body is decoded once by a msgspec decoder built per model spec, straight into the
   vectorizer's row structs (``{"features": Row}`` or ``{"instances": [Row, ...]}``; any
