@@ -2,14 +2,15 @@
 
 Every replica ships its shard (``<model>/<replica>``) on the models topic as before,
 tagged with the merged model it is based on (:class:`Lineage`). :class:`ShardFeed` follows
-that topic. Every ``worker.merge_interval_s`` the :class:`MergeLoop`
+that topic. The :class:`MergeLoop`
 
-1. adopts the newest merged model (``<model>/@merged``) when it is newer than its base,
-   on the learner thread (the only thread that touches model state), rebasing its own
-   un-merged learning onto it (:func:`streamlearn.replicas.rebase`);
-2. if this replica has the smallest id among the fresh shards (refreshed within
-   ``worker.stale_after_s``), merges the fresh shards into the next merged model,
-   publishes it and adopts it.
+1. adopts the newest merged model (``<model>/@merged``) within ``ADOPT_POLL_S`` of its
+   arrival when it is newer than its base, on the learner thread (the only thread that
+   touches model state), rebasing its own un-merged learning onto it
+   (:func:`streamlearn.replicas.rebase`);
+2. every ``worker.merge_interval_s``, if this replica has the smallest id among the fresh
+   shards (refreshed within ``worker.stale_after_s``), merges the fresh shards into the
+   next merged model, publishes it and adopts it.
 
 The merger is elected without a protocol: every replica sees the same shards on the
 topic, and the smallest fresh id wins. While membership changes two replicas may both
@@ -50,6 +51,8 @@ limited = RateLimitedLog(log, interval_s=10.0)
 REPLICA_ID_FILE = "replica-id"
 #: Shipped states kept for an exact rebase (the merger counts one of the last few).
 SHIPS_KEPT = 4
+#: How often the merge loop looks for a newly arrived merged model to adopt.
+ADOPT_POLL_S = 0.1
 _ID = re.compile(r"^[\x21-\x2e\x30-\x7e]{1,200}$")  # printable, no '/' or spaces
 
 
@@ -318,15 +321,30 @@ class MergeLoop:
         rt = self.runtime
         await rt.ready.wait()
         interval = rt.settings.worker.merge_interval_s
+        next_merge = time.monotonic() + interval
+        seen: dict[str, int] = {}
         while True:
-            await asyncio.sleep(interval)
+            # Adopt a new merged model within ADOPT_POLL_S of its arrival (the served model
+            # lacks what replicas learned after the merged shards until they ship on it);
+            # merge every merge_interval_s.
+            await asyncio.sleep(min(ADOPT_POLL_S, interval))
+            merging_now = time.monotonic() >= next_merge
+            if merging_now:
+                next_merge = time.monotonic() + interval
             for spec in rt.settings.specs:
+                record = self.feed.records[spec.name].get(replicas.MERGED)
+                arrived = record is not None and seen.get(spec.name) != record.crc
+                if not (merging_now or arrived):
+                    continue
                 try:
-                    await self.tick(spec.name)
+                    await self.tick(spec.name, merge=merging_now)
+                    if record is not None and self.feed.caught_up:
+                        seen[spec.name] = record.crc
                 except Exception:  # noqa: BLE001 - a failed merge must not stop learning
                     log.exception("merging %s failed; retrying next interval", spec.name)
 
-    async def tick(self, name: str) -> None:
+    async def tick(self, name: str, *, merge: bool = True) -> None:
+        """Adopt the newest merged model; then merge, when elected and ``merge``."""
         rt = self.runtime
         if not self.feed.caught_up:
             return  # neither adopt nor merge from a partial view of the topic
@@ -334,6 +352,8 @@ class MergeLoop:
         merged = await self.feed.decoded(name, replicas.MERGED)
         if merged is not None and self._newer(merged, lineage):
             await self.adopt(name, merged)
+        if not merge:
+            return
         stale = rt.settings.worker.stale_after_s
         fresh = self.feed.fresh(name, stale, time.time())
         if not fresh or fresh[0] != rt.replica or (merged is None and len(fresh) < 2):
