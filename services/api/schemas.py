@@ -296,7 +296,14 @@ class ModelSummary(BaseModel):
 class ModelDetail(ModelSummary):
     """A model summary plus each replica's latest snapshot and summed worker telemetry."""
 
-    replicas: list[dict[str, Any]]
+    merged_version: int = Field(0, description="The newest merged model (data-parallel "
+                                "replicas) the served one builds on; 0: none yet.")
+    stale_replicas: list[str] = Field(default_factory=list, description="Replicas whose shard "
+                                      "was not refreshed within worker.stale_after_s: left out "
+                                      "of the served merge.")
+    replicas: list[dict[str, Any]] = Field(description="Per replica: replica, partitions, "
+                                           "version, events_learned, adopted_version, "
+                                           "staleness_s, in_merge, stale, and more.")
     telemetry: dict[str, Any]
 
 
