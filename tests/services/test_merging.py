@@ -1,0 +1,80 @@
+"""The worker's merge lineage (issue 10): restore, tagging, adoption after a restart."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+
+from streamlearn import replicas
+from streamlearn.config import ModelSpec
+from streamlearn.models import OnlineModel
+from streamlearn.services.worker.merging import SHIPS_KEPT, Lineage
+from streamlearn.synthetic import FraudStream
+
+SPEC = ModelSpec(name="m", topic="t", label="is_fraud", numeric=("amount", "hour"),
+                 categorical=("country",), hash_bits=8)
+
+
+def learn(model: OnlineModel, seed: int, n: int = 500) -> None:
+    batch, _ = model.vectorizer.transform_many(FraudStream(seed=seed).take(n))
+    model.process_many(batch)
+
+
+def snapshot(model: OnlineModel, lineage: Lineage, replica: str) -> dict[str, Any]:
+    state = model.to_state() | {"replica": replica}
+    lineage.tag(state, [0, 1])
+    return copy.deepcopy(state)
+
+
+def test_restored_lineages() -> None:
+    fresh = OnlineModel(SPEC).to_state()
+    assert Lineage.restored(fresh, "a", fresh).base is fresh  # no merge entry: the fresh base
+    own = fresh | {"replica": "a", "merge": {"base_id": "3@b", "base_version": 3, "ship": 7}}
+    lin = Lineage.restored(own, "a", fresh)
+    assert (lin.base_id, lin.base_version, lin.ship, list(lin.shipped)) == ("3@b", 3, 7, [7])
+    assert lin.base is None  # unknown after a restart: found on the topic when needed
+    sibling = own | {"replica": "b"}
+    assert Lineage.restored(sibling, "a", fresh).base_id == "foreign:b"
+    merged = fresh | {"replica": replicas.MERGED,
+                      "merge": {"merged_id": "4@b", "merged_version": 4}}
+    lin = Lineage.restored(merged, "a", fresh)
+    assert (lin.base_id, lin.base_version, lin.base) == ("4@b", 4, merged)
+
+
+def test_tag_numbers_ships_and_keeps_the_last_few() -> None:
+    lin = Lineage(base=OnlineModel(SPEC).to_state())
+    model = OnlineModel(SPEC)
+    for _ in range(SHIPS_KEPT + 2):
+        state = snapshot(model, lin, "a")
+    assert replicas.meta(state)["ship"] == SHIPS_KEPT + 2
+    assert replicas.meta(state)["partitions"] == [0, 1]
+    assert list(lin.shipped) == list(range(3, SHIPS_KEPT + 3))
+
+
+def test_a_restarted_replica_rebases_exactly_with_the_ship_found_on_the_topic() -> None:
+    fresh = OnlineModel(SPEC).to_state()
+    a, lin = OnlineModel(SPEC), Lineage(base=fresh)
+    learn(a, 1)
+    ship1 = snapshot(a, lin, "a")  # the merge will count this one
+    learn(a, 2)
+    ship2 = snapshot(a, lin, "a")  # the checkpoint at the crash
+    b = OnlineModel(SPEC)
+    learn(b, 3)
+    ship_b = b.to_state() | {"merge": {"base_id": "", "ship": 1}}
+    merged = replicas.merge(fresh, {"a": ship1, "b": ship_b}, merged_by="b", now=0.0)
+    assert merged["n_learned"] == 1000
+
+    def restarted() -> tuple[OnlineModel, Lineage]:
+        state = copy.deepcopy(ship2)
+        return OnlineModel.from_state(state), Lineage.restored(state, "a", fresh)
+
+    model, lin2 = restarted()
+    assert lin2.adopt(model, "a", merged, found=copy.deepcopy(ship1)) == "exact"
+    assert model.n_learned == 1500  # a's second 500 kept, nothing counted twice
+    assert lin2.base_id == replicas.merged_id(merged) and lin2.shipped == {}
+    np.testing.assert_allclose(model.scaler.count, 1500)
+    model, lin2 = restarted()
+    assert lin2.adopt(model, "a", merged) == "oldest"  # ship 1 not found: the loss is bounded
+    assert model.n_learned == 1000
