@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import faust
 from aiokafka.errors import KafkaError
@@ -174,6 +174,32 @@ def _nbytes(event: EventT) -> int:
     return value.nbytes if isinstance(value, Bundle) else len(value or b"")
 
 
+class FeederHost(Protocol):
+    """What a :class:`Feeder` needs from the process around it (the runtime, or a test's
+    stand-in): settings, its outputs and their health, topic re-declaration, the commit,
+    and a way to stop the worker. Model state is the Feeder's own, on its learner thread."""
+
+    settings: Settings
+
+    async def send_outcome(self, spec: ModelSpec, out: Outcome) -> list[asyncio.Future[Any]]:
+        ...
+
+    async def ensure_topics(self, *, force: bool = False) -> None:
+        ...
+
+    def output_failed(self, exc: BaseException) -> None:
+        ...
+
+    def output_recovered(self) -> None:
+        ...
+
+    async def commit(self, topic: str, bundles: int) -> None:
+        ...
+
+    async def crash(self, exc: BaseException) -> None:
+        ...
+
+
 class Feeder:
     """Mini-batches of bundles, learned in order on one thread, acked once checkpointed.
 
@@ -185,7 +211,7 @@ class Feeder:
     snapshot interval is learned twice.
     """
 
-    def __init__(self, runtime: WorkerRuntime, spec: ModelSpec, runner: ModelRunner) -> None:
+    def __init__(self, runtime: FeederHost, spec: ModelSpec, runner: ModelRunner) -> None:
         self.runtime = runtime
         self.spec = spec
         self.runner = runner
@@ -280,8 +306,8 @@ class Feeder:
                 except Exception:  # noqa: BLE001 - never ack it; Kafka redelivers
                     log.exception("learning a job of %d messages failed; not acking it",
                                   sum(len(b.values) for b in blocks))
-                    await self.runtime.app.crash(RuntimeError(f"learner of {self.spec.name} "
-                                                              "failed"))
+                    await self.runtime.crash(RuntimeError(f"learner of {self.spec.name} "
+                                                          "failed"))
                     return
                 await self.learned.put((seq, job, out))
         finally:
@@ -601,6 +627,10 @@ class WorkerRuntime:
     async def commit(self, topic: str, bundles: int) -> None:
         """Commit what was just acked (see :func:`faust_compat.commit_bundles`)."""
         await commit_bundles(self.app, topic, bundles)
+
+    async def crash(self, exc: BaseException) -> None:
+        """Stop the worker with ``exc`` (a learner that failed)."""
+        await self.app.crash(exc)
 
     async def send_outcome(self, spec: ModelSpec, out: Outcome) -> list[asyncio.Future[Any]]:
         """Queue predictions, then dead letters, of one learned job; their delivery futures."""
