@@ -47,6 +47,10 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 _REPLICA = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, no spaces
 _MAX_COUNT = 2**53  # counters and versions beyond this are not from a real stream
 _WEIGHT_NAMES = ("w", "s1", "s2", "V", "s1v", "s2v")
+#: Builds (merges) cheaper than this are never deferred; costlier ones run at most once per
+#: MERGE_BUDGET times their cost, so merging takes at most 1/MERGE_BUDGET of a core.
+MERGE_DEFER_S = 0.02
+MERGE_BUDGET = 4.0
 
 
 def _empty_telemetry() -> dict[str, Any]:
@@ -544,6 +548,12 @@ class ModelStore:
         self._shards: dict[str, dict[str, _Shard]] = {}
         # Copy-on-write: readers take this reference without locking.
         self._served: Mapping[str, Served] = MappingProxyType({})
+        # Merging many shards of a large model costs (bench_merge: ~0.6 s at 2^22): a
+        # model whose last build took longer than MERGE_DEFER_S is rebuilt at most once
+        # per MERGE_BUDGET x that time; offers meanwhile only update its shards (dirty).
+        self._build_cost: dict[str, float] = {}
+        self._built_at: dict[str, float] = {}
+        self._dirty: set[str] = set()
         self.stats = StoreStats()
 
     # -- reads (lock-free) -----------------------------------------------------
@@ -726,8 +736,13 @@ class ModelStore:
             for r in dropped:
                 log.warning("dropping replica %s/%s: its spec differs from the newest", name, r)
                 del shards[r]
+            if self._defer(name):
+                self._shards[name] = shards
+                self._dirty.add(name)
+                self.stats.accepted += 1
+                return "accepted"
             try:
-                served = self._build(name, shards)
+                served = self._timed_build(name, shards)
             except Exception as exc:  # noqa: BLE001 - a bad merge keeps the old model
                 return "rejected:" + self.count_reject(key, "merge_failed",
                                                        f"{type(exc).__name__}: {exc}")
@@ -736,6 +751,19 @@ class ModelStore:
             self.stats.accepted += 1
         log.info("serving %s v%d from %d replica(s)", name, served.version, len(shards))
         return "accepted"
+
+    def _defer(self, name: str) -> bool:
+        cost = self._build_cost.get(name, 0.0)
+        return (cost > MERGE_DEFER_S and name in self._served
+                and self._monotonic() - self._built_at.get(name, 0.0) < MERGE_BUDGET * cost)
+
+    def _timed_build(self, name: str, shards: dict[str, _Shard]) -> Served:
+        t0 = time.perf_counter()
+        served = self._build(name, shards)
+        self._build_cost[name] = time.perf_counter() - t0
+        self._built_at[name] = self._monotonic()
+        self._dirty.discard(name)
+        return served
 
     def remove(self, key: str) -> bool:
         """Forget one replica (a tombstone); the model is rebuilt from the others."""
@@ -757,19 +785,20 @@ class ModelStore:
 
     def refresh(self) -> list[str]:
         """Rebuild the models whose set of fresh shards changed with time (a replica went
-        quiet past ``policy.stale_after_s``); returns their names. Cheap when none did."""
-        if self.policy.stale_after_s is None:
-            return []
+        quiet past ``policy.stale_after_s``), or whose costly rebuild was deferred and is
+        due; returns their names. Cheap when none is."""
         changed = []
         with self._lock:
             for name, shards in self._shards.items():
                 served = self._served.get(name)
                 fresh = tuple(sorted(self._fresh(shards)))
-                if served is None or fresh == tuple(sorted(
-                        r for r in served.replicas if r not in served.stale)):
+                if name not in self._dirty and (served is None or fresh == tuple(sorted(
+                        r for r in served.replicas if r not in served.stale))):
+                    continue
+                if name in self._dirty and self._defer(name):
                     continue
                 try:
-                    self._publish(name, self._build(name, shards))
+                    self._publish(name, self._timed_build(name, shards))
                 except Exception as exc:  # noqa: BLE001 - keep the old model
                     self.count_reject(f"{name}/*", "merge_failed", f"{type(exc).__name__}: {exc}")
                     continue

@@ -254,3 +254,25 @@ def test_store_serves_the_merge_and_drops_stale_shards() -> None:
     assert served.replicas["a"].staleness_s(now[0]) == pytest.approx(13.0)
     assert served.model.n_learned == 1500  # what a learned was merged before: kept
     assert store.refresh() == []
+
+
+def test_store_defers_costly_merges_and_refresh_catches_up(monkeypatch) -> None:
+    from streamlearn import serving, snapshots
+    from streamlearn.serving import ModelStore
+
+    monkeypatch.setattr(serving, "MERGE_DEFER_S", 0.0)  # every build counts as costly
+    mono = [100.0]
+    store = ModelStore(monotonic=lambda: mono[0])
+    s = spec("ftrl")
+    states = []
+    for r, seed in (("a", 1), ("b", 2)):
+        model = OnlineModel(s)
+        learn(model, events(seed, 300))
+        states.append(model.to_state() | {"merge": {"base_id": "", "ship": 1}})
+        store.offer(f"m/{r}", snapshots.encode(states[-1]))
+    # The second offer came at the same instant as the first build: deferred.
+    assert store.get("m").model.n_learned == 300 and list(store.get("m").replicas) == ["a"]
+    assert store.refresh() == []  # still within the budget
+    mono[0] += 60.0
+    assert store.refresh() == ["m"]
+    assert store.get("m").model.n_learned == 600 and sorted(store.get("m").replicas) == ["a", "b"]
