@@ -278,6 +278,7 @@ class FastPredictMiddleware:
         if not all(map(math.isfinite, predictions)):
             raise _Unsure
         out: dict[str, Any] = {"model": name, "version": served.version,
+               "merged_version": served.merged_version,
                                "snapshot_age_s": round(served.age_s(), 3),
                                "predictions": predictions}
         single = features is not msgspec.UNSET

@@ -238,6 +238,8 @@ class _Served(BaseModel):
     model: str = Field(description="Model name.")
     version: int = Field(description="Served model version (max over replicas).")
     snapshot_age_s: float = Field(description="Seconds since the served model last learned.")
+    merged_version: int = Field(0, description="The merged model (data-parallel replicas) "
+                                "the served one builds on; 0 before the first merge.")
 
 
 class Reason(BaseModel):

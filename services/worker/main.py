@@ -53,12 +53,19 @@ def run(settings: Settings) -> int:
     """Run until SIGINT/SIGTERM; return the exit code."""
     from faust.worker import Worker
 
+    from streamlearn.services.worker import merging
     from streamlearn.services.worker.app import build_app
 
     limit_malloc_arenas()
     if not settings.specs:
         print("streamlearn worker: no [[model]] configured: nothing to consume", file=sys.stderr)
         return 2
+    try:  # claims this replica's id in the snapshot dir now: an unusable dir fails fast
+        merging.replica_id(settings)
+    except OSError as exc:
+        print(f"streamlearn worker: the snapshot directory {settings.worker.snapshot_dir!r} "
+              f"is not usable ({exc}); checkpoints need a writable directory", file=sys.stderr)
+        return 3
     broker = None
     bootstrap = settings.kafka.bootstrap
     if not bootstrap:

@@ -174,6 +174,7 @@ def test_two_replicas_train_one_model_and_a_stopped_one_leaves_the_merge(stack) 
         for i in range(0, len(holdout), 1000):
             r = client.post("/models/rep/predict", json={"instances": holdout[i:i + 1000]})
             assert r.status_code == 200, r.text
+            assert r.json()["merged_version"] >= 3  # answers name the merged model they use
             scores.extend(r.json()["predictions"])
         y = np.array([e.get("is_fraud", 0) for e in holdout])
         served_auc = roc_auc(y, np.array(scores))

@@ -172,8 +172,10 @@ def test_predict_one_event(client: TestClient, model: OnlineModel,
     r = client.post("/models/fraud/predict", json={"features": events[0]})
     assert r.status_code == 200
     body = r.json()
-    assert set(body) == {"model", "version", "snapshot_age_s", "predictions", "score"}
+    assert set(body) == {"model", "version", "merged_version", "snapshot_age_s",
+                         "predictions", "score"}
     assert body["model"] == "fraud" and body["version"] == model.version
+    assert body["merged_version"] == 0  # one shard, no merged model yet
     expected = float(model.predict_events([events[0]])[0])
     assert body["predictions"] == [pytest.approx(expected, rel=1e-6)]
     assert body["score"] == body["predictions"][0]

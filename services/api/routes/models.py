@@ -146,7 +146,7 @@ async def predict(
         raise _not_finite(("body", "features") if single else ("body", "instances", bad[0]),
                           "the score" if single else f"the score of instance {bad[0]}")
     out: dict[str, Any] = {
-        "model": name, "version": served.version,
+        "model": name, "version": served.version, "merged_version": served.merged_version,
         "snapshot_age_s": round(served.age_s(), 3), "predictions": predictions,
     }
     single = body.features is not None
@@ -183,7 +183,7 @@ async def explain(name: str, body: ExplainRequest, store: StoreDep) -> Response:
         raise _not_finite(("body", "features"),
                           f"the contribution of {bad[:5]}" if bad else "the margin")
     return OrjsonResponse({
-        "model": name, "version": served.version,
+        "model": name, "version": served.version, "merged_version": served.merged_version,
         "snapshot_age_s": round(served.age_s(), 3), **result,
     })
 
@@ -195,6 +195,6 @@ async def drift(name: str, store: StoreDep) -> Response:
     feature's data-drift score (worst first) and the drift actions taken."""
     served = served_or_404(store, name)
     return OrjsonResponse({
-        "model": name, "version": served.version,
+        "model": name, "version": served.version, "merged_version": served.merged_version,
         "snapshot_age_s": round(served.age_s(), 3), **served.model.drift_report(),
     })
