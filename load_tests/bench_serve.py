@@ -311,7 +311,7 @@ async def freshness(bootstrap: str, base: str, n_probes: int, period: float,
 
 @contextlib.contextmanager
 def system(tmp: Path, cpus: tuple[set[int] | None, set[int] | None],
-           snapshot_interval: float = 0.5) -> Iterator[dict[str, Any]]:
+           snapshot_interval: float = 0.25) -> Iterator[dict[str, Any]]:
     from streamlearn.broker import EmbeddedBroker, free_port
 
     server_cpus, other_cpus = cpus
@@ -350,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one linear sc
                         help="learn+serve producer rates, events/s (0: unthrottled)")
     parser.add_argument("--bound-ms", default="2,5,10",
                         help="/predict p99 bounds of the learn+serve figure (comma-separated)")
-    parser.add_argument("--snapshot-interval", type=float, default=0.5,
-                        help="worker.snapshot_interval_s (default 0.5, the demo's)")
+    parser.add_argument("--snapshot-interval", type=float, default=0.25,
+                        help="worker.snapshot_interval_s (default 0.25, the demo's)")
     parser.add_argument("--probes", type=int, default=60)
     parser.add_argument("--quick", action="store_true",
                         help="1 s runs, 8 connections, two rates, 20 probes (a smoke run)")

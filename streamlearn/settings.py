@@ -134,7 +134,7 @@ class WorkerSettings(_Section):
     # A shard not refreshed for this long leaves the merge (and the served model).
     stale_after_s: float = Field(15.0, gt=0)
     batch_within_s: float = Field(0.2, gt=0, description="max wait to fill a mini-batch")
-    snapshot_interval_s: float = Field(0.5, gt=0)
+    snapshot_interval_s: float = Field(0.25, gt=0)
     snapshot_dir: str = ".snapshots"
     # Fast group join on the embedded broker; a real Kafka wants Kafka's defaults.
     session_timeout_s: float | None = Field(None, gt=0)
