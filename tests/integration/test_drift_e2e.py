@@ -1,5 +1,5 @@
 """Drift end to end on the real embedded broker: ``produce --drift-at`` -> the worker detects
-it and resets the model -> the API shows it in ``/models/fraud/drift`` and ``/metrics``;
+it and resets the model -> the API shows it in ``/models/driftfraud/drift`` and ``/metrics``;
 then a rollback requested over HTTP (bearer token) reaches the worker through the commands
 topic and comes back in the history.  Worker and API are the processes users run.
 """
@@ -38,7 +38,7 @@ batch_within_s = 0.1
 [api]
 admin_token = "TOKEN"
 [[model]]
-name = "fraud"
+name = "driftfraud"  # its own <model>.predictions topic on the shared test broker
 topic = "drift.transactions"
 label = "is_fraud"
 numeric = ["amount", "hour", "distance_km", "card_age_days", "tx_last_hour"]
@@ -88,7 +88,7 @@ def _wait_drift(client: httpx.Client, stack: dict[str, str],
     body: dict[str, Any] = {}
     while time.monotonic() < deadline:
         try:
-            r = client.get("/models/fraud/drift")
+            r = client.get("/models/driftfraud/drift")
             if r.status_code == 200:
                 body = r.json()
                 if predicate(body):
@@ -115,11 +115,11 @@ def test_injected_drift_is_detected_acted_on_and_exposed(stack):
         assert reset["action"] == "reset" and reset["trigger"] == "concept_drift"
         assert reset["offsets"]["drift.transactions:0"] > DRIFT_AT  # where it happened
         metrics = client.get("/metrics").text
-        assert 'streamlearn_drift_actions_total{action="reset",model="fraud"} 1.0' in metrics
-        assert 'streamlearn_consumer_lag{model="fraud",partition="0"' in metrics
+        assert 'streamlearn_drift_actions_total{action="reset",model="driftfraud"} 1.0' in metrics
+        assert 'streamlearn_consumer_lag{model="driftfraud",partition="0"' in metrics
 
-        assert client.post("/models/fraud/rollback").status_code == 401
-        r = client.post("/models/fraud/rollback", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert client.post("/models/driftfraud/rollback").status_code == 401
+        r = client.post("/models/driftfraud/rollback", headers={"Authorization": f"Bearer {TOKEN}"})
         assert r.status_code == 202, r.text
         body = _wait_drift(client, stack, lambda b: b["actions"]["counts"]["rollback"] >= 1, 60)
         last = body["actions"]["history"][-1]

@@ -100,7 +100,8 @@ def test_keep_alive_requests_are_answered_on_the_fast_path(server: Any) -> None:
             out = orjson.loads(body)
             expected = store.get("fraud").model.predict_events([EVENT]).tolist()  # type: ignore[union-attr]
             assert out["predictions"] == expected and out["score"] == expected[0]
-            assert list(out) == ["model", "version", "snapshot_age_s", "predictions", "score"]
+            assert list(out) == ["model", "version", "merged_version", "snapshot_age_s",
+                                     "predictions", "score"]
     assert stats.answered == before + 3
 
 
