@@ -315,9 +315,11 @@ class Evaluator:
         # hash_bits=1: the same compiled signature without a second copy of a large model
         spec = dataclasses.replace(self.model.spec, hash_bits=1)
         throwaway = OnlineModel(spec, device=self.model.backend.name)
-        hashed = np.full((1, len(spec.categorical)), spec.n_numeric, dtype=np.int64)
-        throwaway.process_many(FeatureBatch(np.zeros((1, spec.n_numeric)), hashed,
-                                            np.zeros(1, np.float32), [0]))
+        # A whole mini-batch, so the concept-drift detector is built (river's import) too.
+        n = spec.batch_size
+        hashed = np.full((n, len(spec.categorical)), spec.n_numeric, dtype=np.int64)
+        throwaway.process_many(FeatureBatch(np.zeros((n, spec.n_numeric)), hashed,
+                                            np.zeros(n, np.float32), list(range(n))))
 
     def finish(self) -> None:
         """Learn the last, short mini-batch."""
