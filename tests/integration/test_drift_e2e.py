@@ -7,9 +7,6 @@ topic and comes back in the history.  Worker and API are the processes users run
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +15,6 @@ from typing import Any
 import httpx
 import pytest
 
-from streamlearn.broker import free_port
 from streamlearn.services.producer import produce
 from streamlearn.services.worker.outputs import declare_topics
 
@@ -51,30 +47,11 @@ drift_cooldown = 20000
 
 
 @pytest.fixture(scope="module")
-def stack(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    tmp = tmp_path_factory.mktemp("drift")
-    (tmp / "streamlearn.toml").write_text(CONFIG)
-    port = free_port()
-    env = {**os.environ, "STREAMLEARN_CONFIG": str(tmp / "streamlearn.toml"),
-           "STREAMLEARN_KAFKA__BOOTSTRAP": broker, "STREAMLEARN_KAFKA__FAST_JOIN": "true",
-           "STREAMLEARN_WORKER__SNAPSHOT_DIR": str(tmp / "snapshots"),
-           "STREAMLEARN_WORKER__REPLICA_ID": "drift-0", "STREAMLEARN_API__PORT": str(port)}
-    logs = {name: open(tmp / f"{name}.log", "wb") for name in ("worker", "api")}
-    procs = [subprocess.Popen([sys.executable, "-m", "streamlearn", name], env=env,
-                              stdout=logs[name], stderr=subprocess.STDOUT)
-             for name in ("worker", "api")]
-    try:
-        yield {"base": f"http://127.0.0.1:{port}", "bootstrap": broker, "dir": str(tmp)}
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for fh in logs.values():
-            fh.close()
+def stack(broker: str, tmp_path_factory: pytest.TempPathFactory,
+          services: Callable[..., Any]) -> Iterator[dict[str, str]]:
+    with services(tmp_path_factory.mktemp("drift"), CONFIG, broker,
+                  {"STREAMLEARN_WORKER__REPLICA_ID": "drift-0"}) as stack:
+        yield stack
 
 
 def _logs(stack: dict[str, str]) -> str:

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -21,7 +19,6 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from streamlearn.broker import free_port
 from streamlearn.prequential import roc_auc
 from streamlearn.synthetic import FraudStream
 
@@ -48,41 +45,11 @@ batch_size = 256
 
 
 @pytest.fixture(scope="module")
-def stack(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    tmp = tmp_path_factory.mktemp("stack")
-    (tmp / "streamlearn.toml").write_text(CONFIG)
-    port = free_port()
-    env = {
-        **os.environ,
-        "STREAMLEARN_CONFIG": str(tmp / "streamlearn.toml"),
-        "STREAMLEARN_KAFKA__BOOTSTRAP": broker,
-        "STREAMLEARN_KAFKA__FAST_JOIN": "true",
-        "STREAMLEARN_WORKER__SNAPSHOT_DIR": str(tmp / "snapshots"),
-        "STREAMLEARN_WORKER__REPLICA_ID": "it-0",
-        "STREAMLEARN_API__PORT": str(port),
-    }
-    logs = {name: open(tmp / f"{name}.log", "wb") for name in ("worker", "api")}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "streamlearn", name],
-            env=env,
-            stdout=logs[name],
-            stderr=subprocess.STDOUT,
-        )
-        for name in ("worker", "api")
-    ]
-    try:
-        yield {"base": f"http://127.0.0.1:{port}", "bootstrap": broker, "dir": str(tmp)}
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for fh in logs.values():
-            fh.close()
+def stack(broker: str, tmp_path_factory: pytest.TempPathFactory,
+          services: Callable[..., Any]) -> Iterator[dict[str, str]]:
+    with services(tmp_path_factory.mktemp("stack"), CONFIG, broker,
+                  {"STREAMLEARN_WORKER__REPLICA_ID": "it-0"}) as stack:
+        yield stack
 
 
 def _tail(stack: dict[str, str]) -> str:

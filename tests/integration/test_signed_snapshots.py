@@ -7,13 +7,11 @@ records are written to the models topic by an outside producer, as an attacker w
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -21,7 +19,6 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from streamlearn import snapshots
-from streamlearn.broker import free_port
 from streamlearn.config import ModelSpec
 from streamlearn.models import OnlineModel
 from streamlearn.synthetic import FraudStream
@@ -47,39 +44,17 @@ hash_bits = 10
 
 
 @pytest.fixture(scope="module")
-def stack(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    tmp = tmp_path_factory.mktemp("signed")
-    (tmp / "streamlearn.toml").write_text(CONFIG)
-    port = free_port()
+def stack(broker: str, tmp_path_factory: pytest.TempPathFactory,
+          services: Callable[..., Any]) -> Iterator[dict[str, str]]:
     env = {
-        **os.environ,
-        "STREAMLEARN_CONFIG": str(tmp / "streamlearn.toml"),
-        "STREAMLEARN_KAFKA__BOOTSTRAP": broker,
-        "STREAMLEARN_KAFKA__FAST_JOIN": "true",
         "STREAMLEARN_KAFKA__MODELS_TOPIC": MODELS,
         "STREAMLEARN_KAFKA__SNAPSHOT_KEY": SECRET,
         "STREAMLEARN_API__REQUIRE_SIGNED_SNAPSHOTS": "true",
         "STREAMLEARN_WORKER__APP_ID": "signed-worker",
-        "STREAMLEARN_WORKER__SNAPSHOT_DIR": str(tmp / "snapshots"),
         "STREAMLEARN_WORKER__REPLICA_ID": "signed-0",
-        "STREAMLEARN_API__PORT": str(port),
     }
-    logs = {name: open(tmp / f"{name}.log", "wb") for name in ("worker", "api")}
-    procs = [subprocess.Popen([sys.executable, "-m", "streamlearn", name], env=env,
-                              stdout=logs[name], stderr=subprocess.STDOUT)
-             for name in ("worker", "api")]
-    try:
-        yield {"base": f"http://127.0.0.1:{port}", "bootstrap": broker, "dir": str(tmp)}
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for fh in logs.values():
-            fh.close()
+    with services(tmp_path_factory.mktemp("signed"), CONFIG, broker, env) as stack:
+        yield stack
 
 
 def _logs(stack: dict[str, str]) -> str:
