@@ -33,6 +33,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_predict import MODEL, build_snapshot  # noqa: E402
+from profile_predict import call as asgi_post  # noqa: E402
 
 
 def make_app(snapshot: Path, fast: bool, bands: bool) -> Any:
@@ -55,32 +56,7 @@ def make_app(snapshot: Path, fast: bool, bands: bool) -> Any:
 
 
 async def call(app: Any, query: bytes, body: bytes) -> tuple[int, bytes]:
-    path = f"/models/{MODEL}/predict"
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": query,
-             "root_path": "", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 1),
-             "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
-                         (b"content-length", str(len(body)).encode())]}
-    sent = False
-    status = 0
-    chunks: list[bytes] = []
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            await asyncio.sleep(3600)
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        elif message["type"] == "http.response.body":
-            chunks.append(message.get("body", b""))
-
-    await app(scope, receive, send)
-    return status, b"".join(chunks)
+    return await asgi_post(app, f"/models/{MODEL}/predict", body, query)
 
 
 async def timed(app: Any, query: bytes, bodies: list[bytes], n: int) -> float:

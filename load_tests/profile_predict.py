@@ -39,10 +39,10 @@ def make_app(snapshot: Path, fast: bool = True) -> Any:
     return create_app(settings, store)
 
 
-async def call(app: Any, path: str, body: bytes) -> tuple[int, bytes]:
-    """One request through the ASGI app; returns (status, body)."""
+async def call(app: Any, path: str, body: bytes, query: bytes = b"") -> tuple[int, bytes]:
+    """One POST through the ASGI app, without a server or client; returns (status, body)."""
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": query,
              "root_path": "", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 1),
              "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
                          (b"content-length", str(len(body)).encode())]}
