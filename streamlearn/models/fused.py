@@ -33,9 +33,6 @@ from streamlearn.kernels.cpu import (
     scaler_update,
 )
 from streamlearn.models.target import (
-    T_COUNT,
-    T_M2,
-    T_MEAN,
     shift_bias_to_prior,
     standardize,
     target_scale,
@@ -52,21 +49,13 @@ KIND_FM = 2
 def sigmoid_into(m, out):  # pragma: no cover - compiled
     """``out = 1 / (1 + exp(-clip(m, -50, 50)))``, evaluated in float64."""
     for i in range(m.shape[0]):
-        x = min(max(np.float64(m[i]), -50.0), 50.0)
-        out[i] = 1.0 / (1.0 + math.exp(-x))
+        out[i] = _sigmoid(m[i])
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _target_update_one(target, y):  # pragma: no cover - compiled
-    """``target_update(target, [y])`` without the array: the same operations, in order."""
-    n = 1
-    mb = np.float64(y) / n
-    na = target[T_COUNT]
-    tot = na + n
-    delta = mb - target[T_MEAN]
-    target[T_MEAN] += delta * n / tot
-    target[T_M2] += 0.0 + delta * delta * na * n / tot
-    target[T_COUNT] = tot
+def _sigmoid(m):  # pragma: no cover - compiled
+    x = min(max(np.float64(m), -50.0), 50.0)
+    return 1.0 / (1.0 + math.exp(-x))
 
 
 @njit(cache=True, nogil=True)
@@ -106,8 +95,7 @@ def per_event_linear(  # pragma: no cover - compiled
             m += np.float64(one) * w[hashed[r, c]]
         m32 = np.float32(m)
         if link:
-            x = min(max(np.float64(m32), -50.0), 50.0)
-            scores[r] = 1.0 / (1.0 + math.exp(-x))
+            scores[r] = _sigmoid(m32)
         elif prior:
             t_mean, t_std = target_scale(target)
             scores[r] = t_mean + t_std * np.float64(m32)
@@ -118,7 +106,7 @@ def per_event_linear(  # pragma: no cover - compiled
             continue
         yy = np.float64(yv)
         if prior:
-            _target_update_one(target, yv)
+            target_update(target, labels[r : r + 1])  # a view: no allocation
             moved = True
             if not logistic:
                 t_mean, t_std = target_scale(target)
