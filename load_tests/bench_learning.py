@@ -472,18 +472,23 @@ def _hashed_or_empty(s: Stream) -> np.ndarray:
     return np.empty((len(s), 0), dtype=np.int64)
 
 
-def run_sl_model(s: Stream, lr: float) -> Result:
-    model = OnlineModel(sl_spec(s, lr), device="cpu")
-    hashed = _hashed_or_empty(s)
+def drive_records(model: OnlineModel, numeric: np.ndarray, hashed: np.ndarray, y: np.ndarray,
+                  bounds: Iterator[tuple[int, int]]) -> Result:
+    """``process_many`` on each ``[a, b)`` record, as the worker does; only learning is timed."""
     records = [
-        (a, b, FeatureBatch(s.numeric[a:b], hashed[a:b], s.y[a:b], list(range(a, b))))
-        for a, b in s.records()
+        (a, b, FeatureBatch(numeric[a:b], hashed[a:b], y[a:b], list(range(a, b))))
+        for a, b in bounds
     ]
-    out = np.empty(len(s))
+    out = np.empty(len(y))
     with Clock() as clk:
         for a, b, fb in records:
             out[a:b] = model.process_many(fb).scores
     return Result(out, clk.wall, clk.cpu)
+
+
+def run_sl_model(s: Stream, lr: float) -> Result:
+    model = OnlineModel(sl_spec(s, lr), device="cpu")
+    return drive_records(model, s.numeric, _hashed_or_empty(s), s.y, s.records())
 
 
 def _events(s: Stream, a: int, b: int) -> list[dict[str, Any]]:
@@ -1195,18 +1200,8 @@ def _lr_sets(lr: float | None) -> dict[str, Any]:
 
 def real_sl_arrays(rs: RealStream, lr: float | None) -> Result:
     spec = real_spec(rs, _lr_sets(lr))
-    model = _real_model(spec)
-    hashed = sl_slots(rs, spec)
-    y = rs.y.astype(np.float32)
-    records = [
-        (a, b, FeatureBatch(rs.numeric[a:b], hashed[a:b], y[a:b], list(range(a, b))))
-        for a, b in rs.slices(RECORD)
-    ]
-    out = np.empty(len(rs))
-    with Clock() as clk:
-        for a, b, fb in records:
-            out[a:b] = model.process_many(fb).scores
-    return Result(out, clk.wall, clk.cpu)
+    return drive_records(_real_model(spec), rs.numeric, sl_slots(rs, spec),
+                         rs.y.astype(np.float32), rs.slices(RECORD))
 
 
 def real_events(rs: RealStream, a: int, b: int) -> list[dict[str, Any]]:
