@@ -262,12 +262,17 @@ def pool_metrics(parts: list[dict[str, Any]]) -> dict[str, Any]:
     sizes = np.array([len(p["y"]) for p in parts], dtype=np.float64)
     total = sizes.sum()
     keep = sizes if total <= window else np.floor(sizes * (window / total))
-    ys = [np.asarray(p["y"], dtype=np.float32)[len(p["y"]) - int(k):]
-          for p, k in zip(parts, keep, strict=True)]
-    ps = [np.asarray(p["p"], dtype=np.float32)[len(p["p"]) - int(k):]
-          for p, k in zip(parts, keep, strict=True)]
-    return {"task": parts[0]["task"], "window": window, "n": sum(int(p["n"]) for p in parts),
-            "y": np.concatenate(ys), "p": np.concatenate(ps)}
+    def tail(name: str, dtype: Any) -> np.ndarray:
+        return np.concatenate([np.asarray(p[name], dtype=dtype)[len(p[name]) - int(k):]
+                               for p, k in zip(parts, keep, strict=True)])
+
+    out = {"task": parts[0]["task"], "window": window, "n": sum(int(p["n"]) for p in parts),
+           "y": tail("y", np.float32), "p": tail("p", np.float32)}
+    if "top_k" in parts[0]:
+        out["top_k"] = int(parts[0]["top_k"])
+    if all(p.get("day") is not None and len(p["day"]) == len(p["y"]) for p in parts):
+        out["day"] = tail("day", np.int32)  # so precision at top-k per day survives a merge
+    return out
 
 
 def eligible(base: Mapping[str, Any], shards: Mapping[str, Mapping[str, Any]]) -> list[str]:

@@ -190,29 +190,13 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
         updated_at=max(float(s.get("updated_at", 0.0)) for s in states),
         weights=weights,
         scaler=scaler.to_state(),
-        metrics=_pool_metrics([s["metrics"] for s in states]),
+        metrics=merging.pool_metrics([s["metrics"] for s in states]),
     )
     if any("telemetry" in s for s in states):
         merged["telemetry"] = sum_telemetry([clean_telemetry(s.get("telemetry")) for s in states])
     if any("replica" in s for s in states):
         merged["replica"] = ",".join(sorted(str(s.get("replica", "?")) for s in states))
     return merged
-
-
-def _pool_metrics(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Pool prequential windows: each shard keeps a share proportional to its size."""
-    window = int(parts[0]["window"])
-    sizes = np.array([len(p["y"]) for p in parts], dtype=np.float64)
-    total = sizes.sum()
-    keep = sizes if total <= window else np.floor(sizes * (window / total))
-    ys = [np.asarray(p["y"], dtype=np.float32)[len(p["y"]) - int(k) :] for p, k in zip(
-        parts, keep, strict=True)]
-    ps = [np.asarray(p["p"], dtype=np.float32)[len(p["p"]) - int(k) :] for p, k in zip(
-        parts, keep, strict=True)]
-    return {
-        "task": parts[0]["task"], "window": window, "n": sum(int(p["n"]) for p in parts),
-        "y": np.concatenate(ys), "p": np.concatenate(ps),
-    }
 
 
 @dataclass(frozen=True, slots=True)
