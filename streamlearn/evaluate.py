@@ -62,7 +62,7 @@ from streamlearn.batch_format import BatchFormatError, BatchRecord, Column, Feat
 from streamlearn.config import ModelSpec
 from streamlearn.features import _MISSING, FeatureBatch, Vectorizer, stable_hash
 from streamlearn.models import OnlineModel
-from streamlearn.pipeline import JsonDecoder
+from streamlearn.pipeline import JsonDecoder, decode_json, decode_record
 
 #: (key, label) of the metrics per task, in the order they are printed.
 BINARY_METRICS: tuple[tuple[str, str], ...] = (
@@ -936,7 +936,7 @@ class MessageDecoder:
                 self._json(run, parts)
                 run = []
                 try:
-                    parts.append(self.batches.decode(value))  # type: ignore[arg-type]
+                    parts.append(decode_record(self.batches, value))  # type: ignore[arg-type]
                 except BatchFormatError as exc:
                     self._drop(f"bad batch record: {exc}")
             else:
@@ -951,7 +951,7 @@ class MessageDecoder:
 
     def _json(self, values: list[bytes | None], parts: list[FeatureBatch]) -> None:
         if values:
-            batch, rejects = self.json.decode(values)
+            batch, rejects = decode_json(self.json, values)
             for _, reason in rejects:
                 self._drop(reason)
             parts.append(batch)

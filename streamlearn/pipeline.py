@@ -166,6 +166,25 @@ def bad_ids(ids: Sequence[Any] | np.ndarray) -> list[tuple[int, str]]:
     return [(i, why) for i, v in enumerate(ids) if (why := id_problem(v)) is not None]
 
 
+def decode_json(decoder: JsonDecoder, values: Sequence[bytes | None],
+                ) -> tuple[FeatureBatch, list[tuple[int, str]]]:
+    """JSON messages as the worker takes them: :meth:`JsonDecoder.decode`, then events
+    whose id cannot be written back join the rejects, before anything learns them."""
+    batch, rejects = decoder.decode(values)
+    return _drop_bad_ids(batch, rejects, len(values))
+
+
+def decode_record(decoder: FeatureDecoder, payload: bytes) -> FeatureBatch:
+    """A batch record as the worker takes it: the schema rules, then the ids; a bad id
+    rejects the record whole, like any other schema break (:class:`BatchFormatError`)."""
+    batch = decoder.decode(payload)
+    bad = bad_ids(batch.ids)
+    if bad:
+        row, why = bad[0]
+        raise BatchFormatError(f"row {row}: {why}")
+    return batch
+
+
 def _ints_fit(ids: Sequence[Any]) -> bool:
     ints = [i for i in ids if i is not None]
     return _INT_RANGE[0] <= min(ints) and max(ints) <= _INT_RANGE[1]
@@ -262,7 +281,8 @@ class JsonDecoder:
         messages all pass :meth:`Vectorizer.rows_from_json` (msgspec, typed by the spec)
         is done; any other goes through ``orjson`` and :meth:`Vectorizer.transform_many`,
         which name the reasons.  Per slice, undecodable values are listed first, then
-        invalid events (the vectorizer's order).
+        invalid events (the vectorizer's order).  Ids are not checked here: the worker
+        takes JSON through :func:`decode_json`.
         """
         spec, n = self.spec, len(values)
         vec = self.vectorizer
@@ -400,8 +420,7 @@ class ModelRunner:
         if not values:
             return
         self.telemetry.consumed += len(values)
-        batch, rejects = self.json.decode(values)
-        batch, rejects = _drop_bad_ids(batch, rejects, len(values))
+        batch, rejects = decode_json(self.json, values)
         if rejects:
             starts = [start for start, _ in sources]
             for i, reason in rejects:
@@ -413,16 +432,10 @@ class ModelRunner:
         value = block.values[i]
         assert value is not None
         try:
-            batch = self.batches.decode(value)
+            batch = decode_record(self.batches, value)
         except BatchFormatError as exc:
             self.telemetry.consumed += 1
             out.dead.append(DeadLetter(block.record(i), f"bad batch record: {exc}"))
-            return
-        bad = bad_ids(batch.ids)
-        if bad:  # rejected whole, like any other schema break
-            self.telemetry.consumed += 1
-            row, why = bad[0]
-            out.dead.append(DeadLetter(block.record(i), f"bad batch record: row {row}: {why}"))
             return
         self.telemetry.consumed += len(batch)
         self._process(batch, out, as_batch=True)

@@ -179,12 +179,16 @@ def test_message_decoder_drops_what_the_worker_dead_letters(
         events: list[dict[str, Any]], spec: ModelSpec) -> None:
     dec = MessageDecoder(spec)
     values = [orjson.dumps(e) for e in events[:300]]
+    nested_id = {**events[0], "event_id": {"a": [1]}}  # the worker dead-letters bad ids
     values += [b"not json", orjson.dumps({"amount": "lots", "is_fraud": 1}),
-               encode_batch(events[300:1000], spec), b"\xffSLB broken"]
+               orjson.dumps(nested_id), encode_batch(events[300:1000], spec),
+               encode_batch([nested_id, *events[1000:1010]], spec), b"\xffSLB broken"]
     batch = dec.decode(values)
     assert len(batch) == 1000
-    assert sum(dec.dropped.values()) == 3
+    assert sum(dec.dropped.values()) == 5
     assert any("amount" in reason for reason in dec.dropped)
+    assert any("event id" in reason and "bad batch" not in reason for reason in dec.dropped)
+    assert any(reason.startswith("bad batch record: row 0: event id") for reason in dec.dropped)
     assert any(reason.startswith("bad batch record") for reason in dec.dropped)
 
 
