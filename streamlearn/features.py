@@ -169,11 +169,14 @@ class Vectorizer:
         key = (field, value if isinstance(value, str) else str(value))
         idx = self._cache.get(key)
         if idx is None:
-            idx = self.spec.n_numeric + (stable_hash(*key) & self._mask)
+            idx = self._slot_of(*key)
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()
             self._cache[key] = idx
         return idx
+
+    def _slot_of(self, field: str, value: str) -> int:
+        return self.spec.n_numeric + (stable_hash(field, value) & self._mask)
 
     def feature_names(self, event: Mapping[str, Any]) -> list[str]:
         """Names of one event's features, in the order of its CSR row."""
@@ -315,12 +318,12 @@ class Vectorizer:
         if cache is None or len(cache) > _CACHE_LIMIT:
             cache = self._slots[name] = {None: self.slot(name, _MISSING)}
         out = list(map(cache.get, col))
-        if None in out:
-            slot = self.slot
+        if None in out:  # new values: hashed once, into this field's cache only
+            slot_of = self._slot_of
             for i, s in enumerate(out):
                 if s is None:
                     v = col[i]
-                    out[i] = cache[v] = slot(name, v)
+                    out[i] = cache[v] = slot_of(name, v if isinstance(v, str) else str(v))
         return out  # type: ignore[return-value]
 
 

@@ -169,11 +169,15 @@ class OnlineModel:
 
     def predict_events(self, events: list[dict[str, Any]]) -> np.ndarray:
         """Score event dicts; raise ``InvalidEvent`` naming the first bad field."""
+        return self.score_events(events)[1]
+
+    def score_events(self, events: list[dict[str, Any]]) -> tuple[FeatureBatch, np.ndarray]:
+        """:meth:`predict_events`, also returning the vectorized batch (for reason codes)."""
         batch, rejects = self.vectorizer.transform_many(events)
         if rejects:
             index, reason = rejects[0]
             raise InvalidEvent(f"instance {index}: {reason}")
-        return self.predict_many(batch)
+        return batch, self.predict_many(batch)
 
     # -- learning --------------------------------------------------------------
     def process(self, batch: FeatureBatch) -> np.ndarray:

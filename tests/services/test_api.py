@@ -445,8 +445,10 @@ def test_a_non_finite_result_is_a_422_not_null(client: TestClient, store: ModelS
     monkeypatch.setattr(model, "explain_one", lambda event: {
         "bias": 0.1, "contributions": {"amount": math.inf, "hour": 0.0},
         "margin": math.inf, "score": 1.0})
-    monkeypatch.setattr(model, "predict_events",
-                        lambda events: np.array([0.5, math.nan][: len(events)]))
+    # Both paths score through predict_many: the fast path declines a non-finite score and
+    # the route answers 422.
+    monkeypatch.setattr(model, "predict_many",
+                        lambda batch: np.array([0.5, math.nan][: len(batch)]))
     r = client.post("/models/fraud/explain", json={"features": GOOD})
     assert r.status_code == 422
     (err,) = r.json()["detail"]

@@ -134,9 +134,9 @@ async def predict(
     model = served.model
     try:
         if len(events) > THREAD_BATCH:
-            scores = await run_in_threadpool(model.predict_events, events)
+            batch, scores = await run_in_threadpool(model.score_events, events)
         else:
-            scores = model.predict_events(events)
+            batch, scores = model.score_events(events)
     except InvalidEvent as exc:
         raise _invalid(exc, single=body.features is not None) from exc
     predictions = scores.tolist()
@@ -154,7 +154,6 @@ async def predict(
         out["score"] = predictions[0]
     codes = None
     if reasons:
-        batch, _ = model.vectorizer.transform_many(events)  # valid: scored above
         codes = reason_codes(model, batch, reasons)
         if not all_finite(codes):
             raise _not_finite(("body", "features") if single else ("body", "instances"),
