@@ -60,6 +60,8 @@ from typing import Any
 
 import numpy as np
 
+from streamlearn.scaler import Stats, chan_merge
+
 #: Key suffix of the merged model on the models topic: ``<model>/@merged``.
 MERGED = "@merged"
 #: Initial base id: the fresh model of the spec.
@@ -134,15 +136,10 @@ def subtract_stats(count: np.ndarray, mean: np.ndarray, m2: np.ndarray, count_b:
 def combine_stats(parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Chan's merge of several (count, mean, M2) triples (exact, order-free)."""
-    n, mean, m2 = (np.array(x, dtype=np.float64, copy=True) for x in parts[0])
-    for n_b, mean_b, m2_b in parts[1:]:
-        tot = n + n_b
-        safe = np.where(tot > 0, tot, 1.0)
-        delta = np.asarray(mean_b) - mean
-        mean = mean + delta * (n_b / safe)
-        m2 = m2 + m2_b + delta * delta * (n * n_b / safe)
-        n = tot
-    return n, mean, m2
+    merged: Stats = tuple(np.array(x, dtype=np.float64) for x in parts[0])  # type: ignore[assignment]
+    for part in parts[1:]:
+        merged = chan_merge(merged, part)
+    return merged
 
 
 @dataclass

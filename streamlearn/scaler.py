@@ -51,6 +51,27 @@ def _std(count, m2):  # pragma: no cover - compiled
     return out
 
 
+Stats = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def chan_merge(a: Stats, b: Stats) -> Stats:
+    """Chan's exact merge of two ``(count, mean, M2)`` states; zero counts are fine.
+
+    Examples
+    --------
+    >>> n, mean, m2 = chan_merge((np.array([2.0]), np.array([1.0]), np.array([2.0])),
+    ...                          (np.array([2.0]), np.array([3.0]), np.array([2.0])))
+    >>> n.tolist(), mean.tolist(), m2.tolist()  # [0, 2] and [2, 4]
+    ([4.0], [2.0], [8.0])
+    """
+    n_a, mean_a, m2_a = a
+    n_b, mean_b, m2_b = b
+    n = n_a + n_b
+    safe_n = np.where(n > 0, n, 1.0)
+    delta = np.asarray(mean_b) - mean_a
+    return n, mean_a + delta * (n_b / safe_n), m2_a + m2_b + delta * delta * (n_a * n_b / safe_n)
+
+
 class RunningStandardScaler:
     """Per-feature running mean and variance (Welford), merged exactly with Chan's formula.
 
@@ -108,13 +129,8 @@ class RunningStandardScaler:
         self._combine(other.count, other.mean, other.m2)
 
     def _combine(self, n_b: np.ndarray, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
-        n_a = self.count
-        n = n_a + n_b
-        safe_n = np.where(n > 0, n, 1.0)
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / safe_n)
-        self.m2 = self.m2 + m2_b + delta * delta * (n_a * n_b / safe_n)
-        self.count = n
+        self.count, self.mean, self.m2 = chan_merge((self.count, self.mean, self.m2),
+                                                    (n_b, mean_b, m2_b))
         self._std = None
 
     def transform_many(self, X: np.ndarray) -> np.ndarray:

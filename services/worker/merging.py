@@ -116,7 +116,6 @@ class Lineage:
     shipped: collections.OrderedDict[int, dict[str, Any]] = field(
         default_factory=collections.OrderedDict)
     adoptions: int = 0
-    last_rebase: str = ""
 
     @classmethod
     def restored(cls, state: dict[str, Any], replica: str, fresh: dict[str, Any]) -> Lineage:
@@ -168,7 +167,6 @@ class Lineage:
         self.base = merged
         self.shipped.clear()
         self.adoptions += 1
-        self.last_rebase = how
         return how
 
 
@@ -315,7 +313,6 @@ class MergeLoop:
         self.runtime = runtime
         self.feed = feed
         self._fresh_state: dict[str, dict[str, Any]] = {}
-        self.merges = 0
 
     async def run(self) -> None:
         rt = self.runtime
@@ -378,7 +375,6 @@ class MergeLoop:
         except KafkaError as exc:
             rt.output_failed(exc)
             return
-        self.merges += 1
         log.info("merged %s v%d from %s in %.0f ms", name, replicas.merged_version(new),
                  ",".join(names), (time.perf_counter() - t0) * 1000)
         # Our own record comes back through the feed; adopt now, not one interval later.
