@@ -60,7 +60,7 @@ import orjson
 from streamlearn import prequential
 from streamlearn.batch_format import BatchFormatError, BatchRecord, Column, FeatureDecoder, is_batch
 from streamlearn.config import ModelSpec
-from streamlearn.features import _MISSING, FeatureBatch, Vectorizer, stable_hash
+from streamlearn.features import _MISSING, MAX_ABS_VALUE, FeatureBatch, Vectorizer, stable_hash
 from streamlearn.models import OnlineModel
 from streamlearn.pipeline import JsonDecoder, decode_json, decode_record
 
@@ -780,10 +780,10 @@ class ArrowDecoder:
             x = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
         except pa.ArrowInvalid as exc:
             raise EvaluateError(f"{self.source}column {name!r} (numeric): {exc}") from None
-        bad = np.flatnonzero(np.isinf(x))
+        bad = np.flatnonzero(np.abs(x) > MAX_ABS_VALUE)  # the worker's bound (inf too)
         if len(bad):
             raise self._where(name, "numeric", first + int(bad[0]), float(x[bad[0]]),
-                              "is not finite")
+                              f"has a magnitude above {MAX_ABS_VALUE:g}")
         return x
 
     def _hashed(self, arr: Any, name: str) -> np.ndarray:
@@ -847,10 +847,10 @@ class ArrowDecoder:
             self._two_values(np.unique(y[~np.isnan(y)]).tolist(), first)
             return np.where(np.isnan(y), np.nan, y == pos).astype(np.float32)
         if spec.task == "regression":
-            bad = np.flatnonzero(np.isinf(y))
+            bad = np.flatnonzero(np.abs(y) > MAX_ABS_VALUE)
             if len(bad):
                 raise self._where(name, "label", first + int(bad[0]), float(y[bad[0]]),
-                                  "is not finite")
+                                  f"has a magnitude above {MAX_ABS_VALUE:g}")
             return y.astype(np.float32)
         bad = np.flatnonzero(~np.isnan(y) & (y != 0.0) & (y != 1.0))
         if len(bad):

@@ -296,7 +296,9 @@ def _write(path: Path, text: str | bytes) -> Path:
     ("text.csv", "amount,country,y\n1,FR,0\n2,DE,1\nlots,FR,1\n", [],
      "column 'amount' (numeric): 'lots' at data row 3 is not a number"),
     ("inf.csv", "amount,country,y\n1,FR,0\ninf,DE,1\n", [],
-     "column 'amount' (numeric): inf at data row 2 is not finite"),
+     "column 'amount' (numeric): inf at data row 2 has a magnitude above 1e+15"),
+    ("big.csv", "amount,country,y\n1,FR,0\n2e16,DE,1\n", [],  # the worker dead-letters it
+     "column 'amount' (numeric): 2e+16 at data row 2 has a magnitude above 1e+15"),
     ("label.csv", "amount,country,y\n1,FR,0\n2,DE,2\n", [],
      "column 'y' (label): 2.0 at data row 2 is not 0 or 1"),
     ("words.csv", "amount,country,y\n1,FR,no\n2,DE,yes\n", [],
