@@ -125,13 +125,12 @@ def decode_snapshot(settings: Settings, spec: ModelSpec, payload: bytes,
     """A snapshot of ``spec`` from the models topic: size-bounded by the spec before
     anything is allocated, and signed under ``kafka.snapshot_key`` when one is set (or
     when ``api.require_signed_snapshots`` says so), as the API requires."""
-    from streamlearn.serving import state_limits
+    from streamlearn.serving import SnapshotPolicy, state_limits
 
-    key = settings.kafka.snapshot_key
-    required = settings.api.require_signed_snapshots
-    if required is None:
-        required = bool(key.get_secret_value())
-    return snapshots.decode(payload, key=key, context=kafka_key, require_signature=required,
+    policy = SnapshotPolicy(key=settings.kafka.snapshot_key,
+                            require_signature=settings.api.require_signed_snapshots)
+    return snapshots.decode(payload, key=policy.key, context=kafka_key,
+                            require_signature=policy.signatures_required,
                             limits=state_limits(spec))
 
 
