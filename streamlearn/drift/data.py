@@ -32,9 +32,10 @@ it, the new world is the reference.  A snapshot keeps the frozen reference
 Cost
 ----
 The recent shares are exponentially weighted averages of per-mini-batch shares (half-life
-in events), folded in one compiled, GIL-free pass per call: a binary search over the bin
-edges per numeric value and over a field's slots per categorical value, nothing stored per
-event.  Until the reference is complete, rows are buffered (``reference_size`` rows).
+in events), folded in one compiled, GIL-free pass per call: vectorized counts of the values
+at or above each bin edge for the numerics, a hash-table probe per categorical value,
+nothing stored per event.  Until the reference is complete, rows are buffered
+(``reference_size`` rows); the reference is then frozen from one sort per column.
 """
 
 from __future__ import annotations
@@ -84,10 +85,14 @@ def _fold(X, H, size, edges, keys, bins, halflife,
           recent_num, recent_cat, recent_mean, started):  # pragma: no cover - compiled
     """Fold each ``size``-row batch of ``X``/``H`` into the EWMA shares, in place.
 
-    A numeric value's bin counts the edges at or below it (a branch-free pass over a
-    few edges beats a binary search: 4.5 ns against 19.5 ns a value, measured); a slot's
-    bin comes from the field's open-addressing table of reference slots (``keys`` ->
-    ``bins``: top-k index, or "other seen"), anything else is unseen.
+    A numeric value's bin is the number of edges at or below it. Rather than finding that
+    bin per value, the batch counts, per edge and feature, the values at or above the edge
+    (``ge``): a branch-free compare-and-add over a row's features that the compiler
+    vectorizes, four rows per pass over the counters. The bin counts are differences of
+    these exact integer counts (the edges are non-decreasing), so the shares equal a
+    per-value binning's exactly. A slot's bin comes from the field's open-addressing table
+    of reference slots (``keys`` -> ``bins``: top-k index, or "other seen"), anything else
+    is unseen.
     """
     n = max(X.shape[0], H.shape[0])
     d = X.shape[1]
@@ -96,28 +101,27 @@ def _fold(X, H, size, edges, keys, bins, halflife,
     ne = edges.shape[1]
     kc = recent_cat.shape[1]  # top_k + other + unseen
     mask = keys.shape[1] - 1
-    cnt_num = np.zeros((d, nb))
+    et = np.empty((ne, d))  # edges, one contiguous row per edge
+    for j in range(d):
+        for e in range(ne):
+            et[e, j] = edges[j, e]
+    ge = np.zeros((ne, d))
     cnt_cat = np.zeros((c, kc))
     tot = np.zeros(d)
     obs = np.zeros(d)
     for lo in range(0, n, size):
         hi = min(lo + size, n)
-        cnt_num[:] = 0.0
+        ge[:] = 0.0
         cnt_cat[:] = 0.0
         tot[:] = 0.0
         obs[:] = 0.0
         for r in range(lo, hi):
+            x = X[r]
             for j in range(d):
-                x = X[r, j]
-                if math.isnan(x):
-                    cnt_num[j, nb - 1] += 1.0
-                else:
-                    b = 0
-                    for e in range(ne):
-                        b += edges[j, e] <= x
-                    cnt_num[j, b] += 1.0
-                    tot[j] += x
-                    obs[j] += 1.0
+                v = x[j]
+                ok = v == v  # NaN: missing
+                obs[j] += 1.0 if ok else 0.0
+                tot[j] += v if ok else 0.0
             for j in range(c):
                 s = H[r, j]
                 h = ((s * _GOLDEN) >> 17) & mask
@@ -130,13 +134,39 @@ def _fold(X, H, size, edges, keys, bins, halflife,
                         cnt_cat[j, kc - 1] += 1.0  # unseen in the reference
                         break
                     h = (h + 1) & mask
+        r = lo
+        while r + 4 <= hi:  # NaN compares false: a missing value counts nowhere
+            x0 = X[r]
+            x1 = X[r + 1]
+            x2 = X[r + 2]
+            x3 = X[r + 3]
+            for e in range(ne):
+                ee = et[e]
+                gg = ge[e]
+                for j in range(d):
+                    t = ee[j]
+                    gg[j] += (((1.0 if t <= x0[j] else 0.0) + (1.0 if t <= x1[j] else 0.0))
+                              + ((1.0 if t <= x2[j] else 0.0) + (1.0 if t <= x3[j] else 0.0)))
+            r += 4
+        for tail in range(r, hi):
+            x = X[tail]
+            for e in range(ne):
+                ee = et[e]
+                gg = ge[e]
+                for j in range(d):
+                    gg[j] += 1.0 if ee[j] <= x[j] else 0.0
         rows = hi - lo
         alpha = 1.0 - 0.5 ** (rows / halflife)
         first = started[0] == 0
         started[0] = 1
         for j in range(d):
             for b in range(nb):
-                share = cnt_num[j, b] / rows
+                if b == nb - 1:  # missing
+                    cnt = rows - obs[j]
+                else:  # edges[b - 1] <= x < edges[b]
+                    above = obs[j] if b == 0 else ge[b - 1, j]
+                    cnt = above - (ge[b, j] if b < ne else 0.0)
+                share = cnt / rows
                 if first:
                     recent_num[j, b] = share
                 else:
@@ -209,7 +239,7 @@ class DataDriftMonitor:
     @classmethod
     def for_spec(cls, spec: Any) -> DataDriftMonitor:
         """The monitor of a :class:`~streamlearn.config.ModelSpec`: every field, its settings."""
-        return cls(list(spec.numeric), list(spec.categorical),
+        return cls(list(spec.numeric_features), list(spec.categorical),
                    reference_size=spec.drift_reference_size, threshold=spec.drift_threshold)
 
     def rebase_in(self, rows: int) -> None:
@@ -290,21 +320,41 @@ class DataDriftMonitor:
             H = np.zeros((len(X), len(self.categorical)), dtype=np.int64)
         self._buf_x, self._buf_h, self._buffered = [], [], 0
         d, c, k = len(self.features), len(self.categorical), self.top_k
+        # Column-major copies: one vectorized sort (NaN, missing, sorts last) serves the
+        # quantiles and the reference counts; statistics of whole columns run in one call.
+        Xt = np.ascontiguousarray(X.T)
+        ranked = np.sort(Xt, axis=1)
+        qs = np.arange(1, self.bins) / self.bins
+        n_obs_all = len(X) - np.isnan(Xt).sum(axis=1)
+        full = n_obs_all == len(X)
+        if d and full.all() and len(X):  # no missing value: every column at once
+            means, stds = Xt.mean(axis=1), Xt.std(axis=1)
+            all_edges = np.quantile(ranked, qs, axis=1).T
         for j in range(d):
-            col = X[:, j]
-            obs = col[~np.isnan(col)]
-            if len(obs):
-                mean = float(obs.mean())
-                std = float(obs.std())
+            col = Xt[j]
+            n_obs = int(n_obs_all[j])
+            if n_obs:
+                if full.all():
+                    mean, std, edges = float(means[j]), float(stds[j]), all_edges[j]
+                else:
+                    obs = col if full[j] else col[~np.isnan(col)]
+                    mean = float(obs.mean())  # in stream order: the same rounding as ever
+                    std = float(obs.std())
+                    edges = np.quantile(ranked[j, :n_obs], qs)  # order-free
                 self.ref_mean[j] = mean
                 self.ref_std[j] = std if std > 0 and math.isfinite(std) else 1.0
                 # Edges in raw units: the same bins as quantiles of the standardized value
                 # (an increasing map), compared exactly (a discrete feature's values sit
                 # on its edges, where a rescaled copy could round to the other side).
-                self.edges[j] = np.quantile(obs, np.arange(1, self.bins) / self.bins)
-                idx = np.searchsorted(self.edges[j], obs, side="right")
-                self.ref_num[j, : self.bins] = np.bincount(idx, minlength=self.bins) / len(col)
-            self.ref_num[j, self.bins] = 1.0 - len(obs) / len(col)
+                # Non-decreasing, as the fold needs (it is a no-op on np.quantile's).
+                edges = np.maximum.accumulate(edges)
+                self.edges[j] = edges
+                srt = ranked[j, :n_obs]
+                # Bin b holds edges[b-1] <= x < edges[b]: differences of ranks in srt.
+                below = np.searchsorted(srt, edges, side="left")
+                counts = np.diff(below, prepend=0, append=n_obs)
+                self.ref_num[j, : self.bins] = counts / len(col)
+            self.ref_num[j, self.bins] = 1.0 - n_obs / len(col)
         kept_slots, kept_bins, counts_kept = [], [], [0]
         for j in range(c):
             col = H[:, j]
@@ -461,6 +511,8 @@ class DataDriftMonitor:
                 or (len(m.slot_bins) and not 0 <= m.slot_bins.min() <= m.slot_bins.max()
                     <= m.top_k) or (len(m.slots) and m.slots.min() < 0)):
             raise ValueError("data drift state has malformed reference slots")
+        if not (np.diff(m.edges, axis=1) >= 0.0).all():  # the fold's counts rely on it
+            raise ValueError("data drift state has decreasing or NaN bin edges")
         if m.categorical:
             m._build_tables()
         m._started[0] = int(state.get("started", 0))

@@ -74,6 +74,39 @@ def test_data_drift_update_in_batches_equals_batch_by_batch():
     np.testing.assert_array_equal(whole.recent_mean, stepwise.recent_mean)
 
 
+def test_numeric_shares_equal_a_per_value_binning():
+    """The fold counts values at or above each edge; its shares must equal binning each
+    value by ``searchsorted(edges, x, "right")`` (discrete values sit on the edges; NaN
+    is the missing bin), and the reference's too. 7 rows per batch: a 4-row tail too."""
+    rng = np.random.default_rng(5)
+    X = rng.normal(0.0, 1.0, size=(1000, 5))
+    X[:, 1] = np.round(X[:, 1] * 2)  # discrete: values on the bin edges
+    X[:, 4] = rng.integers(0, 3, size=len(X))  # three values, repeated edges
+    X[rng.random(X.shape) < 0.07] = np.nan
+    m = DataDriftMonitor(list("abcde"), reference_size=700, halflife=50)
+
+    def shares(rows, ref=False):
+        out = np.zeros((5, m.bins + 1))
+        for j in range(5):
+            col = rows[:, j]
+            obs = col[~np.isnan(col)]
+            idx = np.searchsorted(m.edges[j], obs, side="right")
+            out[j, : m.bins] = np.bincount(idx, minlength=m.bins) / len(col)
+            # the reference and the fold round the missing share differently
+            out[j, m.bins] = 1.0 - len(obs) / len(col) if ref else np.isnan(col).sum() / len(col)
+        return out
+
+    m.update(X[:700])
+    assert (np.diff(m.edges, axis=1) >= 0).all()
+    np.testing.assert_array_equal(m.ref_num, shares(X[:700], ref=True))
+    recent = m.ref_num.copy()
+    for lo in range(700, 1000, 7):
+        rows = X[lo : lo + 7]
+        m.update(rows)
+        recent += (1.0 - 0.5 ** (len(rows) / m.halflife)) * (shares(rows) - recent)
+    np.testing.assert_array_equal(m.recent_num, recent)
+
+
 def test_model_reports_drift_when_the_fraud_pattern_changes(fraud_spec):
     model = OnlineModel(fraud_spec, device="cpu")
     stream = FraudStream(seed=2)
