@@ -19,7 +19,14 @@ import numpy as np
 from numba import njit
 
 from streamlearn.features import csr_assemble
-from streamlearn.kernels.codes import H_POWER_T, LOSS_LOGISTIC, OPT_SGD
+from streamlearn.kernels.codes import (
+    H_FTRL_BETA,
+    H_LEARNING_RATE,
+    H_POWER_T,
+    LOSS_LOGISTIC,
+    OPT_FTRL,
+    OPT_SGD,
+)
 from streamlearn.kernels.cpu import (
     _loss_dloss,
     _opt_scalars,
@@ -33,6 +40,10 @@ from streamlearn.kernels.cpu import (
     scaler_update,
 )
 from streamlearn.models.target import (
+    T_COUNT,
+    T_M2,
+    T_MEAN,
+    T_OFFSET,
     shift_bias_to_prior,
     standardize,
     target_scale,
@@ -58,7 +69,9 @@ def _sigmoid(m):  # pragma: no cover - compiled
     return 1.0 / (1.0 + math.exp(-x))
 
 
-@njit(cache=True, nogil=True)
+# error_model="numpy": a float division by zero gives inf/NaN instead of a Python
+# exception; without the check per division the per-coordinate FTRL loop vectorizes.
+@njit(cache=True, nogil=True, error_model="numpy")
 def per_event_linear(  # pragma: no cover - compiled
     z, hashed, csr, labels, link, prior, target,
     w, s1, s2, loss, opt, hyper, step, scores,
@@ -72,6 +85,12 @@ def per_event_linear(  # pragma: no cover - compiled
     the same order as those kernels on one-row batches (with ``csr``, the CSR kernel's
     float32 gradient scratch too), so the two paths agree bit for bit (tested). Hashed
     slots sit past the numeric block, so only they can repeat within a row.
+
+    The label prior's bookkeeping (:func:`.target.target_update` on one label,
+    :func:`.target.prior_delta`, :func:`.target.shift_bias`) is written out on scalars
+    here, with the same operations: the calls cost more than the arithmetic. FTRL's
+    per-coordinate step on the numeric block is written out too (the operations of
+    :func:`~streamlearn.kernels.cpu._update`), branch-free, so the compiler vectorizes it.
     Returns ``(summed loss, labelled rows, next step)``.
     """
     k, d = z.shape
@@ -80,13 +99,28 @@ def per_event_linear(  # pragma: no cover - compiled
     logistic = loss == LOSS_LOGISTIC
     lr, l1, l2, beta, eta = _opt_scalars(hyper, step)
     power_t = hyper[H_POWER_T]
+    ftrl = opt == OPT_FTRL
+    inv_lr = 1.0 / lr
+    h_lr = hyper[H_LEARNING_RATE]
+    h_beta = hyper[H_FTRL_BETA]
     one = np.float32(1.0)
+    t_count = target[T_COUNT]
+    t_mean = target[T_MEAN]
+    t_m2 = target[T_M2]
+    t_offset = target[T_OFFSET]
     total = 0.0
     n_lab = 0
     moved = True  # the prior moves only with a new label
     for r in range(k):
-        if prior and logistic and moved:
-            shift_bias_to_prior(target, w, s1, s2, opt, hyper)
+        if prior and logistic and moved:  # shift_bias_to_prior
+            p = (t_mean * t_count + 0.5) / (t_count + 1.0)
+            offset = math.log(p / (1.0 - p))
+            delta = offset - t_offset
+            t_offset = offset
+            if delta != 0.0:
+                if ftrl:
+                    s1[big_d] -= delta * (h_beta + math.sqrt(np.float64(s2[big_d]))) / h_lr
+                w[big_d] += delta
             moved = False
         m = np.float64(w[big_d])
         for j in range(d):
@@ -97,7 +131,8 @@ def per_event_linear(  # pragma: no cover - compiled
         if link:
             scores[r] = _sigmoid(m32)
         elif prior:
-            t_mean, t_std = target_scale(target)
+            t_std = math.sqrt(t_m2 / t_count) if t_count > 1.0 else 0.0
+            t_std = t_std if t_std > 0.0 else 1.0
             scores[r] = t_mean + t_std * np.float64(m32)
         else:
             scores[r] = m32
@@ -105,26 +140,60 @@ def per_event_linear(  # pragma: no cover - compiled
         if math.isnan(yv):
             continue
         yy = np.float64(yv)
-        if prior:
-            target_update(target, labels[r : r + 1])  # a view: no allocation
+        if prior:  # target_update on one label
+            mb = (0.0 + yy) / 1.0
+            dy = yy - mb
+            m2b = 0.0 + dy * dy
+            na = t_count
+            tot = na + 1.0
+            dmean = mb - t_mean
+            t_mean += dmean * 1.0 / tot
+            t_m2 += m2b + dmean * dmean * na * 1.0 / tot
+            t_count = tot
             moved = True
             if not logistic:
-                t_mean, t_std = target_scale(target)
+                t_std = math.sqrt(t_m2 / t_count) if t_count > 1.0 else 0.0
+                t_std = t_std if t_std > 0.0 else 1.0
                 yy = np.float64(np.float32((yy - t_mean) * (1.0 / t_std)))
         value, dm = _loss_dloss(m, yy, loss)
         total += value
         coef = dm * 1.0
         if opt == OPT_SGD and power_t != 0.0:  # SGD's schedule moves with every step
             eta = lr / (1.0 + step) ** power_t
-        for j in range(d):
-            g = 0.0 + coef * z[r, j]
-            if csr:  # the CSR kernel accumulates gradients in a float32 scratch
-                g = np.float64(np.float32(g))
-            wj, a, b = _update(np.float64(w[j]), np.float64(s1[j]), np.float64(s2[j]),
-                               g, opt, lr, l1, l2, beta, eta)
-            w[j] = wj
-            s1[j] = a
-            s2[j] = b
+        if ftrl and not csr:
+            for j in range(d):
+                g = 0.0 + coef * z[r, j]
+                wj = np.float64(w[j])
+                s2j = np.float64(s2[j])
+                n_new = s2j + g * g
+                sq_new = math.sqrt(n_new)
+                zj = np.float64(s1[j]) + g - (sq_new - math.sqrt(s2j)) * inv_lr * wj
+                wn = -(zj - math.copysign(l1, zj)) / ((beta + sq_new) * inv_lr + l2)
+                w[j] = 0.0 if abs(zj) <= l1 else wn
+                s1[j] = zj
+                s2[j] = n_new
+        elif ftrl:
+            for j in range(d):
+                g = np.float64(np.float32(0.0 + coef * z[r, j]))
+                wj = np.float64(w[j])
+                s2j = np.float64(s2[j])
+                n_new = s2j + g * g
+                sq_new = math.sqrt(n_new)
+                zj = np.float64(s1[j]) + g - (sq_new - math.sqrt(s2j)) * inv_lr * wj
+                wn = -(zj - math.copysign(l1, zj)) / ((beta + sq_new) * inv_lr + l2)
+                w[j] = 0.0 if abs(zj) <= l1 else wn
+                s1[j] = zj
+                s2[j] = n_new
+        else:
+            for j in range(d):
+                g = 0.0 + coef * z[r, j]
+                if csr:  # the CSR kernel accumulates gradients in a float32 scratch
+                    g = np.float64(np.float32(g))
+                wj, a, b = _update(np.float64(w[j]), np.float64(s1[j]), np.float64(s2[j]),
+                                   g, opt, lr, l1, l2, beta, eta)
+                w[j] = wj
+                s1[j] = a
+                s2[j] = b
         for c in range(n_cat):
             i = hashed[r, c]
             seen = False
@@ -150,6 +219,10 @@ def per_event_linear(  # pragma: no cover - compiled
         s2[big_d] = b
         n_lab += 1
         step += 1
+    target[T_COUNT] = t_count
+    target[T_MEAN] = t_mean
+    target[T_M2] = t_m2
+    target[T_OFFSET] = t_offset
     return total, n_lab, step
 
 
