@@ -31,11 +31,18 @@ from typing import Any
 import httpx
 
 from streamlearn.broker import EmbeddedBroker
-from streamlearn.services.producer import produce
+from streamlearn.services.producer import DelayedLabels, produce
 from streamlearn.settings import Settings
 
 #: Embedded broker RSS past which the demo restarts it empty (see the module docstring).
 RECYCLE_BROKER_MB = 512.0
+#: Labels reach ``<model>.labels`` this many seconds (wall clock) after their events, and
+#: this fraction of events is never labelled (``streamlearn demo --label-delay``).
+LABEL_DELAY_S = 5.0
+UNLABELLED_FRACTION = 0.05
+#: Share of the fraud in the patterns only entity aggregates catch (card testing, far from
+#: the usual country; :class:`~streamlearn.synthetic.FraudStream`).
+ENTITY_FRAUD = 0.4
 
 NORMAL = {
     "amount": 32.0,
@@ -46,6 +53,11 @@ NORMAL = {
     "merchant_category": "grocery",
     "country": "FR",
     "channel": "pos",
+    # The model's aggregates need the event time and the card; an unseen card has no
+    # history, so its aggregates are those of this one event.
+    "ts": 1_700_000_000.0,
+    "card_id": "card-demo-1",
+    "card_country": "card-demo-1|FR",
 }
 SUSPICIOUS = {
     "amount": 940.0,
@@ -56,6 +68,9 @@ SUSPICIOUS = {
     "merchant_category": "gift_cards",
     "country": "NG",
     "channel": "online",
+    "ts": 1_700_000_000.0,
+    "card_id": "card-demo-2",
+    "card_country": "card-demo-2|NG",
 }
 
 
@@ -90,17 +105,27 @@ async def _status(client: httpx.AsyncClient, model: str) -> dict[str, Any] | Non
 class _Producer:
     """The synthetic producer task; restartable, with a fresh seed each generation."""
 
-    def __init__(self, settings: Settings, bootstrap: str, rate: float) -> None:
+    def __init__(self, settings: Settings, bootstrap: str, rate: float,
+                 label_delay: float | None = None,
+                 unlabelled_fraction: float = UNLABELLED_FRACTION) -> None:
         self.settings, self.bootstrap, self.rate = settings, bootstrap, rate
+        self.label_delay, self.unlabelled_fraction = label_delay, unlabelled_fraction
+        self.labels: DelayedLabels | None = None
         self.generation = 0
         self.stop = asyncio.Event()
         self.task = self._start()
 
     def _start(self) -> asyncio.Task[int]:
         self.stop = asyncio.Event()
+        spec = self.settings.specs[0]
+        if self.label_delay is not None:
+            self.labels = DelayedLabels(spec.labels_topic, spec.id_field, spec.label,
+                                        self.label_delay, self.unlabelled_fraction,
+                                        seed=self.generation)
         return asyncio.create_task(produce(
-            self.bootstrap, self.settings.specs[0].topic, rate=self.rate, stop=self.stop,
-            seed=self.generation, client_kwargs=self.settings.kafka.client_kwargs()))
+            self.bootstrap, spec.topic, rate=self.rate, stop=self.stop,
+            seed=self.generation, client_kwargs=self.settings.kafka.client_kwargs(),
+            labels=self.labels, entity_fraud=ENTITY_FRAUD))
 
     async def pause(self) -> None:
         self.stop.set()
@@ -172,10 +197,12 @@ async def _drive(
     procs: list[subprocess.Popen[bytes]],
     broker: EmbeddedBroker | None = None,
     recycle_mb: float = 0.0,
+    label_delay: float | None = None,
+    unlabelled_fraction: float = UNLABELLED_FRACTION,
 ) -> None:
     spec = settings.specs[0]
     base = f"http://{settings.api.host}:{settings.api.port}"
-    producer = _Producer(settings, bootstrap, rate)
+    producer = _Producer(settings, bootstrap, rate, label_delay, unlabelled_fraction)
     tty = sys.stdout.isatty()
     t0 = time.monotonic()
     last_seen, last_t = 0, t0
@@ -201,17 +228,24 @@ async def _drive(
                 per_s = (seen - last_seen) / (now - last_t)
                 last_seen, last_t = seen, now
                 metrics = info.get("metrics", {})
-                auc = metrics.get("auc")
+                auc, pr_auc = metrics.get("auc"), metrics.get("pr_auc")
                 sample = info.get("sample") or [float("nan"), float("nan")]
+                joined = (info.get("labels") or {}).get("joined")
                 line = (
                     f"[{now - t0:5.0f}s] {per_s:7,.0f} events/s | model v{info['version']} "
-                    f"| seen {seen:,} | rolling AUC {auc if auc is None else f'{auc:.3f}'} "
-                    f"| p(fraud) normal={sample[0]:.3f} suspicious={sample[1]:.3f}"
+                    f"| seen {seen:,} | rolling AUC {_num(auc)} PR AUC {_num(pr_auc)} "
+                    + (f"| labels joined {joined:,} " if label_delay is not None
+                       and isinstance(joined, int) else "")
+                    + f"| p(fraud) normal={sample[0]:.3f} suspicious={sample[1]:.3f}"
                 )
             if broker is not None:
                 line += f" | broker {(broker.rss_bytes() or 0) / 2**20:,.0f} MiB"
             print(("\r" + line.ljust(118)) if tty else line, end="" if tty else "\n", flush=True)
     await producer.pause()
+
+
+def _num(value: Any) -> str:
+    return "-" if not isinstance(value, int | float) else f"{value:.3f}"
 
 
 def child_env(config: Path | None, bootstrap: str, embedded: bool) -> dict[str, str]:
@@ -226,14 +260,24 @@ def child_env(config: Path | None, bootstrap: str, embedded: bool) -> dict[str, 
 
 
 def run(settings: Settings, *, rate: float = 3000.0, duration: float | None = None,
-        config: Path | None = None, recycle_mb: float = RECYCLE_BROKER_MB) -> int:
+        config: Path | None = None, recycle_mb: float = RECYCLE_BROKER_MB,
+        label_delay: float | None = LABEL_DELAY_S,
+        unlabelled_fraction: float = UNLABELLED_FRACTION) -> int:
     """Start everything, print where to look, stream status until Ctrl-C or ``duration``.
 
     ``config`` is the file ``settings`` came from; the worker and API read it too.
     ``recycle_mb``: restart the embedded broker empty past this RSS (0: never).
+    ``label_delay``: labels follow their events on ``<model>.labels`` this many seconds
+    later (None or negative: labels on the events); ``unlabelled_fraction`` never do.
     """
     if not settings.specs:
         print("the demo needs at least one [[model]] in the config", file=sys.stderr)
+        return 2
+    if label_delay is not None and label_delay < 0:
+        label_delay = None
+    if not 0.0 <= unlabelled_fraction <= 1.0:
+        print(f"--unlabelled-fraction must be in [0, 1], got {unlabelled_fraction}",
+              file=sys.stderr)
         return 2
     broker = None
     bootstrap = settings.kafka.bootstrap
@@ -247,20 +291,29 @@ def run(settings: Settings, *, rate: float = 3000.0, duration: float | None = No
         procs.append(_spawn("api", env))
         base = f"http://{settings.api.host}:{settings.api.port}"
         name = settings.specs[0].name
+        spec = settings.specs[0]
+        labels = ("labels on the events" if label_delay is None else
+                  f"labels on {spec.labels_topic} {label_delay:g} s later, "
+                  f"{unlabelled_fraction:.0%} never")
+        aggregates = (f"{len(spec.aggregate_names)} entity aggregates "
+                      f"({', '.join(sorted({a.entity for a in spec.aggregates}))})"
+                      if spec.aggregates else "no entity aggregates")
         print(
             f"""streamlearn demo: {rate:,.0f} synthetic card transactions/s, about 1% fraud
+  model      {name}: {aggregates}; {labels}
   broker     {bootstrap}{" (embedded Tansu, memory only)" if broker else ""}
   dashboard  {base}/dashboard
   API docs   {base}/docs
   metrics    {base}/metrics
   try        curl -s -X POST {base}/models/{name}/predict -H 'content-type: application/json' \\
-               -d '{{"features": {{"amount": 940, "hour": 3, "country": "NG"}}}}'
+               -d '{{"features": {{"amount": 940, "hour": 3, "country": "NG", "ts": 1700000000}}}}'
 Ctrl-C stops everything.
 """,
             flush=True,
         )
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_drive(settings, bootstrap, rate, duration, procs, broker, recycle_mb))
+            asyncio.run(_drive(settings, bootstrap, rate, duration, procs, broker, recycle_mb,
+                               label_delay, unlabelled_fraction))
         print()
         return 0
     except RuntimeError as exc:

@@ -88,8 +88,36 @@ def cmd_produce(args: argparse.Namespace) -> int:
         )
         return 2
     topic = args.topic or (settings.specs[0].topic if settings.specs else "transactions")
+    labels = None
+    if args.label_delay is not None:
+        from streamlearn.services.producer import DelayedLabels
+
+        spec = next((s for s in settings.specs if s.topic == topic), None)
+        if spec is None:
+            print(f"produce --label-delay: no [[model]] reads topic {topic!r}; its spec names "
+                  "the labels topic (<model>.labels), the id field and the label field",
+                  file=sys.stderr)
+            return 2
+        if args.format != "json":
+            print("produce --label-delay needs --format json (labels keyed like their "
+                  "events)", file=sys.stderr)
+            return 2
+        try:
+            labels = DelayedLabels(spec.labels_topic, spec.id_field, spec.label,
+                                   args.label_delay, args.unlabelled_fraction, seed=args.seed)
+        except ValueError as exc:
+            print(f"produce: {exc}", file=sys.stderr)
+            return 2
+    elif args.unlabelled_fraction:
+        print("produce --unlabelled-fraction goes with --label-delay", file=sys.stderr)
+        return 2
+    if not 0.0 <= args.entity_fraud <= 1.0:
+        print(f"produce --entity-fraud must be in [0, 1], got {args.entity_fraud}",
+              file=sys.stderr)
+        return 2
     return run(bootstrap, topic, args.count, args.rate, args.seed, args.format, args.batch_rows,
-               settings.kafka.client_kwargs(), drift_at=args.drift_at)
+               settings.kafka.client_kwargs(), drift_at=args.drift_at, labels=labels,
+               entity_fraud=args.entity_fraud)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -109,7 +137,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 2
     path = config_path(args)
     return run(settings, rate=args.rate, duration=args.duration,
-               config=path if path.exists() else None, recycle_mb=args.recycle_broker_mb)
+               config=path if path.exists() else None, recycle_mb=args.recycle_broker_mb,
+               label_delay=args.label_delay, unlabelled_fraction=args.unlabelled_fraction)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="restart the embedded broker empty past this RSS, to bound its memory "
         "(default 512; 0: never)",
     )
+    demo.add_argument(
+        "--label-delay", type=float, default=5.0, metavar="SECONDS",
+        help="labels reach <model>.labels this long after their events (default 5; "
+        "-1: labels on the events)")
+    demo.add_argument(
+        "--unlabelled-fraction", type=float, default=0.05, metavar="F",
+        help="fraction of events never labelled (default 0.05)")
     demo.set_defaults(func=cmd_demo)
     broker = sub.add_parser("broker", help="run the embedded Tansu broker alone")
     broker.add_argument("--port", type=int, default=9092)
@@ -156,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument(
         "--drift-at", type=int, default=None, metavar="N",
         help="after N events, change the fraud pattern and triple the amounts (drift demo)")
+    produce.add_argument(
+        "--label-delay", type=float, default=None, metavar="SECONDS",
+        help="send events without their label, and each label on <model>.labels SECONDS "
+        "later (wall clock), keyed like its event (json format)")
+    produce.add_argument(
+        "--unlabelled-fraction", type=float, default=0.0, metavar="F",
+        help="with --label-delay: this fraction of events is never labelled (default 0)")
+    produce.add_argument(
+        "--entity-fraud", type=float, default=0.4, metavar="F",
+        help="share of the fraud in patterns only entity aggregates catch: card-testing "
+        "bursts, cards used far from their usual country (default 0.4; 0: the plain stream)")
     produce.set_defaults(func=cmd_produce)
     from streamlearn.evaluate_cli import DESCRIPTION, add_arguments
 

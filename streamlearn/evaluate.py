@@ -48,7 +48,7 @@ import re
 import time
 import types
 import typing
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +58,7 @@ import numpy as np
 import orjson
 
 from streamlearn import prequential
+from streamlearn.aggregates import AggregateInputs, concat_inputs
 from streamlearn.batch_format import BatchFormatError, BatchRecord, Column, FeatureDecoder, is_batch
 from streamlearn.config import ModelSpec
 from streamlearn.features import _MISSING, MAX_ABS_VALUE, FeatureBatch, Vectorizer, stable_hash
@@ -264,8 +265,9 @@ def window_metrics(task: str, labels: np.ndarray, scores: np.ndarray,
 
 
 def _slice(batch: FeatureBatch, lo: int, hi: int) -> FeatureBatch:
+    aux = None if batch.aux is None else batch.aux.take(np.arange(lo, min(hi, len(batch))))
     return FeatureBatch(batch.numeric[lo:hi], batch.hashed[lo:hi], batch.labels[lo:hi],
-                        batch.ids[lo:hi])
+                        batch.ids[lo:hi], aux)
 
 
 def _concat(parts: Sequence[FeatureBatch]) -> FeatureBatch:
@@ -276,9 +278,11 @@ def _concat(parts: Sequence[FeatureBatch]) -> FeatureBatch:
         ids = np.concatenate([b.ids for b in parts])
     else:
         ids = [i for b in parts for i in b.ids]
+    auxes = [b.aux for b in parts]
+    aux = None if any(a is None for a in auxes) else concat_inputs(auxes)  # type: ignore[arg-type]
     return FeatureBatch(np.concatenate([b.numeric for b in parts]),
                         np.concatenate([b.hashed for b in parts]),
-                        np.concatenate([b.labels for b in parts]), ids)
+                        np.concatenate([b.labels for b in parts]), ids, aux)
 
 
 class Evaluator:
@@ -286,9 +290,18 @@ class Evaluator:
 
     Rows are handed to ``model.process_many`` in whole mini-batches of ``spec.batch_size``
     (a short piece waits for the next), so the result does not depend on the pieces' sizes.
+
+    ``label_delay`` (seconds of event time): each row is scored on arrival without its
+    label, and waits in ``model.pending`` (the worker's delayed-label state); its label is
+    joined and learned (``model.learn_joined``, the worker's path for ``<model>.labels``)
+    once the stream's event time reaches the row's time plus the delay, before the next
+    mini-batch.  The metrics take the scores the rows got on arrival.  Event times come
+    from the batches' ``aux`` (:class:`~streamlearn.aggregates.AggregateInputs`); the
+    pending state's TTL (``spec.label_ttl_s``) runs in event time too, so a delay past it
+    makes every label late (counted in ``model.pending.counts``).
     """
 
-    def __init__(self, model: OnlineModel) -> None:
+    def __init__(self, model: OnlineModel, label_delay: float | None = None) -> None:
         self.model = model
         self.size = model.spec.batch_size
         self.rows = 0
@@ -296,6 +309,12 @@ class Evaluator:
         self._pending: FeatureBatch | None = None
         self._scores: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
+        if label_delay is not None and not (math.isfinite(label_delay) and label_delay >= 0):
+            raise EvaluateError(f"--label-delay must be a number of seconds >= 0, "
+                                f"got {label_delay}")
+        self.label_delay = label_delay
+        # Labels on their way: (due event time, row keys, labels) per mini-batch, in order.
+        self._due: deque[tuple[float, list[int], np.ndarray]] = deque()
 
     def feed(self, batch: FeatureBatch) -> None:
         """Add the next rows of the stream."""
@@ -328,12 +347,55 @@ class Evaluator:
             self._pending = None
 
     def _run(self, batch: FeatureBatch) -> None:
+        if self.label_delay is not None:
+            for lo in range(0, len(batch), self.size):
+                self._delayed(_slice(batch, lo, lo + self.size))
+            return
         t0 = time.perf_counter()
         steps = self.model.process_many(batch, self.size)
         self.learn_seconds += time.perf_counter() - t0
         self._scores.append(steps.scores)
         self._labels.append(np.array(batch.labels, dtype=np.float32))
         self.rows += len(batch)
+
+    def _delayed(self, batch: FeatureBatch) -> None:
+        """One mini-batch under ``label_delay``: learn the labels now due, then score the
+        rows without their labels and send those on their way."""
+        if batch.aux is None:
+            raise EvaluateError(
+                "--label-delay needs each row's event time: the spec's time_field "
+                f"({self.model.spec.time_field!r}) was not read for this source")
+        model, delay = self.model, float(self.label_delay)  # type: ignore[arg-type]
+        times = np.asarray(batch.aux.times, dtype=np.float64)
+        now = float(times[0])
+        t0 = time.perf_counter()
+        self.release(now)
+        labels = np.array(batch.labels, dtype=np.float32)
+        blind = FeatureBatch(batch.numeric, batch.hashed, np.full(len(batch), np.nan,
+                                                                  np.float32),
+                             batch.ids, batch.aux)
+        steps = model.process_many(blind, self.size)  # fills the aggregate columns too
+        keys = list(range(self.rows, self.rows + len(batch)))
+        model.pending.expire(now=now)
+        model.pending.add(keys, blind.numeric, blind.hashed, steps.scores, now=now)
+        known = ~np.isnan(labels)
+        if known.any():
+            rows = np.flatnonzero(known)
+            self._due.append((float(times[rows].max()) + delay, [keys[i] for i in rows],
+                              labels[rows]))
+        self.learn_seconds += time.perf_counter() - t0
+        self._scores.append(steps.scores)
+        self._labels.append(labels)
+        self.rows += len(batch)
+
+    def release(self, now: float) -> None:
+        """Join and learn the labels due by event time ``now``."""
+        model = self.model
+        while self._due and self._due[0][0] <= now:
+            _, keys, labels = self._due.popleft()
+            joined = model.pending.join(keys, labels, now=now)
+            if len(joined):
+                model.learn_joined(joined)
 
     @property
     def scores(self) -> np.ndarray:
@@ -360,6 +422,8 @@ class VariantResult:
     learn_seconds: float
     decode_seconds: float = 0.0
     dropped: dict[str, int] = field(default_factory=dict)
+    #: ``--label-delay``: what became of the labels (:attr:`PendingLabels.counts`).
+    label_counts: dict[str, int] = field(default_factory=dict)
     scores: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32), repr=False)
     labels: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32), repr=False)
 
@@ -377,6 +441,7 @@ class VariantResult:
             "learn_rows_per_s": self.rows / self.learn_seconds if self.learn_seconds else None,
             "decode_seconds": self.decode_seconds,
             "dropped": dict(self.dropped),
+            "labels": dict(self.label_counts),
         }
 
 
@@ -392,13 +457,16 @@ def _result(name: str, evaluator: Evaluator, window: int, changes: Sequence[str]
         overall=stream_metrics(spec.task, labels[mask], scores[mask]),
         windows=window_metrics(spec.task, labels, scores, window),
         learn_seconds=evaluator.learn_seconds, scores=scores, labels=labels,
+        label_counts=({} if evaluator.label_delay is None
+                      else dict(evaluator.model.pending.counts)),
     )
 
 
 def evaluate(batches: Iterable[FeatureBatch], model: OnlineModel, *, window: int | None = None,
-             name: str | None = None) -> VariantResult:
-    """Replay ``batches`` through ``model``, test-then-train; metrics overall and per window."""
-    ev = Evaluator(model)
+             name: str | None = None, label_delay: float | None = None) -> VariantResult:
+    """Replay ``batches`` through ``model``, test-then-train; metrics overall and per window.
+    ``label_delay``: see :class:`Evaluator`."""
+    ev = Evaluator(model, label_delay)
     for batch in batches:
         ev.feed(batch)
     return _result(name or model.spec.name, ev, window or model.spec.rolling_window)
@@ -434,6 +502,7 @@ class Report:
     seconds: float
     variants: list[VariantResult]
     positive: str | None = None
+    label_delay: float | None = None
 
     @property
     def rows(self) -> int:
@@ -455,6 +524,7 @@ class Report:
             "seconds": self.seconds,
             "rows_per_s": self.rows_per_s,
             "positive": self.positive,
+            "label_delay": self.label_delay,
             "variants": [v.to_dict() for v in self.variants],
         }
 
@@ -468,8 +538,8 @@ class Replay:
     file loop and an asyncio Kafka loop drive it alike)."""
 
     def __init__(self, variants: Sequence[Variant], *, window: int | None = None,
-                 limit: int | None = None, source: str = "", positive: str | None = None
-                 ) -> None:
+                 limit: int | None = None, source: str = "", positive: str | None = None,
+                 label_delay: float | None = None) -> None:
         if not variants:
             raise ValueError("nothing to evaluate: no model spec")
         self.variants = list(variants)
@@ -479,7 +549,8 @@ class Replay:
         self.limit = limit
         self.source = source
         self.positive = positive
-        self.evaluators = [Evaluator(OnlineModel(v.spec)) for v in self.variants]
+        self.label_delay = label_delay
+        self.evaluators = [Evaluator(OnlineModel(v.spec), label_delay) for v in self.variants]
         for ev in self.evaluators:
             ev.warm_up()
         self._fed = [0] * len(self.variants)
@@ -519,7 +590,8 @@ class Replay:
             r.dropped = dict(variant.decoder.dropped)
             results.append(r)
         seconds = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
-        return Report(self.source, self.window, seconds, results, self.positive)
+        return Report(self.source, self.window, seconds, results, self.positive,
+                      self.label_delay)
 
 
 # -- files ---------------------------------------------------------------------------------
@@ -528,8 +600,10 @@ _CSV_CONVERSION = re.compile(r"In CSV column #(\d+): CSV conversion error to (\w
                              r"invalid value '(.*)'", re.S)
 
 
-def needed_columns(specs: Iterable[ModelSpec]) -> dict[str, str]:
-    """Every column the specs read, with its role (``numeric``, ``categorical``, ``label``)."""
+def needed_columns(specs: Iterable[ModelSpec], *, times: bool = False) -> dict[str, str]:
+    """Every column the specs read, with its role (``numeric``, ``categorical``, ``label``;
+    for aggregates ``event time``, ``aggregated field``, ``aggregate entity``; the event
+    time also with ``times``, for ``--label-delay``)."""
     roles: dict[str, str] = {}
     for spec in specs:
         for name in spec.numeric:
@@ -537,6 +611,11 @@ def needed_columns(specs: Iterable[ModelSpec]) -> dict[str, str]:
         for name in spec.categorical:
             roles.setdefault(name, "categorical")
         roles.setdefault(spec.label, "label")
+        if spec.aggregates or times:
+            roles.setdefault(spec.time_field, "event time")
+        for a in spec.aggregates:
+            roles.setdefault(a.field, "aggregated field")
+            roles.setdefault(a.entity, "aggregate entity")
     return roles
 
 
@@ -725,14 +804,25 @@ class ArrowDecoder:
 
     Binary labels may be 0/1 numbers, booleans or ``true``/``false``; any other two-valued
     column needs ``positive`` (the value that means 1).
+
+    A spec with aggregates also reads the event time, the aggregated fields and the entity
+    fields into the batch's ``aux`` (:class:`~streamlearn.aggregates.AggregateInputs`), as
+    the worker's :class:`~streamlearn.features.Vectorizer` does; the model fills the
+    aggregate columns as it learns.  ``times``: read the event time even without
+    aggregates (``--label-delay``).
     """
 
     def __init__(self, spec: ModelSpec, *, positive: str | None = None,
-                 source: str = "") -> None:
+                 source: str = "", times: bool = False) -> None:
         self.spec = spec
         self.positive = positive
         self.source = f"{source}: " if source else ""
-        self.features = FeatureDecoder(spec, Vectorizer(spec))
+        self.times = times or bool(spec.aggregates)
+        # The batch-record decoder reads the spec's own fields; the aggregate columns are
+        # added here (NaN until the model fills them) and the hashed slots shifted past them.
+        self._plain = dataclasses.replace(spec, aggregates=()) if spec.aggregates else spec
+        self._shift = spec.n_numeric - self._plain.n_numeric
+        self.features = FeatureDecoder(self._plain, Vectorizer(self._plain))
         self.dropped: Counter[str] = Counter()
         self._hashes: dict[str, dict[Any, int]] = {}
         self._label_values: set[str] = set()
@@ -752,15 +842,53 @@ class ArrowDecoder:
             cols[spec.id_field] = Column(spec.id_field, "<i8",
                                          np.arange(first, first + n, dtype=np.int64))
         try:
-            return self.features.features(BatchRecord(n, cols))
+            batch = self.features.features(BatchRecord(n, cols))
         except BatchFormatError as exc:
             raise EvaluateError(f"{self.source}{exc}") from None
+        if self._shift:
+            numeric = np.full((n, spec.n_numeric), np.nan)
+            numeric[:, : batch.numeric.shape[1]] = batch.numeric
+            batch = FeatureBatch(numeric, batch.hashed + self._shift, batch.labels, batch.ids)
+        if self.times:
+            batch.aux = self._aux(rb, first)
+        return batch
+
+    def _aux(self, rb: Any, first: int) -> AggregateInputs:
+        """What the aggregates read: event times (required), aggregated values (NaN when
+        missing) and entity keys (strings or integers, None when missing)."""
+        spec = self.spec
+        name = spec.time_field
+        times = self._numeric(rb.column(name), name, first, role="event time")
+        gaps = np.flatnonzero(np.isnan(times))
+        if len(gaps):
+            raise EvaluateError(f"{self.source}column {name!r} (event time): missing at data "
+                                f"row {first + int(gaps[0]) + 1}; the model's aggregates and "
+                                "--label-delay need every row's time (Unix seconds)")
+        values = np.empty((len(times), len(spec.aggregates)))
+        for k, a in enumerate(spec.aggregates):
+            values[:, k] = self._numeric(rb.column(a.field), a.field, first,
+                                         role="aggregated field")
+        keys = [self._keys(rb.column(e), e) for e in _entities(spec)]
+        return AggregateInputs(times, values, keys)
+
+    def _keys(self, arr: Any, name: str) -> list[Any]:
+        import pyarrow as pa
+
+        t = arr.type
+        if pa.types.is_dictionary(t):
+            arr = arr.cast(t.value_type)
+            t = arr.type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t)
+                or pa.types.is_integer(t) or pa.types.is_null(t)):
+            raise EvaluateError(f"{self.source}column {name!r} (aggregate entity) holds {t} "
+                                "values; the worker takes strings or integers")
+        return arr.to_pylist()
 
     def _where(self, name: str, role: str, row: int, value: Any, what: str) -> EvaluateError:
         return EvaluateError(f"{self.source}column {name!r} ({role}): {value!r} at data row "
                              f"{row + 1} {what}")
 
-    def _numeric(self, arr: Any, name: str, first: int) -> np.ndarray:
+    def _numeric(self, arr: Any, name: str, first: int, role: str = "numeric") -> np.ndarray:
         import pyarrow as pa
 
         t = arr.type
@@ -771,18 +899,18 @@ class ArrowDecoder:
                 try:
                     float(v)
                 except ValueError:
-                    raise self._where(name, "numeric", first + i, v, "is not a number") from None
+                    raise self._where(name, role, first + i, v, "is not a number") from None
         elif not (pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_decimal(t)
                   or pa.types.is_null(t)):
-            raise EvaluateError(f"{self.source}column {name!r} (numeric) holds {t} values, "
+            raise EvaluateError(f"{self.source}column {name!r} ({role}) holds {t} values, "
                                 "not numbers")
         try:
             x = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
         except pa.ArrowInvalid as exc:
-            raise EvaluateError(f"{self.source}column {name!r} (numeric): {exc}") from None
+            raise EvaluateError(f"{self.source}column {name!r} ({role}): {exc}") from None
         bad = np.flatnonzero(np.abs(x) > MAX_ABS_VALUE)  # the worker's bound (inf too)
         if len(bad):
-            raise self._where(name, "numeric", first + int(bad[0]), float(x[bad[0]]),
+            raise self._where(name, role, first + int(bad[0]), float(x[bad[0]]),
                               f"has a magnitude above {MAX_ABS_VALUE:g}")
         return x
 
@@ -903,6 +1031,11 @@ class ArrowDecoder:
                 f"({shown}, by data row {first + 1}...); a {self.spec.task} label has two")
 
 
+def _entities(spec: ModelSpec) -> list[str]:
+    """The entity fields, in the order of :attr:`EntityAggregates.fields`."""
+    return list(dict.fromkeys(a.entity for a in spec.aggregates))
+
+
 # -- Kafka messages ------------------------------------------------------------------------
 
 
@@ -981,7 +1114,9 @@ def format_report(report: Report, *, max_windows: int = 12) -> str:
     task = first.spec.task
     lines = [
         f"{report.source}: {report.rows:,} rows ({first.labelled:,} labelled), {task}, "
-        f"window {report.window:,} rows",
+        f"window {report.window:,} rows"
+        + ("" if report.label_delay is None else
+           f", labels learned {report.label_delay:g} s of event time after their rows"),
     ]
     names = [v.name for v in vs]
     width = max(12, *(len(n) + 2 for n in names))
@@ -1022,6 +1157,12 @@ def format_report(report: Report, *, max_windows: int = 12) -> str:
                 _fmt(v.windows[i].get(key) if i < len(v.windows) else None, key).rjust(width)
                 for v in vs))
     for v in vs:
+        if v.label_counts:
+            c = v.label_counts
+            told = sum(c.get(k, 0) for k in ("joined", "late", "duplicate", "unknown"))
+            lines.append(f"{v.name}: labels joined {c.get('joined', 0):,}, late "
+                         f"{c.get('late', 0):,} (past label_ttl_s or max_pending), not due "
+                         f"by the end {v.labelled - told:,}")
         if v.dropped:
             top = sorted(v.dropped.items(), key=lambda kv: -kv[1])[:3]
             lines.append(f"{v.name}: dropped (the worker would dead-letter): "

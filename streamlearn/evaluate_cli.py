@@ -23,6 +23,10 @@ or from flags alone when --numeric/--categorical are given:
   streamlearn evaluate data.csv --numeric amount,hour --categorical country --label is_fraud
   streamlearn evaluate data.parquet --model fraud --compare learning_rate=0.1 --plot auc.png
   streamlearn evaluate --topic transactions --bootstrap kafka:9092 --json out.json
+  streamlearn evaluate data.csv --model fraud --label-delay 3600 --compare aggregates=
+
+A spec with entity aggregates ([[model.aggregate]]) also reads the event time, the
+aggregated fields and the entity fields; --label-delay reads the event time.
 """
 
 
@@ -55,6 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                            "(repeatable: one column each)")
     spec.add_argument("--positive", default=None, metavar="VALUE",
                       help="label value that means positive, for a two-valued text label")
+    spec.add_argument("--label-delay", type=float, default=None, metavar="SECONDS",
+                      help="score each row on arrival and learn its label only once the "
+                           "stream's event time (the spec's time_field) reaches the row's "
+                           "time plus SECONDS, as the worker does with <model>.labels")
     out = p.add_argument_group("output")
     out.add_argument("--window", type=int, default=None, metavar="N",
                      help="rows per metrics window (default: the spec's rolling_window)")
@@ -136,14 +144,16 @@ def _run(args: argparse.Namespace) -> int:
     spec = _spec(args)
     source = args.file or f"topic {args.topic}"
     if args.file:
+        delayed = args.label_delay is not None
         variants = make_variants(spec, args.compare,
                                  lambda s: ArrowDecoder(s, positive=args.positive,
-                                                        source=args.file))
-        table = TableFile(args.file, needed_columns(v.spec for v in variants))
+                                                        source=args.file, times=delayed))
+        table = TableFile(args.file, needed_columns((v.spec for v in variants),
+                                                    times=delayed))
     else:
         variants = make_variants(spec, args.compare, MessageDecoder)
     replay = Replay(variants, window=args.window, limit=args.limit, source=source,
-                    positive=args.positive)
+                    positive=args.positive, label_delay=args.label_delay)
     interrupted = False
     try:
         if args.file:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +18,7 @@ from sklearn import metrics as skm
 from streamlearn import prequential
 from streamlearn.batch_format import encode_batch
 from streamlearn.cli import main
-from streamlearn.config import ModelSpec
+from streamlearn.config import AggregateSpec, ModelSpec
 from streamlearn.evaluate import (
     ArrowDecoder,
     EvaluateError,
@@ -370,3 +371,139 @@ def test_integer_and_missing_categoricals_hash_like_the_worker() -> None:
         [b'{"c": 5, "y": 1}', b'{"y": 0}', b'{"c": 7}', b'{"c": "5", "y": 1}'])
     np.testing.assert_array_equal(batch.hashed, json_batch.hashed)
     np.testing.assert_array_equal(batch.labels, json_batch.labels)
+
+
+# -- entity aggregates and delayed labels ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def agg_events() -> list[dict[str, Any]]:
+    # The stream with card-testing bursts and far-from-home fraud (card_country entity).
+    return FraudStream(seed=5, fraud_rate=0.03, label_fraction=0.9,
+                       entity_fraud=0.4).take(N_ROWS)
+
+
+@pytest.fixture(scope="module")
+def agg_spec() -> ModelSpec:
+    return ModelSpec(name="fraud", topic="t", label="is_fraud", numeric=NUMERIC,
+                     categorical=CATEGORICAL, hash_bits=10, batch_size=64, device="cpu",
+                     aggregates=(AggregateSpec("card_id", "amount", ("1m", "10m"),
+                                               ("count", "sum", "mean")),
+                                 AggregateSpec("card_country", "amount", ("10m",),
+                                               ("count",))))
+
+
+@pytest.fixture(scope="module")
+def agg_files(agg_events: list[dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+              ) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("evaluate_agg")
+    keys = list(dict.fromkeys(k for e in agg_events for k in e))
+    table = pa.table({k: [e.get(k) for e in agg_events] for k in keys})
+    pacsv.write_csv(table, tmp / "fraud.csv")
+    pq.write_table(table, tmp / "fraud.parquet", row_group_size=1000)
+    return {"csv": tmp / "fraud.csv", "parquet": tmp / "fraud.parquet", "table": table}
+
+
+def _json_scores(spec: ModelSpec, events: list[dict[str, Any]]) -> tuple[np.ndarray, Any]:
+    model = OnlineModel(spec, device="cpu")
+    batch, rejects = JsonDecoder(spec, model.vectorizer).decode(
+        [orjson.dumps(e) for e in events])
+    assert rejects == [] and batch.aux is not None
+    return model.process_many(batch, spec.batch_size).scores, model
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_file_replay_with_aggregates_is_the_json_workers(
+        fmt: str, agg_files: dict[str, Any], agg_events: list[dict[str, Any]],
+        agg_spec: ModelSpec) -> None:
+    """A file read for a spec with aggregates gets the aggregate features the worker
+    computes from the same events: identical scores, and the same entity state."""
+    report = _replay(agg_files[fmt], agg_spec)
+    expected, model = _json_scores(agg_spec, agg_events)
+    got = report.variants[0]
+    assert got.rows == N_ROWS
+    np.testing.assert_array_equal(got.scores, expected)
+    plain = _replay(agg_files[fmt], dataclasses.replace(agg_spec, aggregates=()))
+    assert not np.array_equal(plain.variants[0].scores, got.scores)  # they do change scores
+    assert model.aggregates is not None and model.aggregates.n_entities > 1000
+
+
+def test_aggregates_need_their_columns(agg_files: dict[str, Any], agg_spec: ModelSpec,
+                                       tmp_path: Path) -> None:
+    table = agg_files["table"]
+    for column, role in (("ts", "event time"), ("card_country", "aggregate entity")):
+        path = tmp_path / f"no_{column}.parquet"
+        pq.write_table(table.drop_columns([column]), path)
+        with pytest.raises(EvaluateError, match=f"column '{column}' \\({role} in the model "
+                                                "spec\\) is not in the file"):
+            _replay(path, agg_spec)
+    times = table.column("ts").to_pylist()
+    times[1234] = None
+    path = tmp_path / "gap.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("ts"), "ts",
+                                    pa.array(times)), path)
+    with pytest.raises(EvaluateError, match="'ts' \\(event time\\): missing at data row 1235"):
+        _replay(path, agg_spec)
+
+
+def test_label_delay_zero_is_the_immediate_replay(agg_files: dict[str, Any],
+                                                  agg_spec: ModelSpec) -> None:
+    """Labels learned before the next mini-batch through pending/learn_joined: the same
+    model, step for step, as labels on the events learned one step per mini-batch (the
+    same learning path; by default the worker learns one update per event)."""
+    spec = dataclasses.replace(agg_spec, update_rows=agg_spec.batch_size)
+    immediate = _replay(agg_files["parquet"], spec).variants[0]
+    delayed = _replay(agg_files["parquet"], spec, label_delay=0.0).variants[0]
+    np.testing.assert_allclose(delayed.scores, immediate.scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(delayed.labels, immediate.labels)
+    last = N_ROWS - N_ROWS % 64 or N_ROWS - 64  # the last mini-batch's labels are never due
+    assert delayed.label_counts["joined"] == int((~np.isnan(delayed.labels[:last])).sum())
+    assert delayed.label_counts["late"] == delayed.label_counts["unknown"] == 0
+
+
+def test_label_delay_holds_labels_back_in_event_time(files: dict[str, Path],
+                                                     events: list[dict[str, Any]],
+                                                     spec: ModelSpec) -> None:
+    """A spec without aggregates reads the time column for --label-delay; a label is
+    learned only once the stream is ``delay`` seconds of event time past its row."""
+    ts = np.array([e["ts"] for e in events])
+    delay = float(ts[N_ROWS // 2] - ts[0])  # labels of the first rows arrive mid-stream
+    table = TableFile(files["parquet"], needed_columns([spec], times=True), batch_rows=700)
+    replay = Replay([Variant("m", spec, ArrowDecoder(spec, times=True))],
+                    window=1000, label_delay=delay)
+    for chunk in table:
+        replay.feed(chunk)
+    v = replay.finish().variants[0]
+    immediate = _replay(files["parquet"], spec).variants[0]
+    labelled = ~np.isnan(v.labels)
+    # Nothing learned during the first half: every score there is the untrained model's.
+    first = v.scores[: N_ROWS // 2 - 64]
+    assert np.unique(first).size == 1
+    assert v.label_counts["joined"] < labelled.sum() * 0.55
+    assert v.label_counts["joined"] > labelled.sum() * 0.4
+    assert v.overall["auc"] < immediate.overall["auc"]
+    # The untrained scores count in the metrics: they are the arrival scores.
+    assert v.overall["n"] == labelled.sum()
+    # A delay past the pending TTL makes every label late.
+    short = dataclasses.replace(spec, label_ttl_s=1.0)
+    table = TableFile(files["parquet"], needed_columns([short], times=True), batch_rows=700)
+    replay = Replay([Variant("m", short, ArrowDecoder(short, times=True))],
+                    window=1000, label_delay=delay)
+    for chunk in table:
+        replay.feed(chunk)
+    late = replay.finish().variants[0].label_counts
+    assert late["joined"] == 0 and late["late"] > 0
+
+
+def test_cli_label_delay(files: dict[str, Path], tmp_path: Path,
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    out_json = tmp_path / "delay.json"
+    rc, out, err = _run(["evaluate", str(files["csv"]), *FLAGS, "--label-delay", "5",
+                         "--json", str(out_json)], capsys)
+    assert rc == 0, err
+    assert "labels learned 5 s of event time after their rows" in out
+    assert "labels joined" in out
+    report = json.loads(out_json.read_text())
+    assert report["label_delay"] == 5.0 and report["variants"][0]["labels"]["joined"] > 0
+    rc, _, err = _run(["evaluate", str(files["csv"]), *FLAGS, "--label-delay", "-1"], capsys)
+    assert rc == 2 and "--label-delay must be a number of seconds >= 0" in err
