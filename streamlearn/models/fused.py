@@ -28,6 +28,7 @@ from streamlearn.kernels.codes import (
     OPT_SGD,
 )
 from streamlearn.kernels.cpu import (
+    _dense_margin,
     _loss_dloss,
     _opt_scalars,
     _update,
@@ -122,11 +123,14 @@ def per_event_linear(  # pragma: no cover - compiled
                     s1[big_d] -= delta * (h_beta + math.sqrt(np.float64(s2[big_d]))) / h_lr
                 w[big_d] += delta
             moved = False
-        m = np.float64(w[big_d])
-        for j in range(d):
-            m += np.float64(z[r, j]) * w[j]
-        for c in range(n_cat):
-            m += np.float64(one) * w[hashed[r, c]]
+        if csr:  # the CSR kernel's order: bias, numeric block, hashed slots
+            m = np.float64(w[big_d])
+            for j in range(d):
+                m += np.float64(z[r, j]) * w[j]
+            for c in range(n_cat):
+                m += np.float64(one) * w[hashed[r, c]]
+        else:
+            m = _dense_margin(z, r, w)
         m32 = np.float32(m)
         if link:
             scores[r] = _sigmoid(m32)
