@@ -205,6 +205,37 @@ def _fold(X, H, size, edges, keys, bins, halflife,
                     recent_cat[j, b] += alpha * (share - recent_cat[j, b])
 
 
+def sorted_quantiles(ranked: np.ndarray, n: int, qs: np.ndarray) -> np.ndarray:
+    """``np.quantile(row[:n], qs)`` (the default ``linear`` method) for each row of
+    ``ranked``, whose first ``n`` entries are sorted and not NaN: shape ``(rows, len(qs))``.
+
+    numpy's own operations, in its order (virtual index ``(n - 1) * q``, neighbours,
+    ``_lerp``), without its partition: the rows are sorted already, and partitioning them
+    again cost a third of freezing a 32-feature reference. Held equal to ``np.quantile``
+    by a test.
+    """
+    virtual = (n - 1) * qs
+    prev = np.floor(virtual)
+    nxt = prev + 1
+    above = virtual >= n - 1  # numpy's index -1: the last value
+    prev[above] = -1
+    nxt[above] = -1
+    below = virtual < 0
+    prev[below] = 0
+    nxt[below] = 0
+    prev_i = prev.astype(np.intp)
+    gamma = virtual - prev_i
+    prev_i[prev_i < 0] += n
+    nxt_i = nxt.astype(np.intp)
+    nxt_i[nxt_i < 0] += n
+    a = ranked[:, prev_i]
+    b = ranked[:, nxt_i]
+    diff = b - a
+    out = a + diff * gamma
+    np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5)
+    return out
+
+
 def psi(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Population stability index per row of share matrices ``p`` (reference), ``q``.
 
@@ -347,7 +378,7 @@ class DataDriftMonitor:
         full = n_obs_all == len(X)
         if d and full.all() and len(X):  # no missing value: every column at once
             means, stds = Xt.mean(axis=1), Xt.std(axis=1)
-            all_edges = np.quantile(ranked, qs, axis=1).T
+            all_edges = sorted_quantiles(ranked, len(X), qs)
         for j in range(d):
             col = Xt[j]
             n_obs = int(n_obs_all[j])
@@ -358,7 +389,7 @@ class DataDriftMonitor:
                     obs = col if full[j] else col[~np.isnan(col)]
                     mean = float(obs.mean())  # in stream order: the same rounding as ever
                     std = float(obs.std())
-                    edges = np.quantile(ranked[j, :n_obs], qs)  # order-free
+                    edges = sorted_quantiles(ranked[j : j + 1], n_obs, qs)[0]
                 self.ref_mean[j] = mean
                 self.ref_std[j] = std if std > 0 and math.isfinite(std) else 1.0
                 # Edges in raw units: the same bins as quantiles of the standardized value

@@ -107,6 +107,22 @@ def test_numeric_shares_equal_a_per_value_binning():
     np.testing.assert_array_equal(m.recent_num, recent)
 
 
+@pytest.mark.parametrize("bins", [2, 10, 11])
+def test_sorted_quantiles_equal_numpys(bins):
+    """The reference's bin edges: numpy's linear quantiles, read off sorted rows (equal
+    values; a zero edge's sign is arbitrary in np.quantile too)."""
+    from streamlearn.drift.data import sorted_quantiles
+
+    rng = np.random.default_rng(bins)
+    qs = np.arange(1, bins) / bins
+    for n in [1, 2, 3, 7, 10, 255, 5120]:
+        for x in (rng.normal(size=(3, n)) * 1e3, np.round(rng.normal(size=(3, n)))):
+            got = sorted_quantiles(np.sort(x, axis=1), n, qs)
+            np.testing.assert_array_equal(got, np.quantile(x, qs, axis=1).T)
+            padded = np.concatenate([np.sort(x, axis=1), np.full((3, 4), np.nan)], axis=1)
+            np.testing.assert_array_equal(sorted_quantiles(padded, n, qs), got)
+
+
 def test_model_reports_drift_when_the_fraud_pattern_changes(fraud_spec):
     model = OnlineModel(fraud_spec, device="cpu")
     stream = FraudStream(seed=2)
