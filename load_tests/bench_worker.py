@@ -301,8 +301,29 @@ def faust_one_by_one(bootstrap: str, topic: str, n: int, partitions: int, timeou
 # -- the real worker -------------------------------------------------------------------------
 
 
+#: ``--aggregates``: three aggregates over three windows (issue 11's target), per card and
+#: per merchant, on the synthetic stream's fields.
+AGGREGATES = """
+[[model.aggregate]]
+entity = "card_id"
+field = "amount"
+windows = ["1m", "10m", "1h"]
+stats = ["count", "sum", "mean"]
+[[model.aggregate]]
+entity = "card_id"
+field = "distance_km"
+windows = ["1m", "10m", "1h"]
+stats = ["count", "sum", "mean"]
+[[model.aggregate]]
+entity = "merchant_id"
+field = "amount"
+windows = ["1m", "10m", "1h"]
+stats = ["count", "sum", "mean"]
+"""
+
+
 def worker_config(path: Path, *, model: str, topic: str, partitions: int, batch_size: int,
-                  emit: bool, snapshot_dir: Path) -> None:
+                  emit: bool, snapshot_dir: Path, aggregates: bool = False) -> None:
     path.write_text(f"""
 [kafka]
 partitions = {partitions}
@@ -321,7 +342,7 @@ numeric = {json.dumps(list(NUMERIC))}
 categorical = {json.dumps(list(CATEGORICAL))}
 hash_bits = 18
 batch_size = {batch_size}
-""")
+""" + (AGGREGATES if aggregates else ""))
 
 
 class SnapshotWatch:
@@ -383,11 +404,12 @@ async def committed_offsets(bootstrap: str, group: str, topic: str, partitions: 
 
 async def run_worker(bootstrap: str, *, model: str, topic: str, events: int, messages: int,
                      partitions: int, batch_size: int, emit: bool, timeout: float,
-                     workdir: Path, profile: Path | None) -> dict[str, Any]:
+                     workdir: Path, profile: Path | None,
+                     aggregates: bool = False) -> dict[str, Any]:
     """Start the real worker on a pre-loaded topic; measure it from its snapshots."""
     cfg = workdir / f"{model}.toml"
     worker_config(cfg, model=model, topic=topic, partitions=partitions, batch_size=batch_size,
-                  emit=emit, snapshot_dir=workdir / f"snap-{model}")
+                  emit=emit, snapshot_dir=workdir / f"snap-{model}", aggregates=aggregates)
     group = re.search(r'app_id = "([^"]+)"', cfg.read_text()).group(1)  # type: ignore[union-attr]
     env = {**os.environ, "STREAMLEARN_CONFIG": str(cfg), "STREAMLEARN_KAFKA__BOOTSTRAP": bootstrap,
            "STREAMLEARN_KAFKA__FAST_JOIN": "true"}
@@ -616,6 +638,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soak-rate", type=float, default=20_000.0, help="events/s in the soak")
     p.add_argument("--soak-format", choices=("json", "batch"), default="json")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--aggregates", action="store_true",
+                   help="also run the JSON worker with three aggregates over three windows "
+                        "(issue 11: >= 0.7x of its rate without, same run)")
     p.add_argument("--format-only", action="store_true",
                    help="only compare batch-record encodings (no broker)")
     args = p.parse_args(argv)
@@ -663,15 +688,18 @@ def main(argv: list[str] | None = None) -> int:
                   "batch_size "
                   f"{args.model_batch_size}): "
                   f"{fmt_rate(results['model']['rate'])}")
-        for kind, topic, n, msgs in (("json", "bench.json", args.json, args.json),
-                                     ("batch", "bench.batch", args.batch, n_rec)):
+        runs = [("json", "bench.json", args.json, args.json),
+                ("batch", "bench.batch", args.batch, n_rec)]
+        if args.aggregates:
+            runs.insert(1, ("json_aggregates", "bench.json", args.json, args.json))
+        for kind, topic, n, msgs in runs:
             if not n:
                 continue
             r = asyncio.run(run_worker(
                 bootstrap, model=f"fraud_{kind}", topic=topic, events=n, messages=msgs,
                 partitions=args.partitions, batch_size=args.model_batch_size,
                 emit=not args.no_predictions, timeout=args.timeout, workdir=workdir,
-                profile=args.profile))
+                profile=args.profile, aggregates=kind.endswith("aggregates")))
             results[f"worker_{kind}"] = r
             print(f"worker {kind}: {fmt_rate(r.get('rate'))} over {r.get('consumed', 0):,} "
                   f"events (complete={r.get('complete')})", flush=True)
@@ -695,9 +723,16 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"model batch_size {args.model_batch_size}, {args.partitions} partitions, "
           f"predictions {'off' if args.no_predictions else 'on'}")
     raw, one = results.get("raw_json"), results.get("faust_one")
-    for kind in ("json", "batch"):
+    for kind in ("json", "json_aggregates", "batch"):
         r = results.get(f"worker_{kind}")
         if not r:
+            continue
+        if kind == "json_aggregates":
+            base = (results.get("worker_json") or {}).get("rate") or 0.0
+            rate = r.get("rate") or 0.0
+            print(f"json + 3 aggregates x 3 windows: {fmt_rate(rate)}, "
+                  f"{rate / base if base else 0:.2f}x of the JSON worker without them; "
+                  f"snapshots x {r.get('snapshot_kb', 0):.0f} KiB")
             continue
         rate = r.get("rate") or 0.0
         first = r.get("first_event_s")

@@ -88,6 +88,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import orjson
 
+from streamlearn.aggregates import AggregateInputs
 from streamlearn.config import ModelSpec
 from streamlearn.features import _MISSING, MAX_ABS_VALUE, FeatureBatch, Vectorizer, stable_hash
 
@@ -243,30 +244,34 @@ class FeatureDecoder:
         missing = [f for f in (*spec.numeric, *spec.categorical) if f not in cols]
         if missing:
             raise BatchFormatError(f"schema mismatch: missing feature columns {missing}")
-        numeric = np.empty((n, spec.n_numeric), dtype=np.float64)
-        for j, name in enumerate(spec.numeric):
-            col = cols[name]
-            if col.dtype not in NUMERIC_DTYPES:
-                raise BatchFormatError(
-                    f"schema mismatch: numeric column {name!r} has dtype {col.dtype}, "
-                    f"want one of {NUMERIC_DTYPES}"
-                )
-            numeric[:, j] = col.data
-        over = np.abs(numeric) > MAX_ABS_VALUE  # +-inf too; NaN (missing) is not
-        if n and over.any():
-            if np.isinf(numeric).any():
-                bad = [spec.numeric[j] for j in np.flatnonzero(np.isinf(numeric).any(axis=0))]
-                raise BatchFormatError(f"numeric columns {bad} hold infinite values")
-            bad = [spec.numeric[j] for j in np.flatnonzero(over.any(axis=0))]
-            raise BatchFormatError(
-                f"numeric columns {bad} hold values of magnitude above {MAX_ABS_VALUE:g}"
-            )
+        numeric = np.full((n, spec.n_numeric), np.nan)  # aggregate columns: filled later
+        _check_numeric([cols[name] for name in spec.numeric], numeric)
         hashed = np.empty((n, len(spec.categorical)), dtype=np.int64)
         for j, name in enumerate(spec.categorical):
             hashed[:, j] = self._slots(cols[name], n)
         labels = _labels(cols.get(spec.label), spec, n)
         ids = _ids(cols.get(spec.id_field), n)
-        return FeatureBatch(numeric, hashed, labels, ids)
+        return FeatureBatch(numeric, hashed, labels, ids, self._aggregate_inputs(cols, n))
+
+    def _aggregate_inputs(self, cols: dict[str, Column], n: int) -> AggregateInputs | None:
+        """What the spec's aggregates read: the event time, each aggregated field and the
+        entity keys (dictionary-encoded strings, or integers)."""
+        spec = self.spec
+        if not spec.aggregates:
+            return None
+        entities = list(dict.fromkeys(a.entity for a in spec.aggregates))
+        wanted = (spec.time_field, *(a.field for a in spec.aggregates), *entities)
+        missing = [f for f in dict.fromkeys(wanted) if f not in cols]
+        if missing:
+            raise BatchFormatError(f"schema mismatch: the model's aggregates need columns "
+                                   f"{missing}")
+        times = _check_numeric([cols[spec.time_field]])[:, 0]
+        if n and np.isnan(times).any():
+            row = int(np.flatnonzero(np.isnan(times))[0])
+            raise BatchFormatError(f"column {spec.time_field!r}, row {row}: the event time "
+                                   "is required by the model's aggregates")
+        values = _check_numeric([cols[a.field] for a in spec.aggregates])
+        return AggregateInputs(times, values, [_keys(cols[name]) for name in entities])
 
     def _slots(self, col: Column, n: int) -> np.ndarray:
         spec = self.spec
@@ -307,6 +312,42 @@ class FeatureDecoder:
 def to_feature_batch(record: BatchRecord, spec: ModelSpec, vectorizer: Vectorizer) -> FeatureBatch:
     """One-off :meth:`FeatureDecoder.features` (the worker keeps a decoder per model)."""
     return FeatureDecoder(spec, vectorizer).features(record)
+
+
+def _check_numeric(columns: list[Column], out: np.ndarray | None = None) -> np.ndarray:
+    """Numeric columns as float64 under the value rules (NaN: missing), into the first
+    ``len(columns)`` columns of ``out`` (a new array when None); every bad column named."""
+    n = len(columns[0].data) if columns and columns[0].data is not None else 0
+    x = np.empty((n, len(columns))) if out is None else out
+    for j, col in enumerate(columns):
+        if col.dtype not in NUMERIC_DTYPES:
+            raise BatchFormatError(f"schema mismatch: numeric column {col.name!r} has dtype "
+                                   f"{col.dtype}, want one of {NUMERIC_DTYPES}")
+        x[:, j] = col.data
+    part = x[:, : len(columns)]
+    over = np.abs(part) > MAX_ABS_VALUE  # +-inf too; NaN (missing) is not
+    if n and over.any():
+        if np.isinf(part).any():
+            bad = [columns[j].name for j in np.flatnonzero(np.isinf(part).any(axis=0))]
+            raise BatchFormatError(f"numeric columns {bad} hold infinite values")
+        bad = [columns[j].name for j in np.flatnonzero(over.any(axis=0))]
+        raise BatchFormatError(
+            f"numeric columns {bad} hold values of magnitude above {MAX_ABS_VALUE:g}")
+    return x
+
+
+def _keys(col: Column) -> list[Any]:
+    """Entity keys: a dictionary-encoded column's values (code -1: none), or integers."""
+    if col.values is not None and col.data is not None and col.dtype in CODE_DTYPES:
+        values = col.values
+        if len(col.data) and (int(col.data.min()) < -1 or int(col.data.max()) >= len(values)):
+            raise BatchFormatError(f"entity column {col.name!r}: codes outside "
+                                   f"-1..{len(values) - 1}")
+        return [None if c < 0 else values[c] for c in col.data.tolist()]
+    if col.dtype == "<i8" and col.data is not None:
+        return col.data.tolist()
+    raise BatchFormatError(f"schema mismatch: entity column {col.name!r} must be "
+                           f"dictionary-encoded or <i8 integers, got {col.dtype}")
 
 
 def _labels(col: Column | None, spec: ModelSpec, n: int) -> np.ndarray:

@@ -7,6 +7,7 @@ from TOML and ``STREAMLEARN_`` variables.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -27,6 +28,89 @@ DRIFT_ACTIONS: tuple[str, ...] = ("alert", "reset", "rollback")
 #: per-coordinate ``1/sqrt(n)`` rate), so one shared number served one of them well and
 #: collapsed the others (AUC 0.50-0.52 on a ratings stream with FTRL or SGD at 0.05).
 DEFAULT_LEARNING_RATES: dict[str, float] = {"sgd": 0.1, "adagrad": 0.5, "ftrl": 1.0}
+
+AGGREGATE_STATS: tuple[str, ...] = ("count", "sum", "mean")
+_WINDOW = re.compile(r"^([1-9][0-9]{0,8})([smhd])$")
+_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def window_seconds(window: str) -> float:
+    """Length of a window written ``90s``, ``30m``, ``1h`` or ``7d``, in seconds.
+
+    >>> window_seconds("1h"), window_seconds("7d")
+    (3600.0, 604800.0)
+    """
+    match = _WINDOW.match(window) if isinstance(window, str) else None
+    if match is None:
+        raise ValueError(f"window {window!r}: write a whole number and a unit s, m, h or d "
+                         "(for example 1h)")
+    return int(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateSpec:
+    """Windowed statistics of one numeric field per entity, in event time.
+
+    Each ``(window, stat)`` pair is one numeric feature, named
+    ``entity.field.window.stat`` (``card_id.amount.1h.count``); see
+    :mod:`streamlearn.aggregates` for how windows are kept.
+
+    >>> agg = AggregateSpec("card_id", "amount", ("1h", "24h"), ("count", "mean"))
+    >>> agg.names()  # doctest: +NORMALIZE_WHITESPACE
+    ('card_id.amount.1h.count', 'card_id.amount.1h.mean', 'card_id.amount.24h.count',
+     'card_id.amount.24h.mean')
+    """
+
+    entity: str
+    field: str
+    windows: tuple[str, ...] = ("1h", "24h", "7d")
+    stats: tuple[str, ...] = ("count", "sum", "mean")
+
+    def __post_init__(self) -> None:
+        if not self.entity or not self.field:
+            raise ValueError("an aggregate needs an entity field and a value field")
+        if not self.windows or not self.stats:
+            raise ValueError(f"aggregate {self.entity}.{self.field}: give windows and stats")
+        for w in self.windows:
+            window_seconds(w)
+        bad = [s for s in self.stats if s not in AGGREGATE_STATS]
+        if bad:
+            raise ValueError(f"aggregate {self.entity}.{self.field}: stats must be among "
+                             f"{AGGREGATE_STATS}, got {bad}")
+        if len(set(self.windows)) != len(self.windows) or len(set(self.stats)) != len(
+                self.stats):
+            raise ValueError(f"aggregate {self.entity}.{self.field}: repeated window or stat")
+
+    @property
+    def seconds(self) -> tuple[float, ...]:
+        """Window lengths in seconds."""
+        return tuple(window_seconds(w) for w in self.windows)
+
+    def names(self) -> tuple[str, ...]:
+        """Feature names, window-major."""
+        return tuple(f"{self.entity}.{self.field}.{w}.{s}" for w in self.windows
+                     for s in self.stats)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-ready dict."""
+        return {"entity": self.entity, "field": self.field, "windows": list(self.windows),
+                "stats": list(self.stats)}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> AggregateSpec:
+        """From a dict (TOML table); unknown keys are rejected."""
+        if isinstance(d, AggregateSpec):
+            return d
+        if not isinstance(d, dict):
+            raise ValueError(f"an aggregate must be a table, got {type(d).__name__}")
+        unknown = set(d) - {"entity", "field", "windows", "stats"}
+        if unknown:
+            raise ValueError(f"unknown aggregate keys: {sorted(unknown)}")
+        d = dict(d)
+        for key in ("windows", "stats"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +166,15 @@ class ModelSpec:
         second, else ``allow``; ``decision_block >= decision_review``.
     reasons_in_records
         Reason codes (top-K fields by contribution) in each JSON prediction record; 0: none.
+    aggregates, time_field, aggregate_tiles, max_entities
+        In-stream entity features (:mod:`streamlearn.aggregates`): windowed statistics per
+        entity in event time (``time_field``, Unix seconds, required on every event once
+        aggregates are declared), each window kept as ``aggregate_tiles`` tiles, for at
+        most ``max_entities`` entities (the least recently seen one goes first).
+    label_ttl_s, max_pending
+        Delayed labels (:mod:`streamlearn.labels`): an event scored without a label keeps
+        its features for ``label_ttl_s`` seconds (0: not kept), at most ``max_pending``
+        events (the oldest goes first), waiting for its label on ``<name>.labels``.
 
     Examples
     --------
@@ -124,6 +217,12 @@ class ModelSpec:
     decision_block: float | None = None
     decision_review: float | None = None
     reasons_in_records: int = 0
+    aggregates: tuple[AggregateSpec, ...] = ()
+    time_field: str = "ts"
+    aggregate_tiles: int = 8
+    max_entities: int = 100_000
+    label_ttl_s: float = 86_400.0
+    max_pending: int = 100_000
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -171,6 +270,28 @@ class ModelSpec:
                              "be finite, with decision_block >= decision_review")
         if not 0 <= self.reasons_in_records <= 1000:
             raise ValueError(f"model {self.name!r}: reasons_in_records must be in 0..1000")
+        if not 1 <= self.aggregate_tiles <= 64 or not 1 <= self.max_entities <= 10_000_000:
+            raise ValueError(f"model {self.name!r}: aggregate_tiles must be in 1..64, "
+                             "max_entities in 1..10,000,000")
+        if not (math.isfinite(self.label_ttl_s) and self.label_ttl_s >= 0) or not (
+                0 <= self.max_pending <= 10_000_000):
+            raise ValueError(f"model {self.name!r}: label_ttl_s must be finite and >= 0, "
+                             "max_pending in 0..10,000,000")
+        names = self.aggregate_names
+        inputs = {self.label, self.id_field}
+        clash = (set(names) & set(self.numeric) | set(names) & set(self.categorical)
+                 | ({self.time_field} & inputs if self.aggregates else set())
+                 | {a.entity for a in self.aggregates} & inputs
+                 | {a.field for a in self.aggregates} & inputs)
+        if clash or len(set(names)) != len(names):
+            raise ValueError(f"model {self.name!r}: aggregate names or fields clash with "
+                             f"the label, the id or a feature (or repeat): "
+                             f"{sorted(clash) or names}")
+        if {self.time_field} & set(self.categorical) and self.aggregates:
+            raise ValueError(f"model {self.name!r}: time field {self.time_field!r} is "
+                             "categorical")
+        if {a.field for a in self.aggregates} & set(self.categorical):
+            raise ValueError(f"model {self.name!r}: an aggregated field is categorical")
 
     @property
     def step_norm(self) -> float:
@@ -185,6 +306,21 @@ class ModelSpec:
         return float(max(1, self.n_numeric + len(self.categorical))) if self.normalized else 1.0
 
     @property
+    def labels_topic(self) -> str:
+        """Topic of the model's delayed labels (:mod:`streamlearn.labels`)."""
+        return f"{self.name}.labels"
+
+    @property
+    def aggregate_names(self) -> tuple[str, ...]:
+        """Names of the aggregate features, in column order (after :attr:`numeric`)."""
+        return tuple(name for a in self.aggregates for name in a.names())
+
+    @property
+    def numeric_features(self) -> tuple[str, ...]:
+        """Names of the standardized columns: the numeric fields, then the aggregates."""
+        return self.numeric + self.aggregate_names
+
+    @property
     def step_size(self) -> float:
         """The learning rate in force: ``learning_rate``, or the optimizer's default."""
         if self.learning_rate is not None:
@@ -193,8 +329,8 @@ class ModelSpec:
 
     @property
     def n_numeric(self) -> int:
-        """Number of numeric (dense) features."""
-        return len(self.numeric)
+        """Number of numeric (dense) features: numeric fields plus aggregate features."""
+        return len(self.numeric) + sum(len(a.windows) * len(a.stats) for a in self.aggregates)
 
     @property
     def n_hashed(self) -> int:
@@ -211,6 +347,7 @@ class ModelSpec:
         d = asdict(self)
         d["numeric"] = list(self.numeric)
         d["categorical"] = list(self.categorical)
+        d["aggregates"] = [a.to_dict() for a in self.aggregates]
         return d
 
     @classmethod
@@ -224,4 +361,6 @@ class ModelSpec:
         for key in ("numeric", "categorical"):
             if key in d:
                 d[key] = tuple(d[key])
+        if "aggregates" in d:
+            d["aggregates"] = tuple(AggregateSpec.from_dict(a) for a in d["aggregates"])
         return cls(**d)

@@ -34,6 +34,7 @@ import msgspec
 import numpy as np
 from numba import njit
 
+from streamlearn.aggregates import AggregateInputs
 from streamlearn.config import ModelSpec
 
 _MISSING = "\x00missing"
@@ -95,12 +96,17 @@ class FeatureBatch:
         float32 ``(n,)``; NaN where the event carried no label.
     ids
         The events' ids, for prediction records and label joins.
+    aux
+        What the model's aggregates read (event time, entity keys, aggregated values),
+        for a spec with aggregates; their columns of ``numeric`` are NaN until
+        :meth:`OnlineModel.fill_aggregates` fills them (``aux`` is then None).
     """
 
     numeric: np.ndarray
     hashed: np.ndarray
     labels: np.ndarray
     ids: list[Any]
+    aux: AggregateInputs | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -118,6 +124,7 @@ class FeatureBatch:
             hashed=self.hashed[idx],
             labels=self.labels[idx],
             ids=[self.ids[i] for i in idx],
+            aux=None if self.aux is None else self.aux.take(idx),
         )
 
 
@@ -152,14 +159,16 @@ class Vectorizer:
         self._mask = (1 << spec.hash_bits) - 1
         self._cache: dict[tuple[str, str], int] = {}
         self._slots: dict[str, dict[Any, int]] = {}
-        d1 = spec.n_numeric + 1
+        self.inputs = _Inputs.of(spec)
+        num_fields, cat_fields = self.inputs.numeric, self.inputs.categorical
+        d1 = len(num_fields) + 1
         # One row's numerics and label as float64, from the whole row tuple: "?" takes any
         # object (the categoricals and the id), so no slice is needed; padded to 8 bytes.
-        tail = len(spec.categorical) + 1
+        tail = len(cat_fields) + 1
         self._pack = struct.Struct(f"<{d1}d{tail}?{-tail % 8}x").pack
         self._width = d1 + (tail + 7) // 8  # float64 slots per packed row
-        self._cat_get = [itemgetter(d1 + j) for j in range(len(spec.categorical))]
-        self._id_get = itemgetter(d1 + len(spec.categorical))
+        self._cat_get = [itemgetter(d1 + j) for j in range(len(cat_fields))]
+        self._id_get = itemgetter(d1 + len(cat_fields))
         self._dict_row = _row_type(spec, _Number, Any)
         json_row = _row_type(spec, _JsonNumber, _JsonId)
         self._json_decode = None if json_row is None else msgspec.json.Decoder(json_row).decode
@@ -181,7 +190,7 @@ class Vectorizer:
     def feature_names(self, event: Mapping[str, Any]) -> list[str]:
         """Names of one event's features, in the order of its CSR row."""
         cats = [f"{f}={event.get(f, _MISSING)}" for f in self.spec.categorical]
-        return list(self.spec.numeric) + cats
+        return list(self.spec.numeric_features) + cats
 
     def transform_many(self, events: Sequence[Any]) -> tuple[FeatureBatch, list[tuple[int, str]]]:
         """Vectorize events; return the batch of valid ones and ``(index, reason)`` rejects.
@@ -217,19 +226,19 @@ class Vectorizer:
         first field that breaks a rule (the careful path, in Python)."""
         if not isinstance(event, Mapping):
             raise InvalidEvent(f"event must be a JSON object, got {type(event).__name__}")
-        spec = self.spec
-        nums = [_number(event.get(name), name, allow_missing=True) for name in spec.numeric]
+        spec, inputs = self.spec, self.inputs
+        nums = [_number(event.get(name), name, allow_missing=True) for name in inputs.numeric]
+        if inputs.time is not None and math.isnan(nums[inputs.time]):
+            raise InvalidEvent(_NO_TIME.format(spec.time_field))
         cats = []
-        for name in spec.categorical:
+        for name in inputs.categorical:
             value = event.get(name)
             if value is not None and (not isinstance(value, str | int) or isinstance(value, bool)):
                 raise InvalidEvent(
                     f"field {name!r}: expected a string or integer, got {type(value).__name__}"
                 )
             cats.append(value)
-        label = _number(event.get(spec.label), spec.label, allow_missing=True)
-        if spec.task != "regression" and not (math.isnan(label) or label in (0.0, 1.0)):
-            raise InvalidEvent(f"field {spec.label!r}: label must be 0 or 1, got {label!r}")
+        label = label_value(spec, event.get(spec.label), allow_missing=True)
         return (*nums, label, *cats, event.get(spec.id_field))
 
     def rows_from_json(self, values: Sequence[bytes | None]) -> list[tuple[Any, ...]] | None:
@@ -261,8 +270,8 @@ class Vectorizer:
         """Columns of checked rows (:meth:`row`'s layout); also the mask of rows that
         break a rule the struct types leave to this vectorized check (a binary label
         neither 0 nor 1, a magnitude above :data:`MAX_ABS_VALUE`), None when none does."""
-        spec = self.spec
-        n, d = len(rows), spec.n_numeric
+        spec, inputs = self.spec, self.inputs
+        n, d = len(rows), len(inputs.numeric)
         pack = self._pack
         try:
             packed = [pack(*t) for t in rows]
@@ -270,14 +279,25 @@ class Vectorizer:
             packed = [_pack_nulls(pack, t, d + 1) for t in rows]
         flat = np.frombuffer(b"".join(packed), dtype=np.float64).reshape(n, self._width)
         flat = flat[:, : d + 1]
-        numeric = np.ascontiguousarray(flat[:, :d])
         with np.errstate(over="ignore"):  # a label past float32 is caught below, on flat
             labels = flat[:, d].astype(np.float32)
         hashed = np.empty((n, len(spec.categorical)), dtype=np.int64)
         for j, name in enumerate(spec.categorical):
             hashed[:, j] = self._hash(name, list(map(self._cat_get[j], rows)))
-        batch = FeatureBatch(numeric, hashed, labels, list(map(self._id_get, rows)))
+        if inputs.time is None:
+            numeric = np.ascontiguousarray(flat[:, :d])
+            aux = None
+        else:  # aggregate columns stay NaN until the model fills them from ``aux``
+            numeric = np.full((n, spec.n_numeric), np.nan)
+            numeric[:, : len(spec.numeric)] = flat[:, : len(spec.numeric)]
+            aux = AggregateInputs(
+                np.ascontiguousarray(flat[:, inputs.time]),
+                np.ascontiguousarray(flat[:, list(inputs.values)]),
+                [list(map(self._cat_get[j], rows)) for j in inputs.entities])
+        batch = FeatureBatch(numeric, hashed, labels, list(map(self._id_get, rows)), aux)
         wrong = (np.abs(flat) > MAX_ABS_VALUE).any(axis=1)  # NaN (missing) compares False
+        if inputs.time is not None:
+            wrong |= np.isnan(flat[:, inputs.time])
         if spec.task != "regression":  # on float64: 1 + 1e-10 is 1.0 in float32
             y = flat[:, d]
             wrong |= ~((y == 0.0) | (y == 1.0) | np.isnan(y))
@@ -327,6 +347,40 @@ class Vectorizer:
         return out  # type: ignore[return-value]
 
 
+_NO_TIME = "field {!r}: the event time (Unix seconds) is required by the model's aggregates"
+
+
+@dataclass(frozen=True, slots=True)
+class _Inputs:
+    """The event fields a spec reads, in row order: numbers (the numeric features, then
+    the event time and aggregated fields they lack), categories (the categorical
+    features, then the entity fields they lack), and where the aggregates find theirs."""
+
+    numeric: tuple[str, ...]
+    categorical: tuple[str, ...]
+    time: int | None  # index in ``numeric`` of the event time (None: no aggregates)
+    values: tuple[int, ...]  # per aggregate: index in ``numeric`` of its field
+    entities: tuple[int, ...]  # per entity field: index in ``categorical``
+
+    @classmethod
+    def of(cls, spec: ModelSpec) -> _Inputs:
+        if not spec.aggregates:
+            return cls(spec.numeric, spec.categorical, None, (), ())
+        numeric, categorical = list(spec.numeric), list(spec.categorical)
+        for name in (spec.time_field, *(a.field for a in spec.aggregates)):
+            if name not in numeric:
+                numeric.append(name)
+        entities: list[int] = []
+        for a in spec.aggregates:
+            if a.entity not in categorical:
+                categorical.append(a.entity)
+            j = categorical.index(a.entity)
+            if j not in entities:
+                entities.append(j)
+        return cls(tuple(numeric), tuple(categorical), numeric.index(spec.time_field),
+                   tuple(numeric.index(a.field) for a in spec.aggregates), tuple(entities))
+
+
 def _pack_nulls(pack: Any, row: tuple[Any, ...], d1: int) -> bytes:
     try:
         return pack(*row)
@@ -337,14 +391,35 @@ def _pack_nulls(pack: Any, row: tuple[Any, ...], d1: int) -> bytes:
 def _row_type(spec: ModelSpec, number: Any, id_type: Any) -> Any:
     """The msgspec struct of one event under ``spec`` (fields renamed from the spec's, so
     any field name works); None when the spec's names collide (the careful path only)."""
-    num = [(f"n{j}", number, math.nan) for j in range(spec.n_numeric)]
-    cat = [(f"c{j}", _Category, None) for j in range(len(spec.categorical))]
+    inputs = _Inputs.of(spec)
+    num = [(f"n{j}", number, math.nan) for j in range(len(inputs.numeric))]
+    cat = [(f"c{j}", _Category, None) for j in range(len(inputs.categorical))]
     fields = [*num, ("y", number, math.nan), *cat, ("id", id_type, None)]
-    names = [*spec.numeric, spec.label, *spec.categorical, spec.id_field]
+    names = [*inputs.numeric, spec.label, *inputs.categorical, spec.id_field]
     if len(set(names)) != len(names):
         return None
     rename = {f[0]: name for f, name in zip(fields, names, strict=True)}
     return msgspec.defstruct("Event", fields, rename=rename, gc=False)
+
+
+def label_value(spec: ModelSpec, value: Any, *, allow_missing: bool) -> float:
+    """A label under ``spec``'s rules (a number; 0 or 1 unless regression), NaN when
+    missing and allowed; else :class:`InvalidEvent` naming the field.
+
+    >>> spec = ModelSpec(name="m", topic="t", numeric=("x",), label="y")
+    >>> label_value(spec, 1, allow_missing=False)
+    1.0
+    >>> label_value(spec, 2, allow_missing=False)
+    Traceback (most recent call last):
+    ...
+    streamlearn.features.InvalidEvent: field 'y': label must be 0 or 1, got 2.0
+    """
+    if value is None and not allow_missing:
+        raise InvalidEvent(f"field {spec.label!r}: the label is missing")
+    label = _number(value, spec.label, allow_missing=True)
+    if spec.task != "regression" and not (math.isnan(label) or label in (0.0, 1.0)):
+        raise InvalidEvent(f"field {spec.label!r}: label must be 0 or 1, got {label!r}")
+    return label
 
 
 def _number(value: Any, name: str, *, allow_missing: bool) -> float:

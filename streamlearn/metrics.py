@@ -17,6 +17,10 @@ Names the API exports:
   ``streamlearn_prequential_{log_loss,auc,mae}`` (gauges, ``{model,replica}``), and for
   binary models the fraud metrics ``streamlearn_prequential_{pr_auc,recall_at_1pct_fpr,
   precision_at_k_per_day}`` (:class:`streamlearn.prequential.PrequentialMetrics`),
+  delayed labels (:mod:`streamlearn.labels`) ``streamlearn_labels_{joined,late,duplicate,
+  unknown,expired,evicted}_total`` and ``streamlearn_labels_pending``, entity aggregates
+  (:mod:`streamlearn.aggregates`) ``streamlearn_aggregate_entities`` and
+  ``streamlearn_aggregate_entities_{expired,evicted,misrouted}_total``,
   the served (merged) model's ``streamlearn_served_model_version{model}``,
   ``streamlearn_served_model_age_seconds{model}``, ``streamlearn_served_replicas{model}``,
   and ``streamlearn_snapshots_total{outcome}``.
@@ -204,6 +208,20 @@ class SnapshotTelemetryCollector(Collector):
                     value = rep.metrics.get(key)
                     if value is not None:
                         by_name[f"streamlearn_prequential_{key}"].add_metric(labels, float(value))
+                for key in LABEL_COUNTERS:
+                    if key in rep.labels:
+                        by_name[f"streamlearn_labels_{key}"].add_metric(labels,
+                                                                        float(rep.labels[key]))
+                if "pending" in rep.labels:
+                    by_name["streamlearn_labels_pending"].add_metric(labels,
+                                                                     float(rep.labels["pending"]))
+                agg = rep.aggregates
+                if agg:
+                    by_name["streamlearn_aggregate_entities"].add_metric(labels,
+                                                                         float(agg["entities"]))
+                    for key in ("expired", "evicted", "misrouted"):
+                        by_name[f"streamlearn_aggregate_entities_{key}"].add_metric(
+                            labels, float(agg[key]))
         return fams
 
     @staticmethod
@@ -247,7 +265,35 @@ class SnapshotTelemetryCollector(Collector):
                               "Rolling prequential precision of each UTC day's top-k scores "
                               "(mean over days; k = top_k_per_day).", labels=mr),
         ]
+        for key, doc in LABEL_COUNTERS.items():
+            fams.append(CounterMetricFamily(f"streamlearn_labels_{key}", doc, labels=mr))
+        fams += [
+            GaugeMetricFamily("streamlearn_labels_pending",
+                              "Scored events waiting for their delayed label.", labels=mr),
+            GaugeMetricFamily("streamlearn_aggregate_entities",
+                              "Entities whose windowed aggregates the replica holds.",
+                              labels=mr),
+            CounterMetricFamily("streamlearn_aggregate_entities_expired",
+                                "Idle entities (every window empty) dropped at the cap.",
+                                labels=mr),
+            CounterMetricFamily("streamlearn_aggregate_entities_evicted",
+                                "Entities dropped at the cap while still active.", labels=mr),
+            CounterMetricFamily("streamlearn_aggregate_entities_misrouted",
+                                "Events of an entity seen on another partition before "
+                                "(events not keyed by entity).", labels=mr),
+        ]
         return fams
+
+
+#: ``streamlearn_labels_<key>_total`` counters (:mod:`streamlearn.labels`).
+LABEL_COUNTERS = {
+    "joined": "Delayed labels joined to their waiting event and learned.",
+    "late": "Delayed labels whose event had waited past label_ttl_s (or was evicted).",
+    "duplicate": "Delayed labels for an event already joined (learned once).",
+    "unknown": "Delayed labels for no known event.",
+    "expired": "Waiting events dropped unlabelled after label_ttl_s.",
+    "evicted": "Waiting events dropped at max_pending, the oldest first.",
+}
 
 
 def _le(bound: float) -> str:

@@ -31,16 +31,17 @@ import hashlib
 import math
 import time
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
 
+from streamlearn.aggregates import AggregateInputs, concat_inputs
 from streamlearn.batch_format import BatchFormatError, FeatureDecoder, encode_columns, is_batch
 from streamlearn.config import ModelSpec
-from streamlearn.features import FeatureBatch, Vectorizer
+from streamlearn.features import FeatureBatch, InvalidEvent, Vectorizer, label_value
 from streamlearn.metrics import LEARN_BUCKETS
 from streamlearn.models import OnlineModel
 from streamlearn.reasons import reason_codes
@@ -185,6 +186,42 @@ def decode_record(decoder: FeatureDecoder, payload: bytes) -> FeatureBatch:
     return batch
 
 
+def decode_labels(spec: ModelSpec, values: Sequence[bytes | None],
+                  ) -> tuple[list[Any], np.ndarray, list[tuple[int, str]]]:
+    """Messages of ``<model>.labels`` (``{id_field: ..., label: ...}``): the ids and
+    labels of the valid ones, and ``(index, reason)`` for the others."""
+    ids: list[Any] = []
+    labels: list[float] = []
+    rejects: list[tuple[int, str]] = []
+    for i, value in enumerate(values):
+        if value is None or not value:
+            rejects.append((i, "tombstone: null message value" if value is None
+                            else "empty message"))
+            continue
+        try:
+            message = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            rejects.append((i, f"not valid JSON: {exc}"))
+            continue
+        if not isinstance(message, dict):
+            rejects.append((i, f"a label must be a JSON object, got {type(message).__name__}"))
+            continue
+        key = message.get(spec.id_field)
+        why = (f"a label needs its event's id in field {spec.id_field!r}" if key is None
+               else id_problem(key))
+        if why is None:
+            try:
+                y = label_value(spec, message.get(spec.label), allow_missing=False)
+            except InvalidEvent as exc:
+                why = str(exc)
+        if why is not None:
+            rejects.append((i, why))
+            continue
+        ids.append(key)
+        labels.append(y)
+    return ids, np.array(labels, dtype=np.float32), rejects
+
+
 def _ints_fit(ids: Sequence[Any]) -> bool:
     ints = [i for i in ids if i is not None]
     return _INT_RANGE[0] <= min(ints) and max(ints) <= _INT_RANGE[1]
@@ -219,6 +256,7 @@ class Telemetry:
     learned: int = 0
     deadlettered: int = 0
     messages: int = 0
+    labels: int = 0  # messages of <model>.labels
     first_at: float = 0.0
     last_at: float = 0.0
     learn_counts: list[int] = field(default_factory=lambda: [0] * len(LEARN_BUCKETS))
@@ -237,7 +275,7 @@ class Telemetry:
         """The snapshot's ``telemetry`` entry."""
         return {
             "consumed": self.consumed, "scored": self.scored, "learned": self.learned,
-            "deadlettered": self.deadlettered, "messages": self.messages,
+            "deadlettered": self.deadlettered, "messages": self.messages, "labels": self.labels,
             "first_at": self.first_at, "last_at": self.last_at,
             "learn_seconds": {"le": list(LEARN_BUCKETS), "counts": list(self.learn_counts),
                               "sum": self.learn_sum, "count": self.learn_count},
@@ -246,7 +284,7 @@ class Telemetry:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Telemetry:
         """Resume counters from a snapshot (defaults for missing fields)."""
-        keys = ("consumed", "scored", "learned", "deadlettered", "messages")
+        keys = ("consumed", "scored", "learned", "deadlettered", "messages", "labels")
         t = cls(**{k: int(d.get(k, 0)) for k in keys})
         ls = d.get("learn_seconds") or {}
         if list(ls.get("le", [])) == list(LEARN_BUCKETS):
@@ -290,6 +328,7 @@ class JsonDecoder:
         hashed = np.empty((n, len(spec.categorical)), dtype=np.int64)
         labels = np.empty(n, dtype=np.float32)
         ids: list[Any] = []
+        aux: list[AggregateInputs] = []
         rejects: list[tuple[int, str]] = []
         row = 0
         for start in range(0, n, _CHUNK):
@@ -308,8 +347,11 @@ class JsonDecoder:
             hashed[row : row + k] = batch.hashed
             labels[row : row + k] = batch.labels
             ids.extend(batch.ids)
+            if batch.aux is not None:
+                aux.append(batch.aux)
             row += k
-        return FeatureBatch(numeric[:row], hashed[:row], labels[:row], ids), rejects
+        return FeatureBatch(numeric[:row], hashed[:row], labels[:row], ids,
+                            concat_inputs(aux) if aux else None), rejects
 
     def _careful(self, part: Sequence[bytes | None]) -> tuple[FeatureBatch, list[tuple[int, str]]]:
         """``orjson`` then the vectorizer's rules, with every reject's reason."""
@@ -369,10 +411,12 @@ class ModelRunner:
     """
 
     def __init__(self, model: OnlineModel, telemetry: Telemetry | None = None,
-                 emit_predictions: bool = True) -> None:
+                 emit_predictions: bool = True, clock: Callable[[], float] = time.time,
+                 ) -> None:
         self.model = model
         self.telemetry = telemetry or Telemetry()
         self.emit_predictions = emit_predictions
+        self.clock = clock  # wall time of arrival: the pending labels' TTL
         self.json = JsonDecoder(model.spec, model.vectorizer)
         self.batches = FeatureDecoder(model.spec, model.vectorizer)
 
@@ -391,9 +435,14 @@ class ModelRunner:
             t.first_at = time.time()
         json_values: list[bytes | None] = []
         json_from: list[tuple[int, Block]] = []  # (first index in json_values, its block)
+        labels_topic = self.model.spec.labels_topic
         for block in blocks:
             values = block.values
-            if any(map(is_batch, values)):
+            if block.topic == labels_topic:  # after the events that came before it
+                self._json(json_values, json_from, out)
+                json_values, json_from = [], []
+                self._labels(block, out)
+            elif any(map(is_batch, values)):
                 for i, value in enumerate(values):
                     if is_batch(value):
                         self._json(json_values, json_from, out)
@@ -426,7 +475,33 @@ class ModelRunner:
             for i, reason in rejects:
                 start, block = sources[bisect_right(starts, i) - 1]
                 out.dead.append(DeadLetter(block.record(i - start), reason))
-        self._process(batch, out, as_batch=False)
+        # Each event's partition: its entities and its waiting row live with it.
+        parts = np.empty(len(values), dtype=np.int64)
+        for start, block in sources:
+            parts[start : start + len(block.values)] = block.partition
+        if rejects:
+            keep = np.ones(len(values), dtype=bool)
+            keep[[i for i, _ in rejects]] = False
+            parts = parts[keep]
+        if batch.aux is not None:
+            batch.aux.partitions = parts
+        self._process(batch, out, as_batch=False, parts=parts)
+
+    def _labels(self, block: Block, out: Outcome) -> None:
+        """Join the labels of one ``<model>.labels`` block to their waiting events, and
+        learn those (:mod:`streamlearn.labels`)."""
+        self.telemetry.labels += len(block.values)
+        ids, labels, rejects = decode_labels(self.model.spec, block.values)
+        for i, reason in rejects:
+            out.dead.append(DeadLetter(block.record(i), reason))
+        if not ids:
+            return
+        joined = self.model.pending.join(ids, labels, now=self.clock())
+        if len(joined):
+            t0 = time.perf_counter()
+            steps = self.model.learn_joined(joined)
+            out.learn_seconds += time.perf_counter() - t0
+            out.learned += int(steps.learned.sum())
 
     def _batch(self, block: Block, i: int, out: Outcome) -> None:
         value = block.values[i]
@@ -438,20 +513,37 @@ class ModelRunner:
             out.dead.append(DeadLetter(block.record(i), f"bad batch record: {exc}"))
             return
         self.telemetry.consumed += len(batch)
-        self._process(batch, out, as_batch=True)
+        parts = np.full(len(batch), block.partition, dtype=np.int64)
+        if batch.aux is not None:
+            batch.aux.partitions = parts
+        self._process(batch, out, as_batch=True, parts=parts)
 
-    def _process(self, batch: FeatureBatch, out: Outcome, *, as_batch: bool) -> None:
+    def _process(self, batch: FeatureBatch, out: Outcome, *, as_batch: bool,
+                 parts: np.ndarray | None = None) -> None:
+        """Score and learn ``batch``; ``parts``: each row's partition (waiting events
+        remember it, to follow it in a rebalance)."""
         n = len(batch)
         if n == 0:
             return
         model, size = self.model, self.model.spec.batch_size
         k = getattr(model.spec, "reasons_in_records", 0)
+        model.fill_aggregates(batch, update=True)  # in event order, before anything reads them
         # Reasons of the model as the batch found it (it learns while scoring the batch).
         reasons = (reason_codes(model, batch, k)
                    if k and self.emit_predictions and not as_batch else None)
         t0 = time.perf_counter()
         steps = model.process_many(batch, size)
         seconds = time.perf_counter() - t0
+        pending = model.pending
+        if pending.enabled:
+            pending.expire(now=self.clock())
+            waiting = np.isnan(batch.labels)
+            if waiting.any():  # scored without a label: kept for one that comes later
+                ids = batch.ids.tolist() if isinstance(batch.ids, np.ndarray) else batch.ids
+                rows = np.flatnonzero(waiting)
+                pending.add([ids[i] for i in rows.tolist()], batch.numeric[rows],
+                            batch.hashed[rows], steps.scores[rows], now=self.clock(),
+                            partitions=None if parts is None else parts[rows])
         out.learn_seconds += seconds
         out.learned += int(steps.learned.sum())
         out.scored += n

@@ -49,6 +49,13 @@ Known limits
   ids carry the merger; shards of the losing fork wait for their replica to adopt.
 * Drift monitors and prequential windows are not additive: the merged model takes the
   drift state of the shard with the most events and pools the metric windows.
+
+Replica-local state
+-------------------
+Entity aggregates and events waiting for labels are not merged: each belongs to the
+partition its events came from, and lives with the replica that consumes it (the merged
+model carries none).  When a partition moves, the replica that takes it over adopts that
+partition's part of the previous owner's newest shard (:func:`partition_section`).
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ from typing import Any
 
 import numpy as np
 
+from streamlearn.config import ModelSpec
 from streamlearn.scaler import Stats, chan_merge
 
 #: Key suffix of the merged model on the models topic: ``<model>/@merged``.
@@ -311,9 +319,10 @@ def merge(base: Mapping[str, Any], shards: Mapping[str, Mapping[str, Any]], *,
                     "merged_by": merged_by, "merged_at": now, "included": included,
                     "replicas": names}
     out["replica"] = MERGED
-    out.pop("telemetry", None)
-    out.pop("observed", None)
-    out.pop("worker", None)
+    # Replica-local: events waiting for labels and entity aggregates live with the
+    # partitions they came from (streamlearn.labels, streamlearn.aggregates).
+    for key in ("telemetry", "observed", "worker", "pending", "aggregates"):
+        out.pop(key, None)
     return out
 
 
@@ -349,3 +358,27 @@ def rebase(local: Mapping[str, Any], merged: Mapping[str, Any], replica: str,
              adopted_version=merged_version(merged))
     new["merge"] = m
     return new, how
+
+
+def partition_section(spec: ModelSpec, state: Mapping[str, Any], topic: str,
+                      partition: int) -> dict[str, Any] | None:
+    """What ``state`` (a sibling's shard) holds for ``partition`` of ``topic``: the
+    entities and waiting events a replica taking the partition over adopts, and the
+    offset they are current to; None when it holds nothing of it.  ``ValueError`` for a
+    shard that does not fit ``spec``."""
+    from streamlearn.aggregates import EntityAggregates
+    from streamlearn.labels import PendingLabels
+
+    offset = int(dict(state.get("offsets", {})).get(f"{topic}:{partition}", -1))
+    if offset < 0:
+        return None
+    out: dict[str, Any] = {"offset": offset, "pending": None, "aggregates": None}
+    if state.get("pending") is not None:
+        pending = PendingLabels(spec)
+        pending.load(state["pending"])
+        out["pending"] = pending.to_state({partition})
+    if spec.aggregates and state.get("aggregates") is not None:
+        entities = EntityAggregates(spec)
+        entities.load(state["aggregates"])
+        out["aggregates"] = entities.to_state({partition})
+    return out

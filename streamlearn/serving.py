@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from streamlearn import aggregates, keys, labels, snapshots
 from streamlearn import replicas as merging
-from streamlearn import snapshots
 from streamlearn.config import ModelSpec
 from streamlearn.logs import RateLimitedLog
 from streamlearn.models import OnlineModel, StateError
@@ -223,6 +223,8 @@ class Replica:
     partitions: tuple[int, ...] = ()
     adopted_version: int = 0
     published_at: float = 0.0  # when the replica shipped it (0: unknown, use received_at)
+    labels: Mapping[str, Any] = field(default_factory=dict)  # PendingLabels.report()
+    aggregates: Mapping[str, Any] = field(default_factory=dict)  # EntityAggregates.report()
 
     def staleness_s(self, now: float) -> float:
         """Seconds since the replica shipped this shard (or since it arrived)."""
@@ -325,15 +327,33 @@ def state_limits(spec: ModelSpec, base: snapshots.Limits = snapshots.DEFAULT_LIM
 
     Examples
     --------
-    >>> spec = ModelSpec(name="m", topic="t", numeric=("x",), categorical=("c",), hash_bits=10)
+    >>> spec = ModelSpec(name="m", topic="t", numeric=("x",), categorical=("c",), hash_bits=10,
+    ...                  label_ttl_s=0)
     >>> lim = state_limits(spec)
     >>> lim.max_array_elements, lim.max_decoded_bytes // 2**20
     (87588, 24)
+
+    Events waiting for labels (100,000 by default) and entity aggregates raise the bounds:
+
+    >>> from dataclasses import replace
+    >>> state_limits(replace(spec, label_ttl_s=3600)).max_decoded_bytes // 2**20
+    440
     """
     k = spec.fm_factors + 1 if spec.task == "ranking" else 1
     per_array = 2 * (spec.n_weights + 1) * k + 2 * spec.rolling_window + 65_536
     # weights, optimizer state and FM factors: at most 6 such arrays, 8 bytes each, twice
     total = 2 * 6 * 8 * per_array + 16 * 2**20
+    if spec.label_ttl_s > 0 and spec.max_pending > 0:  # events waiting for labels
+        rows, ids = spec.max_pending, (spec.max_pending + 2 * labels.RECENT) * keys.MAX_KEY_BYTES
+        per_array = max(per_array, rows * max(spec.n_numeric, len(spec.categorical)),
+                        keys.TEXT_CHUNK)
+        total += 2 * (rows * 8 * (spec.n_numeric + len(spec.categorical) + 2) + ids)
+    if spec.aggregates:  # tiles of every entity
+        cells = (spec.max_entities * spec.aggregate_tiles * len(spec.aggregates)
+                 * max(len(a.windows) for a in spec.aggregates))
+        text = spec.max_entities * keys.MAX_KEY_BYTES
+        per_array = max(per_array, cells, keys.TEXT_CHUNK)
+        total += 2 * (3 * 4 * cells + text + 16 * spec.max_entities)
     return snapshots.tighten(base, max_array_elements=per_array, max_decoded_bytes=total)
 
 
@@ -681,7 +701,7 @@ class ModelStore:
             raise snapshots.SnapshotError("model too large for the configured limits",
                                           "too_large")
         validate_state(state, now=self._clock(), max_clock_skew_s=self.policy.max_clock_skew_s)
-        shard_model = OnlineModel.from_state(state, device=self.device)
+        shard_model = OnlineModel.from_state(state, device=self.device, serving=True)
         meta = merging.meta(state)
         summary = Replica(
             replica=replica,
@@ -696,6 +716,8 @@ class ModelStore:
             partitions=tuple(int(p) for p in meta.get("partitions", ()))[:4096],
             adopted_version=int(meta.get("adopted_version", meta.get("merged_version", 0))),
             published_at=float(meta.get("published_at", meta.get("merged_at", 0.0))),
+            labels=shard_model.pending.report(),
+            aggregates={} if shard_model.aggregates is None else shard_model.aggregates.report(),
         )
         shard = _Shard(key, state, summary, crc if crc is not None else -1, shard_model)
         with self._lock:
@@ -812,7 +834,7 @@ class ModelStore:
                 use = [max(live.values(), key=lambda s: s.summary.updated_at)]
                 in_merge = ()
             model = (use[0].model if len(use) == 1 else OnlineModel.from_state(
-                merge_states([s.state for s in use]), device=self.device))
+                merge_states([s.state for s in use]), device=self.device, serving=True))
         else:
             base = merged.state if merged is not None else OnlineModel(
                 self._spec_of(name, next(iter(live.values())).state), device="cpu").to_state()
@@ -826,8 +848,12 @@ class ModelStore:
             else:
                 state = merging.merge(base, {r: live[r].state for r in names},
                                       merged_by="api", now=self._clock())
-                model = OnlineModel.from_state(state, device=self.device)
+                model = OnlineModel.from_state(state, device=self.device, serving=True)
         parts = [live[r] for r in fresh] or list(live.values())
+        if len(parts) > 1 or model is not parts[0].model:
+            # Each replica holds the entities and the waiting events of its partitions.
+            model = _with_replica_parts(model, [s.model for s in parts],
+                                        [s.state for s in parts], list(shards.values()))
         telemetry = (parts[0].summary.telemetry if len(parts) == 1 else
                      sum_telemetry([s.summary.telemetry for s in parts]))
         info = model.info()
@@ -861,6 +887,24 @@ class ModelStore:
         _reject_log.warning(reason, "rejected snapshot %s (%s): %s", key, reason,
                             message[:500], snapshot_key=key, reason=reason)
         return reason
+
+
+def _with_replica_parts(model: OnlineModel, shards: list[OnlineModel],
+                        states: list[dict[str, Any]], cached: list[_Shard]) -> OnlineModel:
+    """``model`` serving the union of the replicas' entity aggregates and reporting the
+    sum of their label counters (a model ``cached`` for a shard is copied, not changed:
+    requests may be reading it)."""
+    mine = [s.state for s in cached if s.model is model]
+    if mine:
+        model = OnlineModel.from_state(mine[0], device=model.backend.name, serving=True)
+    if model.aggregates is not None:
+        union = aggregates.union([s.get("aggregates") for s in states], model.spec)
+        if union is not None:
+            model.aggregates.load(union)
+    summed = labels.sum_reports([m.pending.report() for m in shards])
+    model.pending.counts = {k: summed[k] for k in model.pending.counts}
+    model.pending.waiting = sum(len(m.pending) for m in shards)
+    return model
 
 
 def _split_key(key: str) -> tuple[str, str]:

@@ -172,6 +172,15 @@ class ApiSettings(_Section):
     fast_predict: bool = True
 
 
+class AggregateSettings(_Section):
+    """One ``[[model.aggregate]]`` table; see :class:`streamlearn.config.AggregateSpec`."""
+
+    entity: str = Field(min_length=1)
+    field: str = Field(min_length=1)
+    windows: list[str] = ["1h", "24h", "7d"]
+    stats: list[Literal["count", "sum", "mean"]] = ["count", "sum", "mean"]
+
+
 class ModelSettings(_Section):
     """One ``[[model]]`` table; see :class:`streamlearn.config.ModelSpec`."""
 
@@ -209,6 +218,14 @@ class ModelSettings(_Section):
     decision_review: float | None = Field(None, allow_inf_nan=False)
     # Reason codes (top-K fields) in each JSON prediction record; 0: none.
     reasons_in_records: int = Field(0, ge=0, le=1000)
+    # In-stream entity features, ``[[model.aggregate]]`` tables (README "Entity aggregates").
+    aggregate: list[AggregateSettings] = []
+    time_field: str = "ts"
+    aggregate_tiles: int = Field(8, ge=1, le=64)
+    max_entities: int = Field(100_000, ge=1, le=10_000_000)
+    # Delayed labels on ``<name>.labels`` (README "Delayed labels"); 0 s: none kept.
+    label_ttl_s: float = Field(86_400.0, ge=0, allow_inf_nan=False)
+    max_pending: int = Field(100_000, ge=0, le=10_000_000)
 
     @model_validator(mode="after")
     def _bands_ordered(self) -> ModelSettings:
@@ -227,7 +244,9 @@ class ModelSettings(_Section):
 
     def to_spec(self) -> ModelSpec:
         """The frozen core spec."""
-        return ModelSpec.from_dict(self.model_dump())
+        d = self.model_dump()
+        d["aggregates"] = d.pop("aggregate")
+        return ModelSpec.from_dict(d)
 
 
 class Settings(BaseSettings):

@@ -103,8 +103,9 @@ class _ModelPath:
         self.decode: Callable[[bytes], Any] = msgspec.json.Decoder(body).decode
         self.latency = metrics.prediction_latency.labels(name)
         # _one_row leans on the vectorizer's slot cache; without it, assemble does all.
+        # (Aggregates add inputs to the row: those go through assemble too.)
         self.one_row = callable(getattr(features_module, "Vectorizer", None)) and hasattr(
-            features_module.Vectorizer, "_hash")
+            features_module.Vectorizer, "_hash") and not getattr(spec, "aggregates", ())
         self.count = metrics.predictions.labels(name)
 
 

@@ -286,7 +286,11 @@ class ModelSummary(BaseModel):
     events_seen: int
     events_learned: int
     device: str
-    features: dict[str, Any]
+    features: dict[str, Any] = Field(description="numeric, categorical, hash_bits, and "
+                                     "aggregates: the declared entity aggregates, their "
+                                     "feature names and entity counts (null: none).")
+    labels: dict[str, Any] | None = Field(None, description="Delayed labels: joined, late, "
+                                          "duplicate, unknown, expired, evicted, pending.")
     imputed: dict[str, int]
     metrics: dict[str, Any]
     updated_at: float

@@ -67,6 +67,9 @@ CAUGHT_UP_IDLE_S = 2.0
 DELIVERY_CHECK_S = 2.0
 #: Shortest interval between two declarations of the worker's topics after start.
 REDECLARE_EVERY_S = 5.0
+#: Longest a partition new to this replica waits for the models topic feed, to find the
+#: previous owner's entities and waiting events.
+TAKE_OVER_WAIT_S = 5.0
 #: Cyclic-GC thresholds while streaming (CPython's default is 700, 10, 10).
 GC_THRESHOLDS = (20_000, 20, 20)
 
@@ -186,6 +189,9 @@ class FeederHost(Protocol):
     async def ensure_topics(self, *, force: bool = False) -> None:
         ...
 
+    async def take_over(self, feeder: Feeder, partition: int) -> None:
+        ...
+
     def output_failed(self, exc: BaseException) -> None:
         ...
 
@@ -236,6 +242,7 @@ class Feeder:
         self.held_bytes = 0
         self.next_offset: dict[tuple[str, int], int] = {}
         self.max_held_bytes = int(runtime.settings.worker.max_unacked_mb * 1024 * 1024)
+        self.capture_s = 0.0  # the last snapshot capture, on the learner thread
         self._released = asyncio.Event()
 
     async def add(self, event: EventT) -> None:
@@ -257,6 +264,13 @@ class Feeder:
                             "checking the worker's topics", block.topic, block.partition,
                             self.next_offset[tp], block.offsets[0])
             await self.runtime.ensure_topics(force=True)
+        if block.offsets and block.topic == self.spec.topic and block.offsets[0] > max(
+                self.next_offset.get(tp, 0),
+                self.runner.model.offsets.get(f"{block.topic}:{block.partition}", 0)):
+            # Events this replica's state has not seen were consumed by another replica
+            # (a rebalance): the partition's entities and waiting events follow it, before
+            # this block is learned.
+            await self.runtime.take_over(self, block.partition)
         if block.offsets:
             self.next_offset[tp] = block.offsets[-1] + 1
         while self.held_bytes >= self.max_held_bytes and (self.unreleased or self.in_flight):
@@ -382,7 +396,8 @@ class Feeder:
                     event.ack()
                 self.held_bytes -= entry.nbytes
                 self._released.set()
-                await self.runtime.commit(self.spec.topic, len(entry.job))
+                for topic, bundles in collections.Counter(b.topic for _, b in entry.job).items():
+                    await self.runtime.commit(topic, bundles)
 
     async def state(self, replica: str, lineage: merging.Lineage | None = None,
                     partitions: list[int] | None = None) -> tuple[dict[str, Any], int]:
@@ -391,9 +406,11 @@ class Feeder:
         loop = asyncio.get_running_loop()
 
         def capture() -> tuple[dict[str, Any], int]:
+            t0 = time.perf_counter()
             state = self.runner.snapshot_state(replica)
             if lineage is not None:
                 lineage.tag(state, partitions or [])
+            self.capture_s = time.perf_counter() - t0
             return state, self.learned_seq
 
         return await loop.run_in_executor(self.executor, capture)
@@ -423,6 +440,7 @@ class WorkerRuntime:
         self.shard_feed = merging.ShardFeed(self)
         self.merge_loop = merging.MergeLoop(self, self.shard_feed)
         self._published_at: dict[str, float] = {}
+        self.snapshot_cost_s: dict[str, float] = {}  # last capture + encode, per model
         self.feeders: dict[str, Feeder] = {}
         self._published: dict[str, tuple[int, int]] = {}
         self._snapshot_lock = asyncio.Lock()
@@ -472,6 +490,7 @@ class WorkerRuntime:
                                              k.deadletter_topic: {}, k.commands_topic: {}}
         for spec in self.settings.specs:
             topics[spec.topic] = {}
+            topics[spec.labels_topic] = {}
             topics[f"{spec.name}.predictions"] = {}
         return topics
 
@@ -607,8 +626,13 @@ class WorkerRuntime:
         await self.outputs.stop()
 
     def _register_agent(self, spec: ModelSpec) -> None:
+        """One agent on the model's events and one on its delayed labels, feeding one
+        :class:`Feeder`: labels join the events in the order they were consumed.  The
+        two topics have the same partition count, so Faust's assignor gives partition p
+        of both to one replica: labels keyed like their events find them there."""
         app = self.app
         topic = app.topic(spec.topic, value_serializer="raw", key_serializer="raw")
+        labels = app.topic(spec.labels_topic, value_serializer="raw", key_serializer="raw")
 
         async def learn(stream: faust.StreamT[bytes]) -> None:
             await self.ready.wait()
@@ -620,8 +644,16 @@ class WorkerRuntime:
             finally:
                 learner.cancel()
 
+        async def join_labels(stream: faust.StreamT[bytes]) -> None:
+            await self.ready.wait()
+            feeder = self.feeders[spec.name]
+            async for event in stream.noack().events():
+                await feeder.add(event)
+
         learn.__name__ = f"learn_{spec.name}"
+        join_labels.__name__ = f"labels_{spec.name}"
         app.agent(topic, name=f"streamlearn.learn.{spec.name}")(learn)
+        app.agent(labels, name=f"streamlearn.labels.{spec.name}")(join_labels)
 
     async def commit(self, topic: str, bundles: int) -> None:
         """Commit what was just acked (see :func:`faust_compat.commit_bundles`)."""
@@ -644,6 +676,44 @@ class WorkerRuntime:
             futures.append(await self.outputs.send(deadletter, spec.name.encode(),
                                                    dead.encode(spec.name)))
         return futures
+
+    async def take_over(self, feeder: Feeder, partition: int) -> None:
+        """Adopt the entities and waiting events of ``partition`` (of the model's event
+        topic) from the sibling shard that consumed it furthest, when that is ahead of
+        this replica's own state: they follow the partition in a rebalance
+        (:func:`streamlearn.replicas.partition_section`)."""
+        spec, model = feeder.spec, feeder.runner.model
+        if not spec.aggregates and not model.pending.enabled:
+            return
+        key = f"{spec.topic}:{partition}"
+        own = model.offsets.get(key, -1)
+        waited = time.monotonic()
+        while not self.shard_feed.caught_up and time.monotonic() - waited < TAKE_OVER_WAIT_S:
+            await asyncio.sleep(0.05)
+        best: tuple[int, str, dict[str, Any]] | None = None
+        for replica in list(self.shard_feed.records.get(spec.name, {})):
+            if replica in (self.replica, replicas.MERGED):
+                continue
+            state = await self.shard_feed.decoded(spec.name, replica)
+            offset = -1 if state is None else int(dict(state.get("offsets", {})).get(key, -1))
+            if state is not None and offset > own and (best is None or offset > best[0]):
+                best = (offset, replica, state)
+        if best is None:
+            return
+        try:
+            section = await asyncio.to_thread(replicas.partition_section, spec, best[2],
+                                              spec.topic, partition)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.error("cannot take over %s partition %d from replica %s: %s", spec.topic,
+                      partition, best[1], exc)
+            return
+        if section is None:
+            return
+        await asyncio.get_running_loop().run_in_executor(feeder.executor,
+                                                         model.take_partition, section)
+        log.warning("took over %s partition %d from replica %s (its state at offset %d): "
+                    "entity aggregates and events waiting for labels", spec.topic, partition,
+                    best[1], best[0])
 
     async def ensure_topics(self, *, force: bool = False) -> None:
         """Declare missing topics again (at most every ``REDECLARE_EVERY_S``).

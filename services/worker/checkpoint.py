@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from streamlearn.services.worker.app import WorkerRuntime
 
 log = logging.getLogger("streamlearn.worker")
+#: Largest share of the time snapshots of one model may take (capture and encode); a
+#: larger state is snapshot less often than ``worker.snapshot_interval_s``.
+SNAPSHOT_CPU_SHARE = 0.1
 limited = RateLimitedLog(log, interval_s=10.0)
 
 
@@ -57,8 +60,13 @@ class Checkpoint:
         runner = rt.runners[self.name]
         mark = (runner.model.version, runner.telemetry.messages)
         beat = rt.settings.worker.stale_after_s / 3
-        return (force or rt._published.get(self.name) != mark
-                or time.monotonic() - rt._published_at.get(self.name, 0.0) >= beat)
+        since = time.monotonic() - rt._published_at.get(self.name, 0.0)
+        # A large state (many entities, many waiting events) costs more to capture and
+        # encode: its snapshots are spaced so that they take at most SNAPSHOT_CPU_SHARE
+        # of the time (a 70 ms snapshot: every 0.7 s rather than every 0.25 s).
+        spacing = rt.snapshot_cost_s.get(self.name, 0.0) / SNAPSHOT_CPU_SHARE
+        return force or since >= beat or (rt._published.get(self.name) != mark
+                                           and since >= spacing)
 
     async def commit(self) -> bool:
         """Capture, encode, fsync, publish, ack, commit; True once all steps ran."""
@@ -71,7 +79,9 @@ class Checkpoint:
         state["observed"] = observe.observed(rt, feeder, state, rt.rates)
         rt.loop_lag_max = 0.0
         # 2. encode
+        t0 = time.perf_counter()
         payload = await asyncio.to_thread(snapshots.encode, state)
+        rt.snapshot_cost_s[name] = feeder.capture_s + time.perf_counter() - t0
         # 3. fsync the local checkpoint
         path = snapshot_path(rt.settings.worker.snapshot_dir, name, rt.replica)
         try:

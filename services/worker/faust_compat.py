@@ -130,7 +130,8 @@ def faust_settings(settings: Settings, bootstrap: str) -> dict[str, Any]:
         "consumer_auto_offset_reset": "earliest",
         "producer_linger": 0.005,
         "stream_wait_empty": False,
-        "ConsumerScheduler": bundling_scheduler(frozenset(s.topic for s in settings.specs)),
+        "ConsumerScheduler": bundling_scheduler(frozenset(
+            t for s in settings.specs for t in (s.topic, s.labels_topic))),
         "broker_max_poll_records": 2 * BUNDLE_MAX_RECORDS,
         "consumer_max_fetch_size": BUNDLE_MAX_BYTES,
         "stream_buffer_maxsize": STREAM_BUFFER_BUNDLES,

@@ -12,11 +12,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from streamlearn.aggregates import EntityAggregates
 from streamlearn.backends import Backend, get_backend
 from streamlearn.config import ModelSpec
 from streamlearn.drift import ConceptDriftMonitor, DataDriftMonitor, DriftActions
 from streamlearn.features import FeatureBatch, InvalidEvent, Vectorizer, csr_rows
 from streamlearn.kernels import codes
+from streamlearn.labels import Joined, PendingLabels
 from streamlearn.models import fused
 from streamlearn.models.target import (
     new_target,
@@ -103,6 +105,9 @@ class OnlineModel:
         self.concept_drift = ConceptDriftMonitor.for_spec(spec)
         self.data_drift = DataDriftMonitor.for_spec(spec)
         self.drift_actions = DriftActions.for_spec(spec)
+        # Entity aggregates (features computed in the stream) and events waiting for labels.
+        self.aggregates = EntityAggregates(spec) if spec.aggregates else None
+        self.pending = PendingLabels(spec)
         self._loss = _LOSS[spec.task]
         self._opt = _OPT[spec.optimizer]
         self._hyper = np.array(
@@ -158,10 +163,24 @@ class OnlineModel:
         mean, std = target_scale(self.target)  # the kernels learn standardized targets
         return (mean + std * margins.astype(np.float64)).astype(np.float32)
 
+    def fill_aggregates(self, batch: FeatureBatch, *, update: bool) -> None:
+        """Compute the batch's aggregate columns in place (:mod:`streamlearn.aggregates`).
+
+        ``update``: the worker's step (the events join their entities' windows); else
+        serving, from the same state, unchanged.  A batch is filled once (``aux`` is then
+        None), so the reason codes read the values that were scored.
+        """
+        if batch.aux is None or self.aggregates is None:
+            return
+        batch.numeric[:, len(self.spec.numeric):] = self.aggregates.features(batch.aux,
+                                                                            update=update)
+        batch.aux = None
+
     def predict_many(self, batch: FeatureBatch) -> np.ndarray:
         """Scores for a batch without learning: probabilities, or values for regression."""
         if len(batch) == 0:
             return np.empty(0, dtype=np.float32)
+        self.fill_aggregates(batch, update=False)
         z = self.scaler.transform_many(batch.numeric)
         if self.dense:
             return self._link(self._margins_dense(self.backend.asarray(z)))
@@ -180,20 +199,25 @@ class OnlineModel:
         return batch, self.predict_many(batch)
 
     # -- learning --------------------------------------------------------------
-    def process(self, batch: FeatureBatch) -> np.ndarray:
+    def process(self, batch: FeatureBatch, *,
+                arrival_scores: np.ndarray | None = None) -> np.ndarray:
         """Prequential step over one mini-batch: score each window of ``update_rows`` rows,
-        then learn one optimizer step from its labelled rows (the composed reference path)."""
+        then learn one optimizer step from its labelled rows (the composed reference path).
+        ``arrival_scores``: see :meth:`process_many`."""
         n = len(batch)
         if n == 0:
             return np.empty(0, dtype=np.float32)
+        self.fill_aggregates(batch, update=True)
         X = batch.numeric
         scaler = self.scaler
-        count0 = scaler.count.copy()
-        scaler.learn_many(X)
-        # Rows the scaler did not count were missing, and are imputed with the mean.
-        np.add(self.n_imputed, n - (scaler.count - count0), out=self.n_imputed,
-               casting="unsafe")
-        self.data_drift.update(X, None, batch.hashed)
+        joined = arrival_scores is not None
+        if not joined:
+            count0 = scaler.count.copy()
+            scaler.learn_many(X)
+            # Rows the scaler did not count were missing, and are imputed with the mean.
+            np.add(self.n_imputed, n - (scaler.count - count0), out=self.n_imputed,
+                   casting="unsafe")
+            self.data_drift.update(X, None, batch.hashed)
         z = scaler.transform_many(X)
         if self.dense:
             rows: Any = self.backend.asarray(z)  # one host->device copy on CUDA
@@ -230,12 +254,14 @@ class OnlineModel:
                 )
             total += self._learn_dense(window, y) if self.dense else self._learn_csr(window, y)
             n_labelled += len(y)
-        self.n_seen += n
+        if not joined:
+            self.n_seen += n
         if n_labelled:
             self.version += 1
             self.n_learned += n_labelled
             self.updated_at = time.time()
-            self.metrics.update(labels[~np.isnan(labels)], scores[~np.isnan(labels)])
+            given = scores if arrival_scores is None else arrival_scores
+            self.metrics.update(labels[~np.isnan(labels)], given[~np.isnan(labels)])
             drifted = self.concept_drift.update(total / n_labelled, self.n_seen, n_labelled)
             self.drift_actions.after_step(self, drifted)
         return scores
@@ -252,17 +278,26 @@ class OnlineModel:
             for t, h in zip(tail, host, strict=True):
                 t.copy_to_device(h)
 
-    def process_many(self, batch: FeatureBatch, batch_size: int | None = None) -> Steps:
+    def process_many(self, batch: FeatureBatch, batch_size: int | None = None, *,
+                     arrival_scores: np.ndarray | None = None) -> Steps:
         """:meth:`process` on each ``batch_size``-row slice of ``batch`` in turn.
 
         On the CPU the slices run in one compiled, GIL-free call (:mod:`.fused`); the
         result is the same as calling :meth:`process` slice by slice (tested).
+
+        ``arrival_scores``: the rows are events seen before, whose labels came later
+        (:meth:`learn_joined`); they are learned, the scaler and the seen-event counters
+        stay as they are (the events were counted on arrival), and the prequential
+        metrics take these scores, the ones the events got when they arrived.
         """
         size = batch_size or self.spec.batch_size
         n = len(batch)
         n_chunks = -(-n // size)
-        if self.backend.name != "cpu":
-            return self._process_chunks(batch, size)
+        self.fill_aggregates(batch, update=True)
+        # Joined rows take the composed path, process(), which leaves the scaler alone:
+        # the fused kernel would fold them into it a second time before z-scoring them.
+        if self.backend.name != "cpu" or arrival_scores is not None:
+            return self._process_chunks(batch, size, arrival_scores)
         scores = np.empty(n, dtype=np.float32)
         chunk_loss = np.zeros(n_chunks)
         learned = np.zeros(n_chunks, dtype=np.int64)
@@ -304,7 +339,13 @@ class OnlineModel:
             self.drift_actions.after_step(self, drifted)
         return Steps(scores, versions, learned)
 
-    def _process_chunks(self, batch: FeatureBatch, size: int) -> Steps:
+    def learn_joined(self, joined: Joined) -> Steps:
+        """Learn the rows whose labels arrived after them (:mod:`streamlearn.labels`)."""
+        batch = FeatureBatch(joined.numeric, joined.hashed, joined.labels, joined.ids)
+        return self.process_many(batch, arrival_scores=joined.scores)
+
+    def _process_chunks(self, batch: FeatureBatch, size: int,
+                        arrival_scores: np.ndarray | None = None) -> Steps:
         """:meth:`process_many` as a loop (the CUDA backend launches kernels per chunk)."""
         n = len(batch)
         scores = np.empty(n, dtype=np.float32)
@@ -313,7 +354,8 @@ class OnlineModel:
         for lo in range(0, n, size):
             chunk = batch.take(np.arange(lo, min(lo + size, n)))
             versions.append(self.version)
-            scores[lo : lo + len(chunk)] = self.process(chunk)
+            given = None if arrival_scores is None else arrival_scores[lo : lo + len(chunk)]
+            scores[lo : lo + len(chunk)] = self.process(chunk, arrival_scores=given)
             learned.append(int(chunk.has_label.sum()))
         return Steps(scores, np.array(versions, dtype=np.int64), np.array(learned, dtype=np.int64))
 
@@ -367,6 +409,7 @@ class OnlineModel:
         batch, rejects = self.vectorizer.transform_many([event])
         if rejects:
             raise InvalidEvent(rejects[0][1])
+        self.fill_aggregates(batch, update=False)
         z = self.scaler.transform_many(batch.numeric)
         _, indices, values = csr_rows(z, batch.hashed)
         w = self.backend.to_host(self.w)
@@ -392,6 +435,14 @@ class OnlineModel:
             "score": score,
         }
 
+    def take_partition(self, section: dict[str, Any]) -> None:
+        """Adopt a partition's entities and waiting events from its previous owner
+        (:func:`streamlearn.replicas.partition_section`); they join those held here."""
+        if section.get("pending") is not None:
+            self.pending.load(section["pending"], replace=False)
+        if self.aggregates is not None and section.get("aggregates") is not None:
+            self.aggregates.load(section["aggregates"], replace=False)
+
     # -- state -----------------------------------------------------------------
     def drift_report(self) -> dict[str, Any]:
         """Concept drift on the loss stream, data drift per feature, and drift actions."""
@@ -411,8 +462,11 @@ class OnlineModel:
                 "numeric": list(self.spec.numeric),
                 "categorical": list(self.spec.categorical),
                 "hash_bits": self.spec.hash_bits,
+                "aggregates": None if self.aggregates is None else self.aggregates.report(),
             },
-            "imputed": dict(zip(self.spec.numeric, self.n_imputed.tolist(), strict=True)),
+            "labels": self.pending.report(),
+            "imputed": dict(zip(self.spec.numeric_features, self.n_imputed.tolist(),
+                                strict=True)),
             "metrics": self.metrics.report(),
             "updated_at": self.updated_at,
         }
@@ -440,11 +494,17 @@ class OnlineModel:
             "metrics": self.metrics.to_state(),
             "drift": {"concept": self.concept_drift.to_state(), "data": self.data_drift.to_state(),
                       "actions": self.drift_actions.to_state()},
+            "pending": self.pending.to_state(),
+            **({} if self.aggregates is None else {"aggregates": self.aggregates.to_state()}),
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], *, device: str | None = None) -> OnlineModel:
-        """Rebuild a model; raise :class:`StateError` for a foreign or newer payload."""
+    def from_state(cls, state: dict[str, Any], *, device: str | None = None,
+                   serving: bool = False) -> OnlineModel:
+        """Rebuild a model; raise :class:`StateError` for a foreign or newer payload.
+
+        ``serving``: for the API, which scores and reports; the events waiting for labels
+        are counted, not loaded."""
         if not isinstance(state, dict) or state.get("kind") != STATE_KIND:
             raise StateError("payload is not a streamlearn model state")
         if int(state.get("state_version", 0)) > STATE_VERSION:
@@ -481,7 +541,13 @@ class OnlineModel:
                     raise StateError(f"target statistics have shape {target.shape}")
                 model.target = target.copy()
             model.offsets = {str(k): int(v) for k, v in state.get("offsets", {}).items()}
+            if state.get("pending") is not None:  # serving needs its counters only
+                model.pending.load(state["pending"], rows=not serving)
+            if model.aggregates is not None and state.get("aggregates") is not None:
+                model.aggregates.load(state["aggregates"])
             model.updated_at = float(state.get("updated_at", time.time()))
-        except (KeyError, TypeError) as exc:
+        except StateError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"model state is missing or has a bad field: {exc}") from exc
         return model

@@ -199,3 +199,37 @@ def test_synthetic_producer_columns_fit_the_fraud_spec(fraud_spec):
     assert len(batch) == 300 and batch.ids.tolist() == list(range(300))
     assert np.isnan(batch.numeric).any()  # ~0.5% of distances are missing, as in JSON
     assert set(np.unique(batch.labels[~np.isnan(batch.labels)])) <= {0.0, 1.0}
+
+
+def test_batch_records_feed_aggregates_like_json_events() -> None:
+    """A model with aggregates learns a batch record's events with the same aggregate
+    values as the same events in JSON; a record without the time column is refused."""
+    from streamlearn.batch_format import Categorical, FeatureDecoder, encode_columns
+    from streamlearn.config import AggregateSpec
+    from streamlearn.models import OnlineModel
+    from streamlearn.pipeline import JsonDecoder
+
+    spec = ModelSpec(name="agg", topic="t", numeric=("amount",), label="y", hash_bits=4,
+                     aggregates=(AggregateSpec("card", "amount", ("1m", "1h")),))
+    rng = np.random.default_rng(4)
+    n = 300
+    cards = rng.integers(0, 20, n)
+    amount = rng.lognormal(3, 1, n).round(2)
+    ts = 1_000.0 + np.cumsum(rng.exponential(5.0, n))
+    names = [f"c{i}" for i in range(20)]
+    record = encode_columns({"card": Categorical(cards, names), "amount": amount, "ts": ts,
+                             "y": (amount > 30).astype(np.float32)})
+    events = [orjson.dumps({"card": names[c], "amount": a, "ts": t, "y": int(a > 30)})
+              for c, a, t in zip(cards.tolist(), amount.tolist(), ts.tolist(), strict=True)]
+    by_record = OnlineModel(spec, device="cpu")
+    by_json = OnlineModel(spec, device="cpu")
+    a = FeatureDecoder(spec, by_record.vectorizer).decode(record)
+    b, rejects = JsonDecoder(spec, by_json.vectorizer).decode(events)
+    assert not rejects
+    by_record.fill_aggregates(a, update=True)
+    by_json.fill_aggregates(b, update=True)
+    np.testing.assert_array_equal(a.numeric, b.numeric)
+    assert a.numeric[:, 1:].max() > 1  # cards repeat within the windows
+    with pytest.raises(BatchFormatError, match=r"need columns \['ts'\]"):
+        FeatureDecoder(spec, by_record.vectorizer).decode(
+            encode_columns({"card": Categorical(cards, names), "amount": amount}))

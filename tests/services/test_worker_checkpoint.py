@@ -29,13 +29,17 @@ class _Runtime:
     async def commit(self, topic: str, bundles: int) -> None:
         self.commits.append((topic, bundles))
 
+    async def take_over(self, feeder: Any, partition: int) -> None:
+        pass  # a single replica: no sibling holds the partition's entities
+
 
 async def test_a_job_without_outputs_is_acked_and_committed(fraud_spec: ModelSpec) -> None:
     runner = ModelRunner(OnlineModel(fraud_spec, device="cpu"), emit_predictions=False)
     values = [orjson.dumps(e) for e in FraudStream(seed=3).take(200)]
     acked: list[int] = []
     offsets = list(range(200))
-    event = SimpleNamespace(message=SimpleNamespace(topic="t", partition=0, offset=199),
+    event = SimpleNamespace(message=SimpleNamespace(topic=fraud_spec.topic, partition=0,
+                                                    offset=199),
                             value=Bundle(offsets, values, sum(map(len, values))))
     event.ack = lambda: acked.append(199)
     runtime = _Runtime()

@@ -165,7 +165,7 @@ async def test_input_is_acked_only_after_its_predictions_are_delivered(runner, f
         assert acked == [] and runtime.failures == 1
         runtime.deliveries[1].set_result(None)
         await asyncio.wait_for(release, 10)
-        assert acked == [299] and runtime.commits == [("transactions", 1)]
+        assert acked == [299] and runtime.commits == [("t", 1)]
     finally:
         task.cancel()
 
