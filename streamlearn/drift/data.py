@@ -125,12 +125,12 @@ def _fold(X, H, size, edges, keys, bins, halflife,
         obs[:] = 0.0
         for r in range(lo, hi):
             x = X[r]
-            for j in range(d):
-                v = x[j]
-                ok = v == v  # NaN: missing
-                obs[j] += 1.0 if ok else 0.0
-                tot[j] += v if ok else 0.0
-            if not wide:
+            if not wide:  # (wide: counted with the edges below, in the same row order)
+                for j in range(d):
+                    v = x[j]
+                    ok = v == v  # NaN: missing
+                    obs[j] += 1.0 if ok else 0.0
+                    tot[j] += v if ok else 0.0
                 for j in range(d):
                     v = x[j]
                     if v == v:
@@ -157,6 +157,19 @@ def _fold(X, H, size, edges, keys, bins, halflife,
                 x1 = X[r + 1]
                 x2 = X[r + 2]
                 x3 = X[r + 3]
+                for j in range(d):
+                    v0 = x0[j]
+                    v1 = x1[j]
+                    v2 = x2[j]
+                    v3 = x3[j]
+                    obs[j] += (((1.0 if v0 == v0 else 0.0) + (1.0 if v1 == v1 else 0.0))
+                               + ((1.0 if v2 == v2 else 0.0) + (1.0 if v3 == v3 else 0.0)))
+                    tj = tot[j]  # row by row, as ever
+                    tj += v0 if v0 == v0 else 0.0
+                    tj += v1 if v1 == v1 else 0.0
+                    tj += v2 if v2 == v2 else 0.0
+                    tj += v3 if v3 == v3 else 0.0
+                    tot[j] = tj
                 for e in range(ne):
                     ee = et[e]
                     gg = ge[e]
@@ -168,6 +181,11 @@ def _fold(X, H, size, edges, keys, bins, halflife,
                 r += 4
             for tail in range(r, hi):
                 x = X[tail]
+                for j in range(d):
+                    v = x[j]
+                    ok = v == v
+                    obs[j] += 1.0 if ok else 0.0
+                    tot[j] += v if ok else 0.0
                 for e in range(ne):
                     ee = et[e]
                     gg = ge[e]
