@@ -494,6 +494,10 @@ class WorkerRuntime:
             topics[f"{spec.name}.predictions"] = {}
         return topics
 
+    def copartitioned(self) -> dict[str, str]:
+        """Each model's labels topic, with the event topic whose partitions it shares."""
+        return {spec.labels_topic: spec.topic for spec in self.settings.specs}
+
     def begin_loading(self) -> None:
         """Load models on a thread now, while Faust starts and joins the group.
 
@@ -529,7 +533,7 @@ class WorkerRuntime:
         runners, _, _ = await asyncio.gather(
             asyncio.wrap_future(self._loading),
             declare_topics(self.bootstrap, self.topic_configs(), self.settings.kafka.partitions,
-                           self.settings.kafka.client_kwargs()),
+                           self.settings.kafka.client_kwargs(), self.copartitioned()),
             self.outputs.start(),  # the producer finds the topics' metadata when it sends
         )
         for spec in self.settings.specs:
@@ -728,7 +732,8 @@ class WorkerRuntime:
         k = self.settings.kafka
         try:
             await asyncio.wait_for(declare_topics(self.bootstrap, self.topic_configs(),
-                                                  k.partitions, k.client_kwargs()),
+                                                  k.partitions, k.client_kwargs(),
+                                                  self.copartitioned()),
                                    timeout=REDECLARE_EVERY_S)
         except (KafkaError, OSError, TimeoutError) as exc:
             limited.warning("declare", "could not declare topics (%s: %s)",

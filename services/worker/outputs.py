@@ -15,7 +15,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 log = logging.getLogger("streamlearn.worker")
 
@@ -24,22 +24,57 @@ MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
 async def declare_topics(
     bootstrap: str, topics: dict[str, dict[str, str]], partitions: int,
-    client_kwargs: dict[str, Any] | None = None,
+    client_kwargs: dict[str, Any] | None = None, copartitioned: dict[str, str] | None = None,
 ) -> None:
-    """Create topics that do not exist yet (``{name: topic_configs}``)."""
+    """Create topics that do not exist yet (``{name: topic_configs}``).
+
+    ``copartitioned`` maps a topic to the one whose partition count it must share (a
+    model's labels topic to its event topic: a label keyed like its event then lands on
+    the partition number of its event, which one replica holds); a new one is created
+    with that count, and an existing one with another count is logged as an error.
+    """
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **(client_kwargs or {}))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        new = [NewTopic(name, partitions, 1, topic_configs=cfg)
-               for name, cfg in topics.items() if name not in existing]
+        counts = await _partition_counts(admin, [t for t in (copartitioned or {}).values()
+                                                 if t in existing])
+        new = []
+        for name, cfg in topics.items():
+            if name in existing:
+                continue
+            like = (copartitioned or {}).get(name)
+            new.append(NewTopic(name, counts.get(like, partitions) if like else partitions, 1,
+                                topic_configs=cfg))
         if new:
             try:
                 await admin.create_topics(new)
             except TopicAlreadyExistsError:
                 pass  # a replica beside us won the race
+        pairs = {a: b for a, b in (copartitioned or {}).items() if a in existing}
+        if pairs:
+            have = await _partition_counts(admin, [*pairs, *pairs.values()])
+            for a, b in pairs.items():
+                if a in have and b in have and have[a] != have[b]:
+                    log.error("%s has %d partitions and %s %d: labels keyed like their events "
+                              "may reach a replica that does not hold their events (counted "
+                              "unknown); give both topics the same partition count", a,
+                              have[a], b, have[b])
     finally:
         await admin.close()
+
+
+async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:
+    """Partition count per topic (those the broker describes)."""
+    if not names:
+        return {}
+    try:
+        described = await admin.describe_topics(sorted(set(names)))
+    except KafkaError as exc:
+        log.warning("could not describe topics %s: %s", names, exc)
+        return {}
+    return {d["topic"]: len(d["partitions"]) for d in described
+            if not d.get("error_code") and d.get("partitions")}
 
 
 class Outputs:
