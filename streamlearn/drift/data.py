@@ -223,6 +223,30 @@ def _fold(X, H, size, edges, keys, bins, halflife,
                     recent_cat[j, b] += alpha * (share - recent_cat[j, b])
 
 
+@njit(cache=True, nogil=True)
+def _rank_counts(ranked, n_obs, edges, counts):  # pragma: no cover - compiled
+    """Per row ``j``: how many of the sorted ``ranked[j, :n_obs[j]]`` fall in each bin
+    ``edges[j, b-1] <= x < edges[j, b]`` (``searchsorted(side="left")`` differences)."""
+    ne = edges.shape[1]
+    for j in range(ranked.shape[0]):
+        n = n_obs[j]
+        if n == 0:
+            continue
+        prev = 0
+        for e in range(ne):
+            lo, hi = 0, n  # first index whose value is >= the edge
+            t = edges[j, e]
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if ranked[j, mid] < t:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            counts[j, e] = lo - prev
+            prev = lo
+        counts[j, ne] = n - prev
+
+
 def sorted_quantiles(ranked: np.ndarray, n: int, qs: np.ndarray) -> np.ndarray:
     """``np.quantile(row[:n], qs)`` (the default ``linear`` method) for each row of
     ``ranked``, whose first ``n`` entries are sorted and not NaN: shape ``(rows, len(qs))``.
@@ -365,9 +389,11 @@ class DataDriftMonitor:
                 self.restart()
         start = 0
         while not self.ready and start < n:  # the batch that completes it is not folded
-            self._buf_x.append(np.array(X[start : start + size], dtype=np.float64))
+            # Column-major blocks: the freeze works on columns (small transposes are cheap).
+            self._buf_x.append(np.array(X[start : start + size].T, dtype=np.float64,
+                                        order="C"))
             self._buf_h.append(np.array(hashed[start : start + size], dtype=np.int64))
-            self._buffered += len(self._buf_x[-1])
+            self._buffered += self._buf_x[-1].shape[1]
             start += size
             if self._buffered >= self.reference_size:
                 self._freeze()
@@ -381,22 +407,23 @@ class DataDriftMonitor:
 
     def _freeze(self) -> None:
         """Turn the buffered window into the frozen reference."""
-        X = np.concatenate(self._buf_x) if self._buf_x else np.zeros((0, len(self.features)))
+        d, c, k = len(self.features), len(self.categorical), self.top_k
+        # The window column by column: one vectorized sort (NaN, missing, sorts last)
+        # serves the quantiles and the reference counts; statistics of whole columns run
+        # in one call.
+        Xt = np.concatenate(self._buf_x, axis=1) if self._buf_x else np.zeros((d, 0))
+        n_rows = Xt.shape[1]
         H = np.concatenate(self._buf_h)
         if H.shape[1] != len(self.categorical):  # collected without slots
-            H = np.zeros((len(X), len(self.categorical)), dtype=np.int64)
+            H = np.zeros((n_rows, len(self.categorical)), dtype=np.int64)
         self._buf_x, self._buf_h, self._buffered = [], [], 0
-        d, c, k = len(self.features), len(self.categorical), self.top_k
-        # Column-major copies: one vectorized sort (NaN, missing, sorts last) serves the
-        # quantiles and the reference counts; statistics of whole columns run in one call.
-        Xt = np.ascontiguousarray(X.T)
         ranked = np.sort(Xt, axis=1)
         qs = np.arange(1, self.bins) / self.bins
-        n_obs_all = len(X) - np.isnan(Xt).sum(axis=1)
-        full = n_obs_all == len(X)
-        if d and full.all() and len(X):  # no missing value: every column at once
+        n_obs_all = n_rows - np.isnan(Xt).sum(axis=1)
+        full = n_obs_all == n_rows
+        if d and full.all() and n_rows:  # no missing value: every column at once
             means, stds = Xt.mean(axis=1), Xt.std(axis=1)
-            all_edges = sorted_quantiles(ranked, len(X), qs)
+            all_edges = sorted_quantiles(ranked, n_rows, qs)
         for j in range(d):
             col = Xt[j]
             n_obs = int(n_obs_all[j])
@@ -414,14 +441,14 @@ class DataDriftMonitor:
                 # (an increasing map), compared exactly (a discrete feature's values sit
                 # on its edges, where a rescaled copy could round to the other side).
                 # Non-decreasing, as the fold needs (it is a no-op on np.quantile's).
-                edges = np.maximum.accumulate(edges)
-                self.edges[j] = edges
-                srt = ranked[j, :n_obs]
-                # Bin b holds edges[b-1] <= x < edges[b]: differences of ranks in srt.
-                below = np.searchsorted(srt, edges, side="left")
-                counts = np.diff(below, prepend=0, append=n_obs)
-                self.ref_num[j, : self.bins] = counts / len(col)
+                self.edges[j] = np.maximum.accumulate(edges)
             self.ref_num[j, self.bins] = 1.0 - n_obs / len(col)
+        if d and n_rows:
+            # Bin b holds edges[b-1] <= x < edges[b]: differences of ranks in the sorted
+            # observed values (a column without any keeps zero shares).
+            counts = np.zeros((d, self.bins))
+            _rank_counts(ranked, n_obs_all.astype(np.int64), self.edges, counts)
+            self.ref_num[:, : self.bins] = counts / n_rows
         kept_slots, kept_bins, counts_kept = [], [], [0]
         for j in range(c):
             col = H[:, j]
