@@ -55,6 +55,7 @@ hash_bits = 10
 CONFIG = """
 [kafka]
 partitions = 2
+deadletter_topic = "fe2e.deadletter"  # its own: other tests read streamlearn.deadletter
 [worker]
 batch_within_s = 0.05
 snapshot_interval_s = 0.2
@@ -251,7 +252,7 @@ def test_delayed_labels_join_on_the_broker(stack, client, joined):
 
     # Malformed label messages went to the dead-letter topic, with their reasons.
     dead = [orjson.loads(v) for v in asyncio.run(
-        _read(stack["bootstrap"], "streamlearn.deadletter", timeout=20))]
+        _read(stack["bootstrap"], "fe2e.deadletter", timeout=20))]
     mine = [d for d in dead if d["source"]["topic"] == "fe2e.labels"]
     assert len(mine) == len(joined["malformed"]), mine
     reasons = " | ".join(d["reason"] for d in mine)
@@ -378,6 +379,7 @@ def test_a_new_event_reaches_predict_soon(stack, client, joined, capsys):
 RESTART_CONFIG = """
 [kafka]
 partitions = 2
+deadletter_topic = "fe2e.deadletter"  # its own: other tests read streamlearn.deadletter
 [worker]
 batch_within_s = 0.05
 snapshot_interval_s = 0.2
