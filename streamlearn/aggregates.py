@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from streamlearn.config import ModelSpec
+from streamlearn.config import AGGREGATE_STATS, ModelSpec
 from streamlearn.keys import bounded, pack_keys, unpack_keys
 
 _EMPTY_HEAD = -(2**62)  # the newest tile of an entity with no events yet
@@ -51,29 +51,33 @@ _INITIAL_SLOTS = 1024
 
 
 @njit(cache=True, nogil=True)
-def window_stats(slots, times, values, lengths, tiles, head, counts, sums, update,
-                 out_count, out_sum):  # pragma: no cover - compiled
-    """Per row ``r`` and (aggregate ``k``, window ``w``): the count and sum of the entity's
-    values in the window ending at ``times[r]``, the row's own value included; with
-    ``update``, the row's value is added to the state first (rows in order).
+def window_stats(slots, times, values, widths, tiles, head, counts, sums, last_seen, update,
+                 columns, out):  # pragma: no cover - compiled
+    """Per row ``r`` and (aggregate ``k``, window ``w``): the count, sum and mean of the
+    entity's values in the window ending at ``times[r]``, the row's own value included,
+    into ``out[r, columns[k, w, 0..2]]`` (-1: a statistic not asked for); with ``update``,
+    the row's value is added to the state first (rows in order).
 
     ``slots[r]`` is the entity's row in the state (-1: no entity, so no history);
     ``values[r, k]`` is NaN when the event lacks the field (it is then not counted);
-    ``lengths[k, w]`` is 0 for a window the aggregate does not have.
+    ``widths[k, w]`` is the tile width, 0 for a window the aggregate does not have; the
+    mean of an empty window is NaN (missing: the scaler imputes it).
     """
     n = slots.shape[0]
-    n_agg, n_win = lengths.shape
+    n_agg, n_win = widths.shape
     for r in range(n):
         s = slots[r]
         t = times[r]
+        if update and s >= 0 and t > last_seen[s]:
+            last_seen[s] = t
         for k in range(n_agg):
             v = values[r, k]
             has = v == v
             for w in range(n_win):
-                length = lengths[k, w]
-                if length <= 0.0:
+                width = widths[k, w]
+                if width <= 0.0:
                     continue
-                tid = np.int64(math.floor(t / (length / tiles)))
+                tid = np.int64(math.floor(t / width))
                 c = 0.0
                 total = 0.0
                 if s >= 0:
@@ -97,8 +101,12 @@ def window_stats(slots, times, values, lengths, tiles, head, counts, sums, updat
                 elif has:
                     c = 1.0
                     total = v
-                out_count[r, k, w] = c
-                out_sum[r, k, w] = total
+                if columns[k, w, 0] >= 0:
+                    out[r, columns[k, w, 0]] = c
+                if columns[k, w, 1] >= 0:
+                    out[r, columns[k, w, 1]] = total
+                if columns[k, w, 2] >= 0:
+                    out[r, columns[k, w, 2]] = total / c if c > 0.0 else np.nan
 
 
 @dataclass
@@ -150,6 +158,8 @@ class _Group:
     field: str
     members: list[int]  # indices into spec.aggregates
     lengths: np.ndarray  # (k, w) seconds, 0 where absent
+    widths: np.ndarray  # (k, w) tile widths, seconds, 0 where absent
+    columns: np.ndarray  # (k, w, 3) feature column of count, sum, mean (-1: not asked)
     slots: dict[Any, int] = field(default_factory=dict)
     keys: list[Any] = field(default_factory=list)  # slot -> key (None: free)
     free: list[int] = field(default_factory=list)
@@ -193,13 +203,21 @@ class EntityAggregates:
         self.fields: tuple[str, ...] = tuple(order)
         self.value_fields: tuple[str, ...] = tuple(a.field for a in spec.aggregates)
         self.groups: list[_Group] = []
+        first = [sum(len(b.windows) * len(b.stats) for b in spec.aggregates[:i])
+                 for i in range(len(spec.aggregates))]  # each aggregate's first column
         for name in order:
             members = [i for i, a in enumerate(spec.aggregates) if a.entity == name]
             width = max(len(spec.aggregates[i].windows) for i in members)
             lengths = np.zeros((len(members), width))
+            columns = np.full((len(members), width, 3), -1, dtype=np.int64)
             for k, i in enumerate(members):
-                lengths[k, : len(spec.aggregates[i].windows)] = spec.aggregates[i].seconds
-            group = _Group(name, members, lengths)
+                a = spec.aggregates[i]
+                lengths[k, : len(a.windows)] = a.seconds
+                for w in range(len(a.windows)):  # names() order: window-major, then stats
+                    for j, stat in enumerate(a.stats):
+                        columns[k, w, AGGREGATE_STATS.index(stat)] = (
+                            first[i] + w * len(a.stats) + j)
+            group = _Group(name, members, lengths, lengths / self.tiles, columns)
             self._resize(group, 0)
             self.groups.append(group)
         self.expired = 0
@@ -226,41 +244,14 @@ class EntityAggregates:
         out = np.empty((n, len(spec.aggregate_names)), dtype=np.float64)
         if update and n:
             self.max_time = max(self.max_time, float(np.max(inputs.times)))
-        col_of = self._columns()
+        times = np.ascontiguousarray(inputs.times, dtype=np.float64)
         for g, group in enumerate(self.groups):
             slots = self._slots(group, inputs.keys[g], inputs.partitions, update)
-            k, w = group.lengths.shape
-            count = np.empty((n, k, w))
-            total = np.empty((n, k, w))
             values = np.ascontiguousarray(inputs.values[:, group.members], dtype=np.float64)
-            window_stats(slots, np.ascontiguousarray(inputs.times, dtype=np.float64), values,
-                         group.lengths, self.tiles, group.head, group.counts, group.sums,
-                         update, count, total)
-            if update:
-                seen = slots >= 0
-                np.maximum.at(group.last_seen, slots[seen], inputs.times[seen])
-            for kk, i in enumerate(group.members):
-                a = spec.aggregates[i]
-                for ww in range(len(a.windows)):
-                    for stat in a.stats:
-                        c = count[:, kk, ww]
-                        if stat == "count":
-                            col = c
-                        elif stat == "sum":
-                            col = total[:, kk, ww]
-                        else:  # mean of an empty window: missing (the scaler imputes it)
-                            with np.errstate(invalid="ignore", divide="ignore"):
-                                col = np.where(c > 0, total[:, kk, ww] / c, np.nan)
-                        out[:, col_of[(i, ww, stat)]] = col
+            window_stats(slots, times, values, group.widths, self.tiles, group.head,
+                         group.counts, group.sums, group.last_seen, update, group.columns,
+                         out)
         return out
-
-    def _columns(self) -> dict[tuple[int, int, str], int]:
-        cols: dict[tuple[int, int, str], int] = {}
-        for i, a in enumerate(self.spec.aggregates):
-            for ww in range(len(a.windows)):
-                for stat in a.stats:
-                    cols[(i, ww, stat)] = len(cols)
-        return cols
 
     def _slots(self, group: _Group, keys: list[Any], partitions: np.ndarray | None,
                update: bool) -> np.ndarray:
@@ -268,10 +259,9 @@ class EntityAggregates:
         table = group.slots
         found = list(map(table.get, keys))  # None: no entity, a new one, or a long key
         if None in found:
-            batch: set[int] = {s for s in found if s is not None}
-            for r, s in enumerate(found):
-                if s is not None:
-                    continue
+            batch: set[int] = set(found)
+            batch.discard(None)  # type: ignore[arg-type]
+            for r in [r for r, s in enumerate(found) if s is None]:
                 key = keys[r]
                 if key is None:
                     found[r] = -1
@@ -302,16 +292,11 @@ class EntityAggregates:
             elif not self._make_room(group, busy):
                 self.evicted += 1
                 return -1
-        s = group.free.pop()
+        s = group.free.pop()  # a free row is blank (made so, or cleared on release)
         group.slots[key] = s
         group.keys[s] = key
         group.used[s] = True
         group.packed = None
-        group.head[s] = _EMPTY_HEAD
-        group.counts[s] = 0.0
-        group.sums[s] = 0.0
-        group.last_seen[s] = -math.inf
-        group.partition[s] = -1
         return s
 
     def _make_room(self, group: _Group, busy: set[int]) -> bool:
@@ -338,8 +323,8 @@ class EntityAggregates:
             if key is not None:
                 del group.slots[key]
                 group.keys[s] = None
-                group.used[s] = False
                 group.free.append(s)
+        _blank(group, slots)
         group.packed = None
 
     def _resize(self, group: _Group, size: int) -> None:
@@ -443,6 +428,7 @@ class EntityAggregates:
                 group.head[:], group.counts[:], group.sums[:] = head, counts, sums
                 group.last_seen[:], group.partition[:] = last, part
                 group.keys[:] = keys
+                _blank(group, np.array(group.free, dtype=np.int64))
                 group.used[held] = True
                 group.slots = {keys[r]: r for r in held}
                 group.packed = None
@@ -465,6 +451,16 @@ class EntityAggregates:
         for group in self.groups:
             out |= set(np.unique(group.partition[group.used]).tolist())
         return out - {-1}
+
+
+def _blank(group: _Group, rows: np.ndarray) -> None:
+    """Rows as a new entity starts: no tile, never seen, no partition, unused."""
+    group.used[rows] = False
+    group.head[rows] = _EMPTY_HEAD
+    group.counts[rows] = 0.0
+    group.sums[rows] = 0.0
+    group.last_seen[rows] = -math.inf
+    group.partition[rows] = -1
 
 
 def union(states: list[dict[str, Any]], spec: ModelSpec) -> dict[str, Any] | None:

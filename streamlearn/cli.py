@@ -200,9 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--unlabelled-fraction", type=float, default=0.0, metavar="F",
         help="with --label-delay: this fraction of events is never labelled (default 0)")
     produce.add_argument(
-        "--entity-fraud", type=float, default=0.4, metavar="F",
+        "--entity-fraud", type=float, default=0.15, metavar="F",
         help="share of the fraud in patterns only entity aggregates catch: card-testing "
-        "bursts, cards used far from their usual country (default 0.4; 0: the plain stream)")
+        "bursts, cards used far from their usual country (default 0.15, as in the demo; "
+        "0: the plain stream)")
     produce.set_defaults(func=cmd_produce)
     from streamlearn.evaluate_cli import DESCRIPTION, add_arguments
 

@@ -1,10 +1,13 @@
 """Versioned, checksummed binary snapshots of ``to_state()`` payloads, optionally signed.
 
-Layout: ``MAGIC | u16 format | u32 crc32(body) | body`` where ``body`` is
-zlib-compressed ``u32 len(meta) | meta (JSON) | array bytes``.  Arrays are
-lifted out of the nested state into the blob; mostly-zero arrays (hashed
-weights) are stored as (index, value) pairs, which keeps snapshots small
-enough to publish twice a second to a broker that never compacts.
+Layout: ``MAGIC | u16 format | u32 crc32(body) | body``.  Format 2 (written) has
+``body = u32 len(meta) | u32 len(zmeta) | u64 len(blob) | zmeta | zblob``, the JSON
+metadata and the array bytes each compressed with zstd (level 1, through pyarrow: ~3x
+faster than zlib at a smaller size, which matters for snapshots of entity aggregates
+taken several times a second); format 1 (still read) is zlib-compressed
+``u32 len(meta) | meta | array bytes``.  Arrays are lifted out of the nested state into
+the blob; mostly-zero arrays (hashed weights) are stored as (index, value) pairs, which
+keeps snapshots small enough to publish twice a second to a broker that never compacts.
 
 Snapshots that travel over Kafka may be *signed* (:func:`sign`): the envelope
 ``SIGNED_MAGIC | HMAC-SHA256(key, domain | len(context) | context | payload) |
@@ -35,14 +38,23 @@ from typing import Any, Protocol
 
 import numpy as np
 import orjson
+import pyarrow as pa
 
 MAGIC = b"SLSNAP"
 SIGNED_MAGIC = b"SLSIG1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _HEADER = struct.Struct("<6sHI")
+_SIZES = struct.Struct("<IIQ")  # format 2: raw metadata, compressed metadata, raw blob
+_ZSTD = pa.Codec("zstd", compression_level=1)
 _MAC_SIZE = hashlib.sha256().digest_size
 _MAC_DOMAIN = b"streamlearn.snapshot.hmac-sha256.v1\n"
-_SPARSE_BELOW = 0.25  # store as (index, value) when under a quarter is non-zero
+_SPARSE_MARGIN = 0.5  # (index, value) pairs when under half the break-even share
+
+
+def _sparse_share(arr: np.ndarray) -> float:
+    """Non-zero share below which (uint32 index, value) pairs beat the dense bytes."""
+    size = arr.dtype.itemsize
+    return _SPARSE_MARGIN * size / (size + 4)
 #: dtypes an array in a snapshot may have (no objects, no structured or void types).
 _ARRAY_KINDS = frozenset("biuf")
 _MAX_NDIM = 4
@@ -187,7 +199,7 @@ def verify(
     return payload
 
 
-def encode(state: dict[str, Any], *, level: int = 1) -> bytes:
+def encode(state: dict[str, Any], *, level: int = 1, fmt: int = FORMAT_VERSION) -> bytes:
     """Serialize a state dict whose leaves are JSON values or NumPy arrays.
 
     Examples
@@ -205,8 +217,11 @@ def encode(state: dict[str, Any], *, level: int = 1) -> bytes:
         if isinstance(value, np.ndarray):
             arr = np.ascontiguousarray(value)
             desc: dict[str, Any] = {"dtype": arr.dtype.str, "shape": list(arr.shape)}
-            nz = np.flatnonzero(arr) if arr.size else np.empty(0, dtype=np.int64)
-            if arr.size > 64 and len(nz) < _SPARSE_BELOW * arr.size:
+            # Sparse when (index, value) pairs take fewer bytes than the dense array (with
+            # a margin): a count first, so a dense array costs no index array.
+            small = arr.size > 64 and np.count_nonzero(arr) < _sparse_share(arr) * arr.size
+            nz = np.flatnonzero(arr) if small else None
+            if nz is not None:
                 idx = nz.astype(np.uint32 if arr.size < 2**32 else np.uint64)
                 parts = [idx.tobytes(), arr.reshape(-1)[nz].tobytes()]
                 desc["sparse"] = [idx.dtype.str, len(nz)]
@@ -225,7 +240,13 @@ def encode(state: dict[str, Any], *, level: int = 1) -> bytes:
         return value
 
     meta = orjson.dumps(lift(state), option=orjson.OPT_SERIALIZE_NUMPY)
-    body = zlib.compress(struct.pack("<I", len(meta)) + meta + b"".join(chunks), level)
+    if fmt == 1:  # kept for tests of the reader's format-1 path
+        body = zlib.compress(struct.pack("<I", len(meta)) + meta + b"".join(chunks), level)
+        return _HEADER.pack(MAGIC, 1, zlib.crc32(body)) + body
+    blob = b"".join(chunks)
+    zmeta = _ZSTD.compress(meta, asbytes=True)
+    body = _SIZES.pack(len(meta), len(zmeta), len(blob)) + zmeta + _ZSTD.compress(
+        blob, asbytes=True)
     return _HEADER.pack(MAGIC, FORMAT_VERSION, zlib.crc32(body)) + body
 
 
@@ -303,6 +324,49 @@ def _collect(meta: Any, limits: Limits) -> list[_ArraySpec]:
         elif isinstance(value, list):
             stack.extend(value)
     return found
+
+
+class _Zstd:
+    """Format 2's body read like :class:`_Inflater`'s: the metadata, then the blob, each
+    decompressed only once its declared size is within the limits the caller checks
+    (``take`` refuses a size other than the one declared)."""
+
+    def __init__(self, body: bytes) -> None:
+        if len(body) < _SIZES.size:
+            raise SnapshotError("snapshot body is truncated", "truncated")
+        self._meta_len, zmeta_len, self._blob_len = _SIZES.unpack_from(body)
+        self._zmeta = body[_SIZES.size : _SIZES.size + zmeta_len]
+        self._zblob = body[_SIZES.size + zmeta_len :]
+        if len(self._zmeta) < zmeta_len:
+            raise SnapshotError("snapshot body is truncated", "truncated")
+        self._step = 0
+
+    def take(self, n: int) -> bytes:
+        step, self._step = self._step, self._step + 1
+        if step == 0:  # the 4-byte metadata length of format 1's layout
+            return struct.pack("<I", self._meta_len)
+        if step == 1:
+            return self._inflate(self._zmeta, n, self._meta_len)
+        if step == 2:
+            if n < self._blob_len:
+                raise SnapshotError("snapshot decompresses to more bytes than it declares",
+                                    "too_large")
+            return self._inflate(self._zblob, self._blob_len, self._blob_len)
+        return b""
+
+    @staticmethod
+    def _inflate(data: bytes, n: int, declared: int) -> bytes:
+        if n != declared:
+            raise SnapshotError("snapshot sizes disagree", "undecodable")
+        if not n:
+            return b""
+        try:
+            return _ZSTD.decompress(data, decompressed_size=n, asbytes=True)
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            raise SnapshotError(f"snapshot body unreadable: {exc}", "undecodable") from exc
+
+    def finished(self) -> bool:
+        return self._step >= 3
 
 
 class _Inflater:
@@ -383,7 +447,12 @@ def decode(
     body = payload[_HEADER.size :]
     if zlib.crc32(body) != crc:
         raise SnapshotError("snapshot checksum mismatch (corrupt or truncated)", "bad_checksum")
-    inflater = _Inflater(body)
+    reader: _Inflater | _Zstd = _Inflater(body) if version == 1 else _Zstd(body)
+    return _decode_body(reader, limits, vet)
+
+
+def _decode_body(inflater: _Inflater | _Zstd, limits: Limits,
+                 vet: Callable[[dict[str, Any]], Limits | None] | None) -> dict[str, Any]:
     head = inflater.take(4)
     if len(head) < 4:
         raise SnapshotError("snapshot body is truncated", "truncated")

@@ -35,9 +35,10 @@ if TYPE_CHECKING:
     from streamlearn.services.worker.app import WorkerRuntime
 
 log = logging.getLogger("streamlearn.worker")
-#: Largest share of the time snapshots of one model may take (capture and encode); a
-#: larger state is snapshot less often than ``worker.snapshot_interval_s``.
-SNAPSHOT_CPU_SHARE = 0.1
+#: Largest share of the time snapshots of one model may take (capture, on the learner
+#: thread, and encode, on another that zlib mostly runs without the GIL); a larger state
+#: is snapshot less often than ``worker.snapshot_interval_s``.
+SNAPSHOT_CPU_SHARE = 0.25
 limited = RateLimitedLog(log, interval_s=10.0)
 
 
@@ -63,7 +64,7 @@ class Checkpoint:
         since = time.monotonic() - rt._published_at.get(self.name, 0.0)
         # A large state (many entities, many waiting events) costs more to capture and
         # encode: its snapshots are spaced so that they take at most SNAPSHOT_CPU_SHARE
-        # of the time (a 70 ms snapshot: every 0.7 s rather than every 0.25 s).
+        # of the time (a 100 ms snapshot: every 0.4 s rather than every 0.25 s).
         spacing = rt.snapshot_cost_s.get(self.name, 0.0) / SNAPSHOT_CPU_SHARE
         return force or since >= beat or (rt._published.get(self.name) != mark
                                            and since >= spacing)

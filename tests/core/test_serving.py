@@ -50,9 +50,9 @@ def telemetry(consumed: int) -> dict[str, Any]:
                               "count": 2}}
 
 
-def payload(model: OnlineModel, replica: str = "r1", consumed: int = 10) -> bytes:
+def payload(model: OnlineModel, replica: str = "r1", consumed: int = 10, fmt: int = 2) -> bytes:
     state = model.to_state() | {"replica": replica, "telemetry": telemetry(consumed)}
-    return snapshots.encode(state)
+    return snapshots.encode(state, fmt=fmt)
 
 
 @pytest.fixture(scope="module")
@@ -391,8 +391,9 @@ def test_too_many_replicas_are_refused(model_a: OnlineModel) -> None:
 
 
 def test_no_mutated_payload_escapes_the_store(model_a: OnlineModel) -> None:
-    """Random truncations and byte flips (with the CRC fixed): counted, never raised."""
-    good = payload(model_a)
+    """Random truncations and byte flips (with the CRC fixed): counted, never raised.
+    Format 1's flips go into the decompressed bytes, format 2's into its zstd frames."""
+    good = payload(model_a, fmt=1)
     store = ModelStore(policy=SnapshotPolicy(specs={"fraud": SPEC}))
     assert store.offer("fraud/r1", good)
     served = store.get("fraud")
@@ -406,6 +407,13 @@ def test_no_mutated_payload_escapes_the_store(model_a: OnlineModel) -> None:
             mutated[pos] = int(rng.integers(0, 256))
         body = zlib.compress(bytes(mutated))
         value = struct.pack("<6sHI", snapshots.MAGIC, 1, zlib.crc32(body)) + body
+        outcomes.add(store.submit("fraud/r1", value[: len(value) - int(i % 3 == 2)]).split(":")[0])
+    zbody = bytearray(payload(model_a, consumed=11)[header:])
+    for i in range(150):
+        mutated = bytearray(zbody)
+        for pos in rng.integers(0, len(mutated), 1 + i % 4):
+            mutated[pos] = int(rng.integers(0, 256))
+        value = struct.pack("<6sHI", snapshots.MAGIC, 2, zlib.crc32(mutated)) + mutated
         outcomes.add(store.submit("fraud/r1", value[: len(value) - int(i % 3 == 2)]).split(":")[0])
     assert outcomes <= {"rejected", "accepted", "duplicate", "stale"}
     assert "rejected" in outcomes and store.stats.rejected >= 1

@@ -4,6 +4,7 @@ import zlib
 
 import numpy as np
 import orjson
+import pyarrow as pa
 import pytest
 
 from streamlearn import snapshots
@@ -41,11 +42,37 @@ def test_model_round_trips_exactly(fraud_spec):
 def test_hashed_weights_are_stored_sparse(fraud_spec):
     model = _trained(fraud_spec)
     dense_bytes = 3 * model.w.nbytes
-    payload = snapshots.encode(model.to_state())
+    payload = snapshots.encode(model.to_state(), fmt=1)  # format 1: zlib, easy to open
     raw = zlib.decompress(payload[struct.calcsize("<6sHI"):])
     meta = orjson.loads(raw[4 : 4 + struct.unpack_from("<I", raw)[0]])
     assert all("sparse" in meta["weights"][k]["__nd__"] for k in ("w", "s1", "s2"))
     assert len(payload) < dense_bytes / 2
+    assert len(snapshots.encode(model.to_state())) < dense_bytes / 2  # format 2 (zstd)
+
+
+def test_both_formats_round_trip_and_format_2_is_written(fraud_spec):
+    state = _trained(fraud_spec).to_state()
+    for fmt in (1, 2):
+        payload = snapshots.encode(state, fmt=fmt)
+        assert struct.unpack_from("<6sHI", payload)[1] == fmt
+        out = snapshots.decode(payload)
+        np.testing.assert_array_equal(out["weights"]["w"], state["weights"]["w"])
+    assert struct.unpack_from("<6sHI", snapshots.encode(state))[1] == snapshots.FORMAT_VERSION == 2
+
+
+def test_a_zstd_bomb_is_refused_before_it_is_inflated():
+    """Format 2 declares its sizes: a frame that inflates past them is never inflated."""
+    zstd = pa.Codec("zstd", compression_level=1)
+    meta = orjson.dumps({"a": {"__nd__": {"dtype": "<f4", "shape": [25], "offset": 0,
+                                          "end": 100}}})
+    zmeta = zstd.compress(meta, asbytes=True)
+    for declared in (100, 10**12):
+        body = (struct.pack("<IIQ", len(meta), len(zmeta), declared) + zmeta
+                + zstd.compress(bytes(100_000_000), asbytes=True))
+        payload = struct.pack("<6sHI", snapshots.MAGIC, 2, zlib.crc32(body)) + body
+        with pytest.raises(snapshots.SnapshotError) as err:
+            snapshots.decode(payload, limits=snapshots.Limits(max_decoded_bytes=2**20))
+        assert err.value.reason in ("undecodable", "too_large")
 
 
 @pytest.mark.parametrize(
