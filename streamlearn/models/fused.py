@@ -233,7 +233,7 @@ def per_event_linear(  # pragma: no cover - compiled
 @njit(cache=True, nogil=True)
 def prequential_chunks(  # pragma: no cover - compiled
     X, hashed, labels, size, rows_per_step, kind, link, prior,
-    count, mean, m2, target,
+    fold, count, mean, m2, target,
     w, s1, s2, grad, V, s1v, s2v, gv,
     loss, opt, hyper, step,
     scores, chunk_loss, chunk_learned,
@@ -241,7 +241,8 @@ def prequential_chunks(  # pragma: no cover - compiled
     """Score then learn ``X`` in chunks of ``size`` rows; return the next step number.
 
     Per chunk, exactly what ``OnlineModel.process`` does: fold the raw features into
-    the scaler (``count, mean, m2`` in place) and z-score with the updated statistics.
+    the scaler (``count, mean, m2`` in place; not when ``fold`` is false, for rows the
+    scaler counted before: delayed labels) and z-score with the updated statistics.
     Then, window by window of ``rows_per_step`` rows: score the window with the current
     weights (``link``: through the sigmoid), then learn one optimizer step from its
     labelled rows (NaN label = unlabelled). ``rows_per_step = 1`` is per-event SGD; equal
@@ -260,7 +261,8 @@ def prequential_chunks(  # pragma: no cover - compiled
         hi = min(lo + size, n)
         k = hi - lo
         Xc = X[lo:hi]
-        scaler_update(Xc, count, mean, m2)
+        if fold:
+            scaler_update(Xc, count, mean, m2)
         z = np.empty((k, d), dtype=np.float32)
         _zscore(Xc, mean, _std(count, m2), z)
         hc = hashed[lo:hi]

@@ -294,10 +294,9 @@ class OnlineModel:
         n = len(batch)
         n_chunks = -(-n // size)
         self.fill_aggregates(batch, update=True)
-        # Joined rows take the composed path, process(), which leaves the scaler alone:
-        # the fused kernel would fold them into it a second time before z-scoring them.
-        if self.backend.name != "cpu" or arrival_scores is not None:
+        if self.backend.name != "cpu":
             return self._process_chunks(batch, size, arrival_scores)
+        joined = arrival_scores is not None  # the scaler counted these rows on arrival
         scores = np.empty(n, dtype=np.float32)
         chunk_loss = np.zeros(n_chunks)
         learned = np.zeros(n_chunks, dtype=np.int64)
@@ -312,28 +311,30 @@ class OnlineModel:
         step = fused.prequential_chunks(
             X, np.ascontiguousarray(batch.hashed, dtype=np.int64), labels, size,
             self.spec.update_rows, kind, self.spec.task != "regression", self.spec.label_prior,
-            scaler.count, scaler.mean, scaler.m2, self.target,
+            not joined, scaler.count, scaler.mean, scaler.m2, self.target,
             self.w, self.s1, self.s2, self._grad, *fm,
             self._loss, self._opt, self._hyper, self.step,
             scores, chunk_loss, learned,
         )
-        scaler.count_changed()
-        np.add(self.n_imputed, n - (scaler.count - count0), out=self.n_imputed,
-               casting="unsafe")
-        self.data_drift.update(X, size, batch.hashed)
+        if not joined:
+            scaler.count_changed()
+            np.add(self.n_imputed, n - (scaler.count - count0), out=self.n_imputed,
+                   casting="unsafe")
+            self.data_drift.update(X, size, batch.hashed)
         stepped = learned > 0
         versions = self.version + np.cumsum(stepped) - stepped
         self.step = step
         self.version += int(stepped.sum())
         self.n_learned += int(learned.sum())
         mask = ~np.isnan(labels)
-        self.metrics.update(labels[mask], scores[mask])
+        self.metrics.update(labels[mask], (arrival_scores if joined else scores)[mask])
         drifted = False
         for c in np.flatnonzero(stepped).tolist():
             drifted |= self.concept_drift.update(float(chunk_loss[c] / learned[c]),
                                                  self.n_seen + min((c + 1) * size, n),
                                                  int(learned[c]))
-        self.n_seen += n
+        if not joined:
+            self.n_seen += n
         if stepped.any():
             self.updated_at = time.time()
             self.drift_actions.after_step(self, drifted)

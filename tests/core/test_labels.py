@@ -12,6 +12,7 @@ import pytest
 from streamlearn import labels as labels_module
 from streamlearn import snapshots
 from streamlearn.config import AggregateSpec, ModelSpec
+from streamlearn.features import FeatureBatch
 from streamlearn.labels import PendingLabels, sum_reports
 from streamlearn.models import OnlineModel
 from streamlearn.pipeline import Block, ModelRunner, decode_labels
@@ -298,3 +299,30 @@ def test_pending_rows_and_aggregates_survive_a_model_snapshot():
     served = OnlineModel.from_state(state, device="cpu", serving=True)
     assert served.info()["labels"]["pending"] == 10
     assert served.info()["features"]["aggregates"]["entities"] == 2
+
+
+def test_joined_rows_learn_alike_in_the_fused_call_and_the_composed_path():
+    """The worker's compiled call learns joined rows as process() does: same weights, the
+    scaler and the seen-event count untouched, metrics from the arrival scores."""
+    clock = [0.0]
+    runner = _runner(SPEC, clock)
+    events = [{"event_id": f"e{i}", "x": float(i % 7), "z": 0.3 * i, "c": "abc"[i % 3]}
+              for i in range(600)]
+    runner.handle_blocks([Block("lab.t", 0, list(range(600)),
+                                [orjson.dumps(e) for e in events])])
+    model = runner.model
+    ids = [e["event_id"] for e in events[:500]]
+    joined = model.pending.join(ids, np.array([i % 2 for i in range(500)], dtype=np.float32),
+                                now=1.0)
+    state = model.to_state()
+    fused = OnlineModel.from_state(state, device="cpu")
+    composed = OnlineModel.from_state(state, device="cpu")
+    fused.learn_joined(joined)
+    batch = FeatureBatch(joined.numeric, joined.hashed, joined.labels, joined.ids)
+    composed._process_chunks(batch, SPEC.batch_size, joined.scores)  # CUDA's process() loop
+    np.testing.assert_allclose(fused.w, composed.w, rtol=1e-5, atol=1e-7)
+    for m in (fused, composed):
+        assert m.n_seen == model.n_seen and m.n_learned == 500
+        np.testing.assert_array_equal(m.scaler.count, model.scaler.count)
+    assert fused.metrics.report() == composed.metrics.report()
+
