@@ -41,10 +41,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 from numba import njit
 
 from streamlearn.config import AGGREGATE_STATS, ModelSpec
-from streamlearn.keys import bounded, pack_keys, unpack_keys
+from streamlearn.keys import bounded, pack_keys, pack_texts, unpack_keys
 
 _EMPTY_HEAD = -(2**62)  # the newest tile of an entity with no events yet
 _INITIAL_SLOTS = 1024
@@ -169,6 +170,7 @@ class _Group:
     last_seen: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.float64))
     partition: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     used: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
+    texts: list[bytes] = field(default_factory=list)  # slot -> its key as JSON
     packed: dict[str, np.ndarray] | None = None  # the packed keys, until they change
 
 
@@ -295,6 +297,7 @@ class EntityAggregates:
         s = group.free.pop()  # a free row is blank (made so, or cleared on release)
         group.slots[key] = s
         group.keys[s] = key
+        group.texts[s] = orjson.dumps(key)
         group.used[s] = True
         group.packed = None
         return s
@@ -346,6 +349,7 @@ class EntityAggregates:
         group.used = grow(group.used, (size,), False, bool)
         group.packed = None
         group.keys.extend([None] * (size - old))
+        group.texts.extend([b"null"] * (size - old))
         group.free.extend(range(size - 1, old - 1, -1))  # pop() hands out low slots first
 
     # -- reports and state -----------------------------------------------------------
@@ -373,8 +377,9 @@ class EntityAggregates:
         for group in self.groups:
             if partitions is None:
                 rows = np.flatnonzero(group.used)
-                if group.packed is None:
-                    group.packed = pack_keys([group.keys[s] for s in rows.tolist()])
+                if group.packed is None:  # each key's JSON text is kept from its arrival
+                    text = group.texts
+                    group.packed = pack_texts([text[s] for s in rows.tolist()])
                 keys = group.packed
             else:
                 rows = np.flatnonzero(group.used & np.isin(group.partition, list(partitions)))
@@ -422,12 +427,13 @@ class EntityAggregates:
                 raise ValueError(f"aggregate state of {group.field!r}: over max_entities, "
                                  "or a repeated key")
             if replace:  # rows as they were (a snapshot restored, or served)
-                group.slots, group.keys, group.free = {}, [], []
+                group.slots, group.keys, group.texts, group.free = {}, [], [], []
                 self._resize(group, n)
                 group.free = [r for r in range(n - 1, -1, -1) if keys[r] is None]
                 group.head[:], group.counts[:], group.sums[:] = head, counts, sums
                 group.last_seen[:], group.partition[:] = last, part
                 group.keys[:] = keys
+                group.texts[:] = list(map(orjson.dumps, keys))
                 _blank(group, np.array(group.free, dtype=np.int64))
                 group.used[held] = True
                 group.slots = {keys[r]: r for r in held}

@@ -45,8 +45,11 @@ TEXT_CHUNK = 1 << 20
 
 def pack_keys(keys: list[Any]) -> dict[str, Any]:
     """``{"text": [uint8 pieces of the JSON texts], "ends": int64 end offsets}``."""
-    dumps = orjson.dumps
-    texts = [dumps(k) for k in keys]
+    return pack_texts(list(map(orjson.dumps, keys)))
+
+
+def pack_texts(texts: list[bytes]) -> dict[str, Any]:
+    """:func:`pack_keys` of keys already written as JSON (``orjson.dumps`` each)."""
     ends = np.cumsum([len(t) for t in texts], dtype=np.int64) if texts else np.zeros(
         0, dtype=np.int64)
     joined = b"".join(texts)

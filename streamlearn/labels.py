@@ -199,17 +199,25 @@ class PendingLabels:
     def to_state(self, partitions: set[int] | None = None) -> dict[str, Any]:
         """Waiting rows in arrival order (only those of ``partitions`` when given), the
         recent ids and the counters."""
-        live = [(b, r) for b in self.blocks for r in np.flatnonzero(b.alive).tolist()
-                if partitions is None or int(b.partitions[r]) in partitions]
         d, c = self.width
-        return {
-            "ids": pack_keys([b.ids[r] for b, r in live]),
-            "numeric": np.array([b.numeric[r] for b, r in live]).reshape(len(live), d),
-            "hashed": np.array([b.hashed[r] for b, r in live], dtype=np.int64).reshape(
-                len(live), c),
-            "scores": np.array([b.scores[r] for b, r in live], dtype=np.float32),
-            "arrived": np.array([b.arrived for b, _ in live], dtype=np.float64),
-            "partition": np.array([b.partitions[r] for b, r in live], dtype=np.int64),
+        masks = [b.alive if partitions is None
+                 else b.alive & np.isin(b.partitions, list(partitions)) for b in self.blocks]
+        parts = [(b, m) for b, m in zip(self.blocks, masks, strict=True) if m.any()]
+
+        def rows(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+            if not parts:
+                return np.empty(shape, dtype=dtype)
+            return np.concatenate([getattr(b, name)[m] for b, m in parts]).astype(dtype)
+
+        return {  # block by block, in arrival order (a snapshot takes it several times a second)
+            "ids": pack_keys([i for b, m in parts for i, keep in zip(b.ids, m.tolist(),
+                                                                     strict=True) if keep]),
+            "numeric": rows("numeric", (0, d), np.float64),
+            "hashed": rows("hashed", (0, c), np.int64),
+            "scores": rows("scores", (0,), np.float32),
+            "arrived": (np.concatenate([np.full(int(m.sum()), b.arrived) for b, m in parts])
+                        if parts else np.empty(0)),
+            "partition": rows("partitions", (0,), np.int64),
             "gone": pack_keys(list(self.gone)),
             "done": pack_keys(list(self.done)),
             "counts": dict(self.counts),
