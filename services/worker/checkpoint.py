@@ -35,10 +35,15 @@ if TYPE_CHECKING:
     from streamlearn.services.worker.app import WorkerRuntime
 
 log = logging.getLogger("streamlearn.worker")
-#: Largest share of the time snapshots of one model may take (capture, on the learner
-#: thread, and encode, on another that zlib mostly runs without the GIL); a larger state
-#: is snapshot less often than ``worker.snapshot_interval_s``.
-SNAPSHOT_CPU_SHARE = 0.25
+#: A large state (many entities, many waiting events) is snapshot less often than
+#: ``worker.snapshot_interval_s``: so that capturing and encoding take at most this share
+#: of the time (publishing it and the broker's work cost more again: with 25k entities in
+#: 2.3 MB snapshots, load_tests/bench_worker.py --aggregates measured the worker at 0.36x
+#: of its rate without aggregates at a 0.25 share, 0.52x and 0.59x at 0.05, 1M events per
+#: run), but at least every ``SNAPSHOT_MAX_SPACING_S``, so that a new aggregate still
+#: reaches /predict within about a second.
+SNAPSHOT_CPU_SHARE = 0.05
+SNAPSHOT_MAX_SPACING_S = 0.6
 limited = RateLimitedLog(log, interval_s=10.0)
 
 
@@ -62,10 +67,9 @@ class Checkpoint:
         mark = (runner.model.version, runner.telemetry.messages)
         beat = rt.settings.worker.stale_after_s / 3
         since = time.monotonic() - rt._published_at.get(self.name, 0.0)
-        # A large state (many entities, many waiting events) costs more to capture and
-        # encode: its snapshots are spaced so that they take at most SNAPSHOT_CPU_SHARE
-        # of the time (a 100 ms snapshot: every 0.4 s rather than every 0.25 s).
-        spacing = rt.snapshot_cost_s.get(self.name, 0.0) / SNAPSHOT_CPU_SHARE
+        # A large state is snapshot less often (SNAPSHOT_CPU_SHARE, SNAPSHOT_MAX_SPACING_S).
+        spacing = min(rt.snapshot_cost_s.get(self.name, 0.0) / SNAPSHOT_CPU_SHARE,
+                      SNAPSHOT_MAX_SPACING_S)
         return force or since >= beat or (rt._published.get(self.name) != mark
                                            and since >= spacing)
 
