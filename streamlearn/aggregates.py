@@ -170,7 +170,7 @@ class _Group:
     last_seen: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.float64))
     partition: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     used: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
-    texts: list[bytes] = field(default_factory=list)  # slot -> its key as JSON
+    texts: list[bytes] | None = field(default_factory=list)  # slot -> key as JSON (lazy)
     packed: dict[str, np.ndarray] | None = None  # the packed keys, until they change
 
 
@@ -297,7 +297,8 @@ class EntityAggregates:
         s = group.free.pop()  # a free row is blank (made so, or cleared on release)
         group.slots[key] = s
         group.keys[s] = key
-        group.texts[s] = orjson.dumps(key)
+        if group.texts is not None:
+            group.texts[s] = orjson.dumps(key)
         group.used[s] = True
         group.packed = None
         return s
@@ -349,7 +350,8 @@ class EntityAggregates:
         group.used = grow(group.used, (size,), False, bool)
         group.packed = None
         group.keys.extend([None] * (size - old))
-        group.texts.extend([b"null"] * (size - old))
+        if group.texts is not None:
+            group.texts.extend([b"null"] * (size - old))
         group.free.extend(range(size - 1, old - 1, -1))  # pop() hands out low slots first
 
     # -- reports and state -----------------------------------------------------------
@@ -378,6 +380,8 @@ class EntityAggregates:
             if partitions is None:
                 rows = np.flatnonzero(group.used)
                 if group.packed is None:  # each key's JSON text is kept from its arrival
+                    if group.texts is None:
+                        group.texts = list(map(orjson.dumps, group.keys))
                     text = group.texts
                     group.packed = pack_texts([text[s] for s in rows.tolist()])
                 keys = group.packed
@@ -426,16 +430,15 @@ class EntityAggregates:
             if len(held) > self.capacity or len({keys[r] for r in held}) < len(held):
                 raise ValueError(f"aggregate state of {group.field!r}: over max_entities, "
                                  "or a repeated key")
-            if replace:  # rows as they were (a snapshot restored, or served)
-                group.slots, group.keys, group.texts, group.free = {}, [], [], []
-                self._resize(group, n)
-                group.free = [r for r in range(n - 1, -1, -1) if keys[r] is None]
-                group.head[:], group.counts[:], group.sums[:] = head, counts, sums
-                group.last_seen[:], group.partition[:] = last, part
-                group.keys[:] = keys
-                group.texts[:] = list(map(orjson.dumps, keys))
+            if replace:  # rows as they were (a snapshot restored, or served): the decoded
+                # arrays become the state (no copy: the API takes several a second)
+                group.head, group.counts, group.sums = (np.array(a, copy=False) for a in (
+                    head, counts, sums))
+                group.last_seen, group.partition = last, part
+                group.keys, group.texts = list(keys), None  # texts: when a worker packs
+                group.used = np.array([key is not None for key in keys], dtype=bool)
+                group.free = np.flatnonzero(~group.used)[::-1].tolist()
                 _blank(group, np.array(group.free, dtype=np.int64))
-                group.used[held] = True
                 group.slots = {keys[r]: r for r in held}
                 group.packed = None
                 continue

@@ -71,16 +71,26 @@ def unpack_keys(packed: Any) -> list[Any]:
     if ends.ndim != 1 or (len(ends) and (ends[-1] != len(text) or (np.diff(ends) < 0).any()
                                          or ends[0] < 0)):
         raise ValueError("packed keys: bad end offsets")
-    loads = orjson.loads
-    out: list[Any] = []
-    start = 0
-    for end in ends.tolist():
-        try:
-            key = loads(text[start:end])
-        except orjson.JSONDecodeError as exc:
-            raise ValueError(f"packed keys: {exc}") from exc
-        if isinstance(key, dict | list):
-            raise ValueError("packed keys hold a non-scalar")
-        out.append(key)
-        start = end
-    return out
+    n = len(ends)
+    if not n:
+        if text:
+            raise ValueError("packed keys: text without keys")
+        return []
+    # One JSON array, "[" k0 "," k1 ... "]", parsed in one call: each key's text shifted
+    # right by the commas before it (a text that is not one JSON scalar then fails the
+    # parse, or the count, or the scalar check below).
+    raw = np.frombuffer(text, dtype=np.uint8)
+    joined = np.full(len(raw) + n + 1, ord(","), dtype=np.uint8)
+    starts = np.concatenate(([0], ends[:-1]))
+    if ((ends - starts) <= 0).any():
+        raise ValueError("packed keys: an empty key text")
+    at = np.arange(len(raw))
+    joined[at + np.searchsorted(ends, at, side="right") + 1] = raw
+    joined[0], joined[-1] = ord("["), ord("]")
+    try:
+        out = orjson.loads(joined.tobytes())
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"packed keys: {exc}") from exc
+    if len(out) != n or any(isinstance(k, dict | list) for k in out):
+        raise ValueError("packed keys: texts that are not one JSON scalar each")
+    return out  # type: ignore[no-any-return]
