@@ -203,6 +203,10 @@ class SnapshotFeed:
             "max_partition_fetch_bytes": 32 * 1024 * 1024,
             "fetch_max_bytes": 64 * 1024 * 1024,
             "metadata_max_age_ms": 5000,  # notice the topic soon after a worker creates it
+            # A fetch waiting for the next snapshot returns within this (aiokafka's 500 ms
+            # default put ~120 ms between a snapshot and its arrival on the embedded broker,
+            # ~12 ms at 50: measured); freshness is what the API is for.
+            "fetch_max_wait_ms": 50,
             "retry_backoff_ms": 500,
             "request_timeout_ms": 10_000,
         }

@@ -43,7 +43,7 @@ log = logging.getLogger("streamlearn.worker")
 #: run), but at least every ``SNAPSHOT_MAX_SPACING_S``, so that a new aggregate still
 #: reaches /predict within about a second.
 SNAPSHOT_CPU_SHARE = 0.05
-SNAPSHOT_MAX_SPACING_S = 0.6
+SNAPSHOT_MAX_SPACING_S = 0.4
 limited = RateLimitedLog(log, interval_s=10.0)
 
 

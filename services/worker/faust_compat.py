@@ -110,6 +110,31 @@ class PromptTableManager(TableManager):
             await self.recovery.start()
 
 
+#: Longest a fetch of the worker's consumer waits for data on the embedded broker. Faust
+#: fixes aiokafka's ``fetch_max_wait_ms`` at 1500, and Tansu answers a waiting fetch when
+#: that time is up, not when data arrives (measured: 0.62 s from a send to its consumer
+#: at 1500, 0.12 s at 500, 0.012 s at 50): an event of a quiet stream waited that long.
+#: A real Kafka answers as soon as data is there and keeps Faust's value.
+FAST_FETCH_WAIT_MS = 50
+
+
+def patch_fetch_wait(ms: int) -> None:
+    """Make the worker consumers Faust creates wait at most ``ms`` per fetch."""
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    create = getattr(AIOKafkaConsumerThread, "_streamlearn_create", None)
+    if create is None:
+        create = AIOKafkaConsumerThread._create_worker_consumer
+        AIOKafkaConsumerThread._streamlearn_create = create  # type: ignore[attr-defined]
+
+    def create_worker_consumer(self: Any, *args: Any, **kwargs: Any) -> Any:
+        consumer = create(self, *args, **kwargs)
+        consumer._fetch_max_wait_ms = ms  # read when the consumer starts its fetcher
+        return consumer
+
+    AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer  # type: ignore[method-assign]
+
+
 def faust_settings(settings: Settings, bootstrap: str) -> dict[str, Any]:
     """Faust keyword settings, tuned for the embedded broker unless told otherwise.
 
@@ -137,6 +162,8 @@ def faust_settings(settings: Settings, bootstrap: str) -> dict[str, Any]:
         "stream_buffer_maxsize": STREAM_BUFFER_BUNDLES,
         "TableManager": PromptTableManager,
     }
+    if settings.fast_join:
+        patch_fetch_wait(FAST_FETCH_WAIT_MS)
     if session:
         opts["broker_session_timeout"] = session
         opts["broker_rebalance_timeout"] = session * 2
