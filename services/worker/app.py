@@ -618,7 +618,8 @@ class WorkerRuntime:
         if self._snapshot_task is not None:
             await asyncio.wait([self._snapshot_task], timeout=SHUTDOWN_DRAIN_S)
         try:  # bounded: the broker may be gone
-            await asyncio.wait_for(self.publish_snapshots(), timeout=SHUTDOWN_DRAIN_S)
+            # forced: the snapshot spacing of a large state must not skip the last one
+            await asyncio.wait_for(self.publish_snapshots(force=True), timeout=SHUTDOWN_DRAIN_S)
         except TimeoutError:
             log.warning("shutdown: last snapshot not published within %.0f s", SHUTDOWN_DRAIN_S)
         try:  # hand the last shard over: a merge counts it before this replica leaves
