@@ -59,12 +59,18 @@ def serve(snapshot: Path, port: int) -> None:
 # -- model ---------------------------------------------------------------------
 
 
-def build_snapshot(path: Path, n_events: int, hash_bits: int) -> tuple[int, list[dict[str, Any]]]:
-    """Train the demo fraud model; write its snapshot; return (bytes, request events)."""
+def build_snapshot(path: Path, n_events: int, hash_bits: int, *, shipped: bool = False,
+                   ) -> tuple[int, list[dict[str, Any]]]:
+    """Train the demo fraud model; write its snapshot; return (bytes, request events).
+    ``shipped``: the fraud model of ./streamlearn.toml (entity aggregates and all), on the
+    demo's stream."""
+    import dataclasses
+
     from streamlearn import snapshots
     from streamlearn.config import ModelSpec
     from streamlearn.models import OnlineModel
     from streamlearn.pipeline import ModelRunner
+    from streamlearn.settings import load_settings
     from streamlearn.synthetic import FraudStream
 
     spec = ModelSpec(
@@ -72,15 +78,19 @@ def build_snapshot(path: Path, n_events: int, hash_bits: int) -> tuple[int, list
         numeric=("amount", "hour", "distance_km", "card_age_days", "tx_last_hour"),
         categorical=("merchant_category", "country", "channel"), hash_bits=hash_bits,
     )
+    fraud = 0.0
+    if shipped:
+        spec = dataclasses.replace(load_settings("streamlearn.toml").specs[0], name=MODEL)
+        fraud = 0.15
     model = OnlineModel(spec, device="cpu")
-    stream = FraudStream(seed=0)
+    stream = FraudStream(seed=0, entity_fraud=fraud)
     events = stream.take(n_events)
     for start in range(0, n_events, spec.batch_size):
         batch, _ = model.vectorizer.transform_many(events[start : start + spec.batch_size])
         model.process(batch)
     payload = snapshots.encode(ModelRunner(model).snapshot_state("bench"))
     snapshots.save(path, payload)
-    queries = FraudStream(seed=1).take(2048)
+    queries = FraudStream(seed=1, entity_fraud=fraud).take(2048)
     for q in queries:
         q.pop("is_fraud", None)
     return len(payload), queries

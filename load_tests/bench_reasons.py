@@ -136,10 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--route", action="store_true", help="also the FastAPI route alone")
     parser.add_argument("--worker", action="store_true",
                         help="also the worker step with reasons_in_records")
+    parser.add_argument("--shipped", action="store_true",
+                        help="the fraud model of ./streamlearn.toml, entity aggregates and all")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="streamlearn-reasons-") as tmp:
         snap = Path(tmp) / "fraud.snap"
-        _, queries = build_snapshot(snap, 20_000, 18)
+        _, queries = build_snapshot(snap, 20_000, 18, shipped=args.shipped)
         fast = make_app(snap, fast=True, bands=False)
         banded = make_app(snap, fast=True, bands=True)
         slow = make_app(snap, fast=False, bands=False) if args.route else None
