@@ -260,7 +260,11 @@ class EntityAggregates:
         """State rows of ``keys`` (-1: no entity, or one unknown when serving)."""
         table = group.slots
         found = list(map(table.get, keys))  # None: no entity, a new one, or a long key
-        if None in found:
+        try:
+            slots = np.fromiter(found, dtype=np.int64, count=len(found))
+        except TypeError:
+            slots = None
+        if slots is None:
             batch: set[int] = set(found)
             batch.discard(None)  # type: ignore[arg-type]
             for r in [r for r, s in enumerate(found) if s is None]:
@@ -275,13 +279,16 @@ class EntityAggregates:
                 if s >= 0:
                     batch.add(s)
                 found[r] = s
-        slots = np.array(found, dtype=np.int64)
+            slots = np.array(found, dtype=np.int64)
         if update and partitions is not None and len(slots):
             known = slots >= 0
-            held = group.partition[slots[known]]
-            moved = held != partitions[known]
-            self.misrouted += int(np.count_nonzero(moved & (held >= 0)))
-            group.partition[slots[known]] = partitions[known]
+            rows, parts = (slots, partitions) if known.all() else (slots[known],
+                                                                   partitions[known])
+            held = group.partition[rows]
+            moved = held != parts
+            if moved.any():  # a new entity, or one seen on another partition
+                self.misrouted += int(np.count_nonzero(moved & (held >= 0)))
+                group.partition[rows] = parts
         return slots
 
     def _allocate(self, group: _Group, key: Any, busy: set[int]) -> int:
