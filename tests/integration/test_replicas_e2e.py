@@ -113,14 +113,16 @@ def _wait(client: httpx.Client, stack: dict[str, Any], predicate, timeout: float
 
 
 async def _produce(bootstrap: str, events: list[dict[str, Any]], rate: float,
-                   topic: str = TOPIC) -> None:
+                   topic: str = TOPIC, key_field: str | None = None) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     await producer.start()
     try:
         t0 = time.monotonic()
         for i, event in enumerate(events):
-            # Keyed: spread over the 4 partitions, whichever replica owns them.
-            await producer.send(topic, orjson.dumps(event), key=str(i).encode())
+            # Keyed: spread over the 4 partitions, whichever replica owns them (by entity
+            # when the model aggregates per entity).
+            key = str(i if key_field is None else event[key_field]).encode()
+            await producer.send(topic, orjson.dumps(event), key=key)
             if i % 1000 == 999:
                 await asyncio.sleep(max(0.0, (i + 1) / rate - (time.monotonic() - t0)))
         await producer.flush()
@@ -200,11 +202,11 @@ def test_two_replicas_train_one_model_and_a_stopped_one_leaves_the_merge(stack) 
 class Cluster:
     """The API plus worker replicas started and stopped one by one."""
 
-    def __init__(self, broker: str, tmp: Path) -> None:
+    def __init__(self, broker: str, tmp: Path, extra: str = "") -> None:
         # A model and topic of its own: tests share the session's broker.
         self.model, self.topic = f"rep{abs(hash(tmp.name)) % 10**8}", f"{tmp.name}.events"
         (tmp / "streamlearn.toml").write_text(CONFIG_TEMPLATE.format(
-            stale=STALE_S, model=self.model, topic=self.topic))
+            stale=STALE_S, model=self.model, topic=self.topic) + extra)
         self.tmp, self.bootstrap, port = tmp, broker, free_port()
         self.base = f"http://127.0.0.1:{port}"
         self.env = {**os.environ, "STREAMLEARN_CONFIG": str(tmp / "streamlearn.toml"),
@@ -236,12 +238,54 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(broker: str, tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(broker, tmp_path)
+def cluster(broker: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    c = Cluster(broker, tmp_path, getattr(request, "param", ""))
     try:
         yield c
     finally:
         c.close()
+
+
+#: Per-card counts over an hour: the synthetic stream's 30,000 events span 300 s of event
+#: time, so each card's count is its number of events in the stream.
+CARD_COUNTS = """
+[[model.aggregate]]
+entity = "card_id"
+field = "amount"
+windows = ["1h"]
+stats = ["count"]
+"""
+
+
+async def _latest_shard(bootstrap: str, topic: str, key: bytes) -> bytes | None:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap,
+                                auto_offset_reset="earliest", fetch_max_wait_ms=50)
+    await consumer.start()
+    latest = None
+    try:
+        while True:
+            batches = await consumer.getmany(timeout_ms=1000, max_records=5000)
+            if not batches:
+                return latest
+            for msgs in batches.values():
+                for m in msgs:
+                    if m.key == key:
+                        latest = m.value
+    finally:
+        await consumer.stop()
+
+
+def _card_counts(state: dict[str, Any], spec: ModelSpec, cards: list[str],
+                 at: float) -> np.ndarray:
+    """Each card's count in a shard's aggregates at time ``at`` (the probe not counted)."""
+    from streamlearn.aggregates import AggregateInputs, EntityAggregates
+
+    entities = EntityAggregates(spec)
+    entities.load(state["aggregates"])
+    probe = AggregateInputs(np.full(len(cards), at), np.full((len(cards), 1), np.nan), [cards])
+    return entities.features(probe, update=False)[:, 0]
 
 
 async def _prediction_ids(bootstrap: str, model: str, want: int,
@@ -266,10 +310,13 @@ def _by_replica(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {r["replica"]: r for r in info.get("replicas", [])}
 
 
+@pytest.mark.parametrize("cluster", [CARD_COUNTS], indirect=True)
 def test_rebalance_moves_partitions_without_losing_an_event(cluster: Cluster) -> None:
     """A second replica joins mid-stream, then the first stops: every event is learned at
     least once (ledger: the prediction records, one per learned event, and the partitions'
-    offsets in the last shards), and the served model never falls back."""
+    offsets in the last shards), the served model never falls back, and each card's
+    windowed count follows its partition: the last replica holds every card's whole
+    history, the part learned by the replica before it included."""
     n = 30_000
     events = FraudStream(seed=41).take(n)
     for i, e in enumerate(events):
@@ -278,8 +325,8 @@ def test_rebalance_moves_partitions_without_losing_an_event(cluster: Cluster) ->
     with httpx.Client(base_url=cluster.base, timeout=10) as client:
         stack = {"dir": cluster.tmp, "model": cluster.model}
         _wait(client, stack, lambda i: len(i.get("replicas", [])) == 1, 60)
-        producing = threading.Thread(
-            target=asyncio.run, args=(_produce(cluster.bootstrap, events, 3000, cluster.topic),))
+        producing = threading.Thread(target=asyncio.run, args=(
+            _produce(cluster.bootstrap, events, 3000, cluster.topic, key_field="card_id"),))
         producing.start()  # ~10 s of events
         seen: list[dict[str, Any]] = []
         _wait(client, stack, lambda i: i["events_learned"] >= 3_000, 30, seen)
@@ -302,8 +349,35 @@ def test_rebalance_moves_partitions_without_losing_an_event(cluster: Cluster) ->
         ids = asyncio.run(_prediction_ids(cluster.bootstrap, cluster.model, n))
     assert set(ids) == {f"e{i}" for i in range(n)}  # every event learned at least once
     assert len(ids) - n <= 10_000
+    # Entity aggregates followed the partitions: b's last shard counts every card's events
+    # (at least once), those ra learned before each move included.
+    from streamlearn import snapshots
+    from streamlearn.settings import load_settings
+
+    spec = load_settings(cluster.tmp / "streamlearn.toml").specs[0]
+    truth: dict[str, int] = {}
+    for e in events:
+        truth[e["card_id"]] = truth.get(e["card_id"], 0) + 1
+    cards = sorted(truth)
+    want = np.array([truth[c] for c in cards])
+    at = max(e["ts"] for e in events) + 1.0
+    deadline, got = time.monotonic() + 20, np.zeros(len(cards))
+    while time.monotonic() < deadline:
+        raw = asyncio.run(_latest_shard(cluster.bootstrap, f"{cluster.tmp.name}.models",
+                                        f"{cluster.model}/{b}".encode()))
+        if raw is not None:
+            got = _card_counts(snapshots.decode(raw), spec, cards, at)
+            if (got >= want).all():
+                break
+        time.sleep(0.5)
+    took = (cluster.tmp / "rb.log").read_text(errors="replace").count("took over")
+    assert took >= 1, "the second replica never took a partition's entities over"
+    assert (got >= want).all(), (f"{int((got < want).sum())} of {len(cards)} cards lost "
+                                 f"events: {int(want.sum() - np.minimum(got, want).sum())}")
+    assert got.sum() <= want.sum() + 10_000  # rebalance redeliveries only
     print(f"rebalance: served events_learned {info['events_learned']}, prediction records "
-          f"{len(ids)} for {n} events")
+          f"{len(ids)} for {n} events; {len(cards)} cards' counts whole in the last shard, "
+          f"{int(got.sum() - want.sum())} events counted twice; {took} take-overs")
 
 
 def test_sigkill_of_a_replica_loses_nothing_and_versions_keep_rising(cluster: Cluster) -> None:
