@@ -329,8 +329,12 @@ class DataDriftMonitor:
 
     @classmethod
     def for_spec(cls, spec: Any) -> DataDriftMonitor:
-        """The monitor of a :class:`~streamlearn.config.ModelSpec`: every field, its settings."""
-        return cls(list(spec.numeric_features), list(spec.categorical),
+        """The monitor of a :class:`~streamlearn.config.ModelSpec`: every field, its settings.
+
+        Entity aggregates are left out: a windowed count grows for as long as its longest
+        window fills, which reads as drift against any early reference; the fields they
+        aggregate are monitored."""
+        return cls(list(spec.numeric), list(spec.categorical),
                    reference_size=spec.drift_reference_size, threshold=spec.drift_threshold)
 
     def rebase_in(self, rows: int) -> None:

@@ -176,6 +176,11 @@ class OnlineModel:
                                                                             update=update)
         batch.aux = None
 
+    def _raw(self, X: np.ndarray) -> np.ndarray:
+        """The numeric fields' columns of ``X`` (its aggregate columns left out)."""
+        return X if self.aggregates is None else np.ascontiguousarray(
+            X[:, : len(self.spec.numeric)])
+
     def predict_many(self, batch: FeatureBatch) -> np.ndarray:
         """Scores for a batch without learning: probabilities, or values for regression."""
         if len(batch) == 0:
@@ -217,7 +222,7 @@ class OnlineModel:
             # Rows the scaler did not count were missing, and are imputed with the mean.
             np.add(self.n_imputed, n - (scaler.count - count0), out=self.n_imputed,
                    casting="unsafe")
-            self.data_drift.update(X, None, batch.hashed)
+            self.data_drift.update(self._raw(X), None, batch.hashed)
         z = scaler.transform_many(X)
         if self.dense:
             rows: Any = self.backend.asarray(z)  # one host->device copy on CUDA
@@ -320,7 +325,7 @@ class OnlineModel:
             scaler.count_changed()
             np.add(self.n_imputed, n - (scaler.count - count0), out=self.n_imputed,
                    casting="unsafe")
-            self.data_drift.update(X, size, batch.hashed)
+            self.data_drift.update(self._raw(X), size, batch.hashed)
         stepped = learned > 0
         versions = self.version + np.cumsum(stepped) - stepped
         self.step = step
