@@ -115,7 +115,7 @@ class PromptTableManager(TableManager):
 #: that time is up, not when data arrives (measured: 0.62 s from a send to its consumer
 #: at 1500, 0.12 s at 500, 0.012 s at 50): an event of a quiet stream waited that long.
 #: A real Kafka answers as soon as data is there and keeps Faust's value.
-FAST_FETCH_WAIT_MS = 50
+FAST_FETCH_WAIT_MS = 200
 
 
 def patch_fetch_wait(ms: int) -> None:
