@@ -114,6 +114,9 @@ class PromptTableManager(TableManager):
 #: fixes aiokafka's ``fetch_max_wait_ms`` at 1500, and Tansu answers a waiting fetch when
 #: that time is up, not when data arrives (measured: 0.62 s from a send to its consumer
 #: at 1500, 0.12 s at 500, 0.012 s at 50): an event of a quiet stream waited that long.
+#: Shorter waits also shrink Tansu's answers to a backlog: the batch-record worker ran at
+#: 0.24x of its raw ceiling at 50 ms, 0.41-0.44x at 200, 0.46x at 1500 (one run each);
+#: at 200 a new aggregate still reached /predict in 0.19 s (median, e2e test).
 #: A real Kafka answers as soon as data is there and keeps Faust's value.
 FAST_FETCH_WAIT_MS = 200
 
