@@ -198,6 +198,7 @@ class EntityAggregates:
         self.tiles = spec.aggregate_tiles
         self.capacity = spec.max_entities
         self.longest = max((s for a in spec.aggregates for s in a.seconds), default=0.0)
+        self.n_features = spec.n_numeric - len(spec.numeric)
         order: list[str] = []
         for a in spec.aggregates:
             if a.entity not in order:
@@ -226,8 +227,6 @@ class EntityAggregates:
         self.evicted = 0
         self.misrouted = 0
         self.max_time = -math.inf
-        # Column of each (aggregate, window, stat) feature, after the numeric fields.
-        self.base = len(spec.numeric)
 
     @property
     def n_entities(self) -> int:
@@ -242,8 +241,7 @@ class EntityAggregates:
         windows); else serving: each row read against the state, which is not changed.
         """
         n = len(inputs.times)
-        spec = self.spec
-        out = np.empty((n, len(spec.aggregate_names)), dtype=np.float64)
+        out = np.empty((n, self.n_features), dtype=np.float64)
         if update and n:
             self.max_time = max(self.max_time, float(np.max(inputs.times)))
         times = np.ascontiguousarray(inputs.times, dtype=np.float64)
@@ -461,12 +459,6 @@ class EntityAggregates:
                 group.head[s], group.counts[s], group.sums[s] = head[r], counts[r], sums[r]
                 group.last_seen[s], group.partition[s] = last[r], part[r]
 
-    def partitions(self) -> set[int]:
-        """Partitions whose entities are held."""
-        out: set[int] = set()
-        for group in self.groups:
-            out |= set(np.unique(group.partition[group.used]).tolist())
-        return out - {-1}
 
 
 def _blank(group: _Group, rows: np.ndarray) -> None:

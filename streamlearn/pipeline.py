@@ -475,16 +475,18 @@ class ModelRunner:
             for i, reason in rejects:
                 start, block = sources[bisect_right(starts, i) - 1]
                 out.dead.append(DeadLetter(block.record(i - start), reason))
-        # Each event's partition: its entities and its waiting row live with it.
-        parts = np.empty(len(values), dtype=np.int64)
-        for start, block in sources:
-            parts[start : start + len(block.values)] = block.partition
-        if rejects:
-            keep = np.ones(len(values), dtype=bool)
-            keep[[i for i, _ in rejects]] = False
-            parts = parts[keep]
-        if batch.aux is not None:
-            batch.aux.partitions = parts
+        parts = None
+        if batch.aux is not None or self.model.pending.enabled:
+            # Each event's partition: its entities and its waiting row live with it.
+            parts = np.empty(len(values), dtype=np.int64)
+            for start, block in sources:
+                parts[start : start + len(block.values)] = block.partition
+            if rejects:
+                keep = np.ones(len(values), dtype=bool)
+                keep[[i for i, _ in rejects]] = False
+                parts = parts[keep]
+            if batch.aux is not None:
+                batch.aux.partitions = parts
         self._process(batch, out, as_batch=False, parts=parts)
 
     def _labels(self, block: Block, out: Outcome) -> None:

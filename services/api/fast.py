@@ -175,18 +175,28 @@ class FastPredictMiddleware:
         if found is None:
             return None
         name, served, model_path, _ = found
+        answer = self._try(name, served, model_path, body, scope)
+        if answer is None:
+            scope[DECLINED] = True
+            return None
+        self._answered(model_path, t0, answer[1])
+        return answer[0]
+
+    def _try(self, name: str, served: Any, model_path: _ModelPath, body: bytes,
+             scope: Scope) -> tuple[bytes, int] | None:
+        """:meth:`_answer`, or None (counted as declined) when the route must decide."""
         try:
-            raw, n = self._answer(name, served, model_path, body, scope.get("query_string", b""))
+            return self._answer(name, served, model_path, body, scope.get("query_string", b""))
         except Exception as exc:  # noqa: BLE001 - _Unsure or anything odd: the route decides
             if not isinstance(exc, _Unsure):
                 log.debug("fast predict path declined: %r", exc)
             self.stats.declined += 1
-            scope[DECLINED] = True
             return None
+
+    def _answered(self, model_path: _ModelPath, t0: float, n: int) -> None:
         model_path.latency.observe(time.perf_counter() - t0)
         model_path.count.inc(n)
         self.stats.answered += 1
-        return raw
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         found = self.eligible(scope)
@@ -209,20 +219,15 @@ class FastPredictMiddleware:
                 return
             message = await receive()
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        try:
-            raw, n = self._answer(name, served, model_path, body, scope.get("query_string", b""))
-        except Exception as exc:  # noqa: BLE001 - _Unsure or anything odd: the route decides
-            if not isinstance(exc, _Unsure):
-                log.debug("fast predict path declined: %r", exc)
-            self.stats.declined += 1
+        answer = self._try(name, served, model_path, body, scope)
+        if answer is None:
             await self.app(scope, _replay(body, False, None, receive), send)
             return
+        raw, n = answer
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-length", str(len(raw)).encode()), _HEADERS_JSON]})
         await send({"type": "http.response.body", "body": raw})
-        model_path.latency.observe(time.perf_counter() - t0)
-        model_path.count.inc(n)
-        self.stats.answered += 1
+        self._answered(model_path, t0, n)
 
     def _model_path(self, name: str, served: Any) -> _ModelPath | None:
         spec = served.model.spec

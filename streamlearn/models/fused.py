@@ -70,6 +70,21 @@ def _sigmoid(m):  # pragma: no cover - compiled
     return 1.0 / (1.0 + math.exp(-x))
 
 
+@njit(inline="always", error_model="numpy")
+def _ftrl_coordinate(g, j, w, s1, s2, inv_lr, l1, l2, beta):  # pragma: no cover - compiled
+    """One FTRL-Proximal step of numeric weight ``j`` (``s1``: z, ``s2``: n), written
+    out for the per-event loop: the same arithmetic as ``kernels.cpu``'s update."""
+    wj = np.float64(w[j])
+    s2j = np.float64(s2[j])
+    n_new = s2j + g * g
+    sq_new = math.sqrt(n_new)
+    zj = np.float64(s1[j]) + g - (sq_new - math.sqrt(s2j)) * inv_lr * wj
+    wn = -(zj - math.copysign(l1, zj)) / ((beta + sq_new) * inv_lr + l2)
+    w[j] = 0.0 if abs(zj) <= l1 else wn
+    s1[j] = zj
+    s2[j] = n_new
+
+
 # error_model="numpy": a float division by zero gives inf/NaN instead of a Python
 # exception; without the check per division the per-coordinate FTRL loop vectorizes.
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -164,30 +179,13 @@ def per_event_linear(  # pragma: no cover - compiled
         coef = dm * 1.0
         if opt == OPT_SGD and power_t != 0.0:  # SGD's schedule moves with every step
             eta = lr / (1.0 + step) ** power_t
-        if ftrl and not csr:
+        if ftrl and not csr:  # two loops, each branch-free, so that both vectorize
             for j in range(d):
-                g = 0.0 + coef * z[r, j]
-                wj = np.float64(w[j])
-                s2j = np.float64(s2[j])
-                n_new = s2j + g * g
-                sq_new = math.sqrt(n_new)
-                zj = np.float64(s1[j]) + g - (sq_new - math.sqrt(s2j)) * inv_lr * wj
-                wn = -(zj - math.copysign(l1, zj)) / ((beta + sq_new) * inv_lr + l2)
-                w[j] = 0.0 if abs(zj) <= l1 else wn
-                s1[j] = zj
-                s2[j] = n_new
-        elif ftrl:
+                _ftrl_coordinate(0.0 + coef * z[r, j], j, w, s1, s2, inv_lr, l1, l2, beta)
+        elif ftrl:  # the CSR kernel accumulates gradients in a float32 scratch
             for j in range(d):
-                g = np.float64(np.float32(0.0 + coef * z[r, j]))
-                wj = np.float64(w[j])
-                s2j = np.float64(s2[j])
-                n_new = s2j + g * g
-                sq_new = math.sqrt(n_new)
-                zj = np.float64(s1[j]) + g - (sq_new - math.sqrt(s2j)) * inv_lr * wj
-                wn = -(zj - math.copysign(l1, zj)) / ((beta + sq_new) * inv_lr + l2)
-                w[j] = 0.0 if abs(zj) <= l1 else wn
-                s1[j] = zj
-                s2[j] = n_new
+                _ftrl_coordinate(np.float64(np.float32(0.0 + coef * z[r, j])), j, w, s1, s2,
+                                 inv_lr, l1, l2, beta)
         else:
             for j in range(d):
                 g = 0.0 + coef * z[r, j]
