@@ -192,17 +192,8 @@ def decode_labels(spec: ModelSpec, values: Sequence[bytes | None],
     labels of the valid ones, and ``(index, reason)`` for the others."""
     ids: list[Any] = []
     labels: list[float] = []
-    rejects: list[tuple[int, str]] = []
-    for i, value in enumerate(values):
-        if value is None or not value:
-            rejects.append((i, "tombstone: null message value" if value is None
-                            else "empty message"))
-            continue
-        try:
-            message = orjson.loads(value)
-        except orjson.JSONDecodeError as exc:
-            rejects.append((i, f"not valid JSON: {exc}"))
-            continue
+    messages, index, rejects = _decode_slow(values)  # the events' rules for the bytes
+    for i, message in zip(index, messages, strict=True):
         if not isinstance(message, dict):
             rejects.append((i, f"a label must be a JSON object, got {type(message).__name__}"))
             continue
@@ -219,6 +210,7 @@ def decode_labels(spec: ModelSpec, values: Sequence[bytes | None],
             continue
         ids.append(key)
         labels.append(y)
+    rejects.sort()
     return ids, np.array(labels, dtype=np.float32), rejects
 
 
