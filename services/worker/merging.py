@@ -406,6 +406,11 @@ class MergeLoop:
                 if lineage.base_id != before:  # adopted a newer merge: ship on it
                     await rt.publish_snapshots(force=True)
                 await asyncio.sleep(0.2)
+            else:
+                if self.feed.caught_up:  # the deadline: what no merge counted is lost
+                    log.warning("last shard of %s not counted by a merge within %.1f s: its "
+                                "learning since the last merge leaves with this replica",
+                                name, timeout_s)
 
     @staticmethod
     def _newer(merged: dict[str, Any], lineage: Lineage) -> bool:
