@@ -219,11 +219,16 @@ class PrequentialMetrics:
         if k == 0:
             return
         keep = min(k, self.window)
-        idx = (self.n + k - keep + np.arange(keep)) % self.window
-        self._y[idx] = y[k - keep :]
-        self._p[idx] = p[k - keep :]
-        self._day[idx] = (int(self.clock() // _DAY_S) if days is None
-                          else np.asarray(days)[k - keep :])
+        y, p = y[k - keep :], p[k - keep :]
+        day = int(self.clock() // _DAY_S) if days is None else np.asarray(days)[k - keep :]
+        # The ring as at most two slices (a fancy index cost 2% of learning a narrow stream).
+        start = (self.n + k - keep) % self.window
+        first = min(keep, self.window - start)
+        for dst, src in ((slice(start, start + first), slice(0, first)),
+                         (slice(0, keep - first), slice(first, keep))):
+            self._y[dst] = y[src]
+            self._p[dst] = p[src]
+            self._day[dst] = day if days is None else day[src]
         self.n += k
 
     def _filled(self) -> tuple[np.ndarray, np.ndarray]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import accumulate
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import faust
@@ -153,6 +154,9 @@ def faust_settings(settings: Settings, bootstrap: str) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "broker": f"kafka://{bootstrap}",
         "store": "memory://",
+        # Faust makes an (empty, memory store) data folder; keep it beside our own
+        # state rather than as ``<app id>-data`` in whatever directory we started in.
+        "datadir": str(Path(w.snapshot_dir) / "faust"),
         "web_enabled": False,
         "topic_partitions": settings.kafka.partitions,
         "consumer_auto_offset_reset": "earliest",

@@ -333,11 +333,10 @@ class OnlineModel:
         self.n_learned += int(learned.sum())
         mask = ~np.isnan(labels)
         self.metrics.update(labels[mask], (arrival_scores if joined else scores)[mask])
-        drifted = False
-        for c in np.flatnonzero(stepped).tolist():
-            drifted |= self.concept_drift.update(float(chunk_loss[c] / learned[c]),
-                                                 self.n_seen + min((c + 1) * size, n),
-                                                 int(learned[c]))
+        done = np.flatnonzero(stepped)
+        drifted = self.concept_drift.update_many(
+            (chunk_loss[done] / learned[done]).tolist(),
+            (self.n_seen + np.minimum((done + 1) * size, n)).tolist(), learned[done].tolist())
         if not joined:
             self.n_seen += n
         if stepped.any():

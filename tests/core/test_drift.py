@@ -1,5 +1,7 @@
 """Drift monitors on seeded streams: exact detection points, and wiring into the model."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -184,3 +186,17 @@ def test_a_high_cardinality_field_is_stable_bounded_and_round_trips():
     bad = dict(state, slot_bins=np.full_like(state["slot_bins"], 99))
     with pytest.raises(ValueError, match="malformed"):
         DataDriftMonitor.from_state(bad)
+
+
+@pytest.mark.parametrize(("hash_bits", "expected"), [(10, [10_240, 20_480, 30_720, 40_960]),
+                                                     (18, [10_240])])
+def test_rollback_checkpoints_are_spaced_by_the_models_size(fraud_spec, hash_bits, expected):
+    """A small model is copied every 10,000 events; a 2**18-slot one at most once per
+    ~200,000, so the copies stay a small part of learning."""
+    spec = dataclasses.replace(fraud_spec, hash_bits=hash_bits)
+    model = OnlineModel(spec, device="cpu")
+    stream = FraudStream(seed=3)
+    for _ in range(180):  # 46,080 events
+        batch, _ = model.vectorizer.transform_many(stream.take(256))
+        model.process_many(batch)
+    assert [c.at_event for c in model.drift_actions.checkpoints] == expected

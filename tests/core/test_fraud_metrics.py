@@ -77,3 +77,23 @@ def test_regression_and_single_class_windows() -> None:
     r = neg.report()
     assert r["pr_auc"] is None and r["recall_at_1pct_fpr"] is None
     assert r["precision_at_k_per_day"] == 0.0
+
+
+def test_the_window_keeps_the_newest_rows_whatever_the_batch_sizes() -> None:
+    """Batches smaller than, straddling and larger than the ring, with and without days."""
+    rng = np.random.default_rng(7)
+    m = PrequentialMetrics("binary", window=100, clock=lambda: 5 * 86_400.0)
+    ys: list[float] = []
+    days: list[int] = []
+    for _ in range(300):
+        k = int(rng.integers(0, 250))
+        y = rng.random(k).astype(np.float32)
+        d = rng.integers(0, 9, k)
+        given = bool(rng.random() < 0.5)
+        m.update(y, y, d if given else None)
+        ys += y.tolist()
+        days += d.tolist() if given else [5] * k
+        kept = min(m.n, m.window)
+        ring = np.arange(m.n - kept, m.n) % m.window
+        assert m._y[ring].tolist() == ys[m.n - kept :]
+        assert m._day[ring].tolist() == days[m.n - kept :]
