@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import re
+import tempfile
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import accumulate
@@ -154,9 +156,11 @@ def faust_settings(settings: Settings, bootstrap: str) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "broker": f"kafka://{bootstrap}",
         "store": "memory://",
-        # Faust makes an (empty, memory store) data folder; keep it beside our own
-        # state rather than as ``<app id>-data`` in whatever directory we started in.
-        "datadir": str(Path(w.snapshot_dir) / "faust"),
+        # Faust makes a data folder that the memory store leaves empty: in the temporary
+        # directory, not as ``<app id>-data`` in whatever directory we started in (nor in
+        # the snapshot folder, whose failures the checkpoint owns).
+        "datadir": str(Path(tempfile.gettempdir())
+                       / f"{re.sub(r'[^A-Za-z0-9._-]', '_', w.app_id)}-faust-data"),
         "web_enabled": False,
         "topic_partitions": settings.kafka.partitions,
         "consumer_auto_offset_reset": "earliest",
