@@ -44,6 +44,7 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import TopicPartition
 
 from streamlearn import snapshots
@@ -72,6 +73,18 @@ def rss_mb(pid: int | None) -> float | None:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
         return None
+
+
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of a process (Linux), by thread id."""
+    out: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+                out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM,
@@ -109,22 +122,27 @@ async def bulk_producer(bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
 
 
 async def preload_json(bootstrap: str, topic: str, n: int, partitions: int, seed: int) -> None:
-    """``n`` JSON events, round-robin over partitions, in producer batches (fast path)."""
+    """``n`` JSON events keyed by card, each on its key's partition (Kafka's default
+    partitioner, as ``streamlearn produce`` sends them: a card's aggregates live on one
+    partition), in producer batches (fast path)."""
+    partitioner, every = DefaultPartitioner(), list(range(partitions))
     async with bulk_producer(bootstrap) as producer:
-        stream, sent, part, futures = FraudStream(seed=seed), 0, 0, []
+        stream, sent, futures = FraudStream(seed=seed), 0, []
+        batches = [producer.create_batch() for _ in every]
         while sent < n:
             events = stream.take(min(8192, n - sent))
-            batch = producer.create_batch()
             for event in events:
+                key = str(event["card_id"]).encode()
+                part = partitioner(key, every, every)
                 value = orjson.dumps(event)
-                if batch.append(key=None, value=value, timestamp=None) is None:
-                    futures.append(await producer.send_batch(batch, topic, partition=part))
-                    part = (part + 1) % partitions
-                    batch = producer.create_batch()
-                    batch.append(key=None, value=value, timestamp=None)
-            futures.append(await producer.send_batch(batch, topic, partition=part))
-            part = (part + 1) % partitions
+                if batches[part].append(key=key, value=value, timestamp=None) is None:
+                    futures.append(await producer.send_batch(batches[part], topic,
+                                                             partition=part))
+                    batches[part] = producer.create_batch()
+                    batches[part].append(key=key, value=value, timestamp=None)
             sent += len(events)
+        for part in every:
+            futures.append(await producer.send_batch(batches[part], topic, partition=part))
         await asyncio.gather(*futures)
 
 
@@ -345,6 +363,25 @@ batch_size = {batch_size}
 """ + (AGGREGATES if aggregates else ""))
 
 
+class _Metadata(Exception):  # noqa: N818 - a carrier, not an error
+    def __init__(self, meta: dict[str, Any]) -> None:
+        self.meta = meta
+
+
+def _metadata(payload: bytes) -> dict[str, Any]:
+    """A snapshot's metadata (telemetry, health; arrays left undecoded): this process
+    shares the cores with the worker, and inflating every 2 MB aggregate snapshot would
+    take their time from it (16 ms each, measured)."""
+    def stop(meta: dict[str, Any]) -> None:
+        raise _Metadata(meta)
+
+    try:
+        snapshots.decode(payload, vet=stop)
+    except _Metadata as got:
+        return got.meta
+    raise AssertionError("decode read the arrays before vetting them")  # pragma: no cover
+
+
 class SnapshotWatch:
     """Follow one model's snapshots on ``streamlearn.models`` (from the start of the topic)."""
 
@@ -373,7 +410,7 @@ class SnapshotWatch:
             for m in msgs:
                 if m.key != self.key:
                     continue
-                state = snapshots.decode(m.value)
+                state = _metadata(m.value)
                 self.latest = state
                 self.count += 1
                 self.bytes += len(m.value)
@@ -424,10 +461,12 @@ async def run_worker(bootstrap: str, *, model: str, topic: str, events: int, mes
                                 stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
         spy = None
         rss_start = rss_peak = None
+        cpu_start: tuple[int, dict[int, float]] | None = None
+        cpu_end: tuple[int, dict[int, float]] | None = None
         try:
             if profile is not None:
                 spy = subprocess.Popen(
-                    ["py-spy", "record", "-r", "100", "-f", "raw", "--threads", "--pid",
+                    ["py-spy", "record", "-r", "400", "-f", "raw", "--threads", "--pid",
                      str(proc.pid), "-o", str(profile / f"{model}.txt")],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             deadline = time.monotonic() + timeout
@@ -440,10 +479,20 @@ async def run_worker(bootstrap: str, *, model: str, topic: str, events: int, mes
                 consumed = int(watch.telemetry.get("consumed", 0))
                 if consumed and rss_start is None:
                     rss_start = rss
+                    cpu_start = (consumed, thread_cpu_s(proc.pid))
                 if consumed >= events:
+                    cpu_end = (consumed, thread_cpu_s(proc.pid))
                     break
             t = watch.telemetry
             consumed = int(t.get("consumed", 0))
+            if cpu_start is not None and cpu_end is not None and cpu_end[0] > cpu_start[0]:
+                # CPU per event between two snapshots, by thread (busiest first): steadier
+                # than a rate on shared cores, and it says which thread pays.
+                n = cpu_end[0] - cpu_start[0]
+                used = sorted((cpu_end[1][k] - cpu_start[1].get(k, 0.0) for k in cpu_end[1]),
+                              reverse=True)
+                result["cpu_us_per_event"] = sum(used) / n * 1e6
+                result["thread_cpu_us_per_event"] = [round(u / n * 1e6, 2) for u in used[:4]]
             span = float(t.get("last_at", 0.0)) - float(t.get("first_at", 0.0))
             result.update(
                 consumed=consumed, learned=int(t.get("learned", 0)),
@@ -733,6 +782,11 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
             print(f"json + 3 aggregates x 3 windows: {fmt_rate(rate)}, "
                   f"{rate / base if base else 0:.2f}x of the JSON worker without them; "
                   f"snapshots x {r.get('snapshot_kb', 0):.0f} KiB")
+            cpu = (results.get("worker_json") or {}).get("cpu_us_per_event")
+            if cpu and r.get("cpu_us_per_event"):
+                print(f"       worker CPU {r['cpu_us_per_event']:.2f} us/event (threads "
+                      f"{r['thread_cpu_us_per_event']}) against {cpu:.2f} without them: "
+                      f"{cpu / r['cpu_us_per_event']:.2f}x as many events per CPU second")
             continue
         rate = r.get("rate") or 0.0
         first = r.get("first_event_s")
@@ -744,6 +798,9 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
               f"  committed {r.get('committed', 0):,}/{r.get('messages', 0):,} msgs"
               f"  dead {r.get('deadlettered', 0)}  snapshots {r.get('snapshots', 0)}"
               f" x {r.get('snapshot_kb', 0):.0f} KiB")
+        if r.get("cpu_us_per_event"):
+            print(f"       worker CPU {r['cpu_us_per_event']:.2f} us/event "
+                  f"(busiest threads {r['thread_cpu_us_per_event']})")
         if r.get("drift_import_s") is not None:
             print(f"       river's drift detectors: import started at "
                   f"{r['drift_import_s']:.2f}s ({r['drift_import_why']}); "

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,7 @@ from streamlearn.keys import bounded, pack_keys, pack_texts, unpack_keys
 
 _EMPTY_HEAD = -(2**62)  # the newest tile of an entity with no events yet
 _INITIAL_SLOTS = 1024
+_UNSEEN = -2  # a key the table does not hold (yet)
 
 
 @njit(cache=True, nogil=True)
@@ -84,10 +86,11 @@ def window_stats(slots, times, values, widths, tiles, head, counts, sums, last_s
                 if s >= 0:
                     h = head[s, k, w]
                     lo = max(tid, h) - tiles  # tiles (lo, min(tid, h)] are in the window
-                    for j in range(lo + 1, min(tid, h) + 1):
-                        p = j % tiles
+                    p = (lo + 1) % tiles  # the ring position of tile j, kept without a
+                    for _ in range(lo + 1, min(tid, h) + 1):  # division per tile
                         c += counts[s, k, w, p]
                         total += sums[s, k, w, p]
+                        p = p + 1 if p + 1 < tiles else 0
                     if has and tid > h - tiles:  # its tile is still in the ring
                         c += 1.0
                         total += v
@@ -257,27 +260,19 @@ class EntityAggregates:
                update: bool) -> np.ndarray:
         """State rows of ``keys`` (-1: no entity, or one unknown when serving)."""
         table = group.slots
-        found = list(map(table.get, keys))  # None: no entity, a new one, or a long key
-        try:
-            slots = np.fromiter(found, dtype=np.int64, count=len(found))
-        except TypeError:
-            slots = None
-        if slots is None:
-            batch: set[int] = set(found)
-            batch.discard(None)  # type: ignore[arg-type]
-            for r in [r for r, s in enumerate(found) if s is None]:
-                key = keys[r]
-                if key is None:
-                    found[r] = -1
-                    continue
-                key = bounded(key)
-                s = table.get(key)
-                if s is None:
-                    s = -1 if not update else self._allocate(group, key, batch)
-                if s >= 0:
-                    batch.add(s)
-                found[r] = s
-            slots = np.array(found, dtype=np.int64)
+        slots = np.fromiter(map(table.get, keys, repeat(_UNSEEN)), dtype=np.int64,
+                            count=len(keys))
+        # The rest one by one: no entity, a new one, or a long key (held digested).
+        for r in np.flatnonzero(slots == _UNSEEN).tolist():
+            key = keys[r]
+            if key is None:
+                slots[r] = -1
+                continue
+            key = bounded(key)
+            s = table.get(key)
+            if s is None:
+                s = self._allocate(group, key, slots) if update else -1
+            slots[r] = s
         if update and partitions is not None and len(slots):
             known = slots >= 0
             rows, parts = (slots, partitions) if known.all() else (slots[known],
@@ -289,10 +284,10 @@ class EntityAggregates:
                 group.partition[rows] = parts
         return slots
 
-    def _allocate(self, group: _Group, key: Any, busy: set[int]) -> int:
-        """A state row for a new entity (``busy``: rows this batch uses, kept); -1 when
-        every row is in use by this batch (the entity then has no history: counted as
-        evicted)."""
+    def _allocate(self, group: _Group, key: Any, busy: np.ndarray) -> int:
+        """A state row for a new entity (``busy``: the batch's rows so far, kept; negative
+        entries are none); -1 when every row is in use by this batch (the entity then has
+        no history: counted as evicted)."""
         if not group.free:
             if len(group.keys) < self.capacity:
                 self._resize(group, min(self.capacity, max(_INITIAL_SLOTS, 2 * len(group.keys))))
@@ -308,11 +303,11 @@ class EntityAggregates:
         group.packed = None
         return s
 
-    def _make_room(self, group: _Group, busy: set[int]) -> bool:
+    def _make_room(self, group: _Group, busy: np.ndarray) -> bool:
         """Free the idle entities (all windows empty); else the least recent 1%; False
         when every entity is in use by this batch."""
         free = group.used.copy()
-        free[list(busy)] = False
+        free[busy[busy >= 0]] = False
         idle = free & (group.last_seen < self.max_time - self.longest)
         if idle.any():
             self.expired += int(idle.sum())
