@@ -31,6 +31,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -690,6 +691,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aggregates", action="store_true",
                    help="also run the JSON worker with three aggregates over three windows "
                         "(issue 11: >= 0.7x of its rate without, same run)")
+    p.add_argument("--pairs", type=int, default=1,
+                   help="with --aggregates: run the JSON worker without and with them this "
+                        "many times, alternately, and report the median ratio")
     p.add_argument("--format-only", action="store_true",
                    help="only compare batch-record encodings (no broker)")
     args = p.parse_args(argv)
@@ -737,19 +741,24 @@ def main(argv: list[str] | None = None) -> int:
                   "batch_size "
                   f"{args.model_batch_size}): "
                   f"{fmt_rate(results['model']['rate'])}")
-        runs = [("json", "bench.json", args.json, args.json),
-                ("batch", "bench.batch", args.batch, n_rec)]
-        if args.aggregates:
-            runs.insert(1, ("json_aggregates", "bench.json", args.json, args.json))
+        json_runs = [("json", "bench.json", args.json, args.json)]
+        if args.aggregates:  # alternated, so that the machine's mood falls on both alike
+            json_runs = [("json", "bench.json", args.json, args.json),
+                         ("json_aggregates", "bench.json", args.json, args.json)] * args.pairs
+        runs = [*json_runs, ("batch", "bench.batch", args.batch, n_rec)]
+        seen: collections.Counter[str] = collections.Counter()
         for kind, topic, n, msgs in runs:
             if not n:
                 continue
+            seen[kind] += 1
+            model = f"fraud_{kind}" + (f"_{seen[kind]}" if seen[kind] > 1 else "")
             r = asyncio.run(run_worker(
-                bootstrap, model=f"fraud_{kind}", topic=topic, events=n, messages=msgs,
+                bootstrap, model=model, topic=topic, events=n, messages=msgs,
                 partitions=args.partitions, batch_size=args.model_batch_size,
                 emit=not args.no_predictions, timeout=args.timeout, workdir=workdir,
                 profile=args.profile, aggregates=kind.endswith("aggregates")))
             results[f"worker_{kind}"] = r
+            results.setdefault(f"runs_{kind}", []).append(r)
             print(f"worker {kind}: {fmt_rate(r.get('rate'))} over {r.get('consumed', 0):,} "
                   f"events (complete={r.get('complete')})", flush=True)
         print(f"broker RSS at the end {(broker.rss_bytes() or 0) / 2**20:.0f} MiB")
@@ -787,6 +796,16 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
                 print(f"       worker CPU {r['cpu_us_per_event']:.2f} us/event (threads "
                       f"{r['thread_cpu_us_per_event']}) against {cpu:.2f} without them: "
                       f"{cpu / r['cpu_us_per_event']:.2f}x as many events per CPU second")
+            pairs = list(zip(results.get("runs_json", []), results.get("runs_json_aggregates", []),
+                             strict=False))
+            if len(pairs) > 1:
+                rates = [b.get("rate", 0.0) / a["rate"] for a, b in pairs if a.get("rate")]
+                cpus = [a["cpu_us_per_event"] / b["cpu_us_per_event"] for a, b in pairs
+                        if a.get("cpu_us_per_event") and b.get("cpu_us_per_event")]
+                print(f"       {len(pairs)} alternated pairs: rate ratio median "
+                      f"{statistics.median(rates):.2f}x ({', '.join(f'{x:.2f}' for x in rates)})"
+                      + (f"; events per CPU second median {statistics.median(cpus):.2f}x"
+                         if cpus else ""))
             continue
         rate = r.get("rate") or 0.0
         first = r.get("first_event_s")
