@@ -9,9 +9,9 @@ The policy is the spec's ``drift_action``:
 - ``rollback``: the newest in-memory checkpoint whose loss was good replaces the weights,
   optimizer state and label statistics (the scaler is kept, as for ``reset``).  A
   checkpoint is taken every ``checkpoint_every`` events, or every ``weights /
-  COPY_PER_EVENT`` events when the model is larger (a copy of a 2**18-slot model costs
-  as much as learning ~2,000 events: at one per 10,000 the copies took 18% of learning
-  on a 7-field stream), with the mean batch loss of the period before it; the last
+  COPY_PER_EVENT`` events when the model is larger (a copy of a 2**18-slot model took
+  0.45 ms, as long as learning ~2,500 events: at one per 10,000 the copies took 18% of
+  learning on a 7-field stream), with the mean batch loss of the period before it; the last
   ``keep`` are held (3 x 4 bytes x weights each).  "Good" is
   within ``tolerance`` of the lowest loss among them, preferring checkpoints whose period
   had no drift detection; checkpoints newer than the one restored are dropped.  They are
