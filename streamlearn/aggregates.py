@@ -81,27 +81,39 @@ def window_stats(slots, times, values, widths, tiles, head, counts, sums, last_s
                 if width <= 0.0:
                     continue
                 tid = np.int64(math.floor(t / width))
+                pt = tid % tiles  # ring position of tile tid; the others follow from it
                 c = 0.0
                 total = 0.0
                 if s >= 0:
-                    h = head[s, k, w]
-                    lo = max(tid, h) - tiles  # tiles (lo, min(tid, h)] are in the window
-                    p = (lo + 1) % tiles  # the ring position of tile j, kept without a
-                    for _ in range(lo + 1, min(tid, h) + 1):  # division per tile
-                        c += counts[s, k, w, p]
-                        total += sums[s, k, w, p]
-                        p = p + 1 if p + 1 < tiles else 0
-                    if has and tid > h - tiles:  # its tile is still in the ring
+                    d = tid - head[s, k, w]  # tiles from the entity's newest to this one
+                    # The window holds the ring's tiles (max(tid, h) - tiles, min(tid, h)],
+                    # tiles - |d| of them, read oldest first (one modulo per window, not
+                    # one per tile: the divisions were most of this function's time).
+                    n_in = tiles - abs(d)
+                    if n_in > 0:
+                        top = pt if d <= 0 else pt - d  # the position of min(tid, h)
+                        top = top + tiles if top < 0 else top
+                        p = top - n_in + 1
+                        p = p + tiles if p < 0 else p
+                        for _ in range(n_in):
+                            c += counts[s, k, w, p]
+                            total += sums[s, k, w, p]
+                            p = p + 1 if p + 1 < tiles else 0
+                    if has and d > -tiles:  # its tile is still in the ring
                         c += 1.0
                         total += v
                         if update:
-                            if tid > h:  # clear the tiles the ring moves past
-                                for j in range(max(h + 1, tid - tiles + 1), tid + 1):
-                                    counts[s, k, w, j % tiles] = 0.0
-                                    sums[s, k, w, j % tiles] = 0.0
+                            if d > 0:  # clear the tiles the ring moves past
+                                m = min(d, tiles)
+                                p = pt - m + 1
+                                p = p + tiles if p < 0 else p
+                                for _ in range(m):
+                                    counts[s, k, w, p] = 0.0
+                                    sums[s, k, w, p] = 0.0
+                                    p = p + 1 if p + 1 < tiles else 0
                                 head[s, k, w] = tid
-                            counts[s, k, w, tid % tiles] += 1.0
-                            sums[s, k, w, tid % tiles] += v
+                            counts[s, k, w, pt] += 1.0
+                            sums[s, k, w, pt] += v
                 elif has:
                     c = 1.0
                     total = v
