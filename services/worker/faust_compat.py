@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 from bisect import bisect_left
@@ -156,11 +157,7 @@ def faust_settings(settings: Settings, bootstrap: str) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "broker": f"kafka://{bootstrap}",
         "store": "memory://",
-        # Faust makes a data folder that the memory store leaves empty: in the temporary
-        # directory, not as ``<app id>-data`` in whatever directory we started in (nor in
-        # the snapshot folder, whose failures the checkpoint owns).
-        "datadir": str(Path(tempfile.gettempdir())
-                       / f"{re.sub(r'[^A-Za-z0-9._-]', '_', w.app_id)}-faust-data"),
+        "datadir": faust_datadir(w.app_id),
         "web_enabled": False,
         "topic_partitions": settings.kafka.partitions,
         "consumer_auto_offset_reset": "earliest",
@@ -184,6 +181,19 @@ def faust_settings(settings: Settings, bootstrap: str) -> dict[str, Any]:
     if credentials is not None:
         opts["broker_credentials"] = credentials
     return opts
+
+
+def faust_datadir(app_id: str) -> str:
+    """Where Faust makes its data folder, which the memory store leaves empty.
+
+    In this user's folder of the temporary directory: not ``<app id>-data`` in whatever
+    directory the worker started in, nor in the snapshot folder (whose failures the
+    checkpoint owns), nor where another user's worker of the same app id made it first.
+    """
+    uid = getattr(os, "getuid", lambda: "user")()
+    base = Path(tempfile.gettempdir()) / f"streamlearn-faust-{uid}"
+    base.mkdir(mode=0o700, exist_ok=True)  # Faust makes the last level only
+    return str(base / re.sub(r"[^A-Za-z0-9._-]", "_", app_id))
 
 
 def faust_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:

@@ -275,6 +275,22 @@ def test_security_settings_reach_aiokafka_and_faust():
     assert load_settings().kafka.client_kwargs() == {"security_protocol": "PLAINTEXT"}
 
 
+def test_faust_keeps_its_data_folder_out_of_the_working_directory(monkeypatch, tmp_path):
+    """Faust makes ``<app id>-data`` in the current directory unless told otherwise: a
+    worker (or a test) started in a checkout used to leave one there per group."""
+    from streamlearn.services.worker.app import faust_settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    settings = load_settings(worker={"app_id": "grp/1 x"},
+                             model=[{"name": "m", "topic": "t", "numeric": ["x"]}])
+    datadir = Path(faust_settings(settings, "k:9092")["datadir"])
+    assert datadir.parent.parent == tmp_path / "tmp" and datadir.parent.is_dir()
+    assert datadir.name == "grp_1_x"  # one folder level, whatever the group id holds
+    assert list(tmp_path.iterdir()) == [tmp_path / "tmp"]
+
+
 # -- defect 14: zero models, lost config ------------------------------------------------------
 
 
