@@ -10,14 +10,22 @@ What it does, in one process tree that it cleans up (children stopped by PID):
    pointing at a temporary TOML) once per backlog and reads its snapshots on
    ``streamlearn.models``: events/s from the first to the last event learned (the
    snapshot telemetry's ``first_at``/``last_at``/``consumed``), start -> first event
-   seconds, worker RSS at the first event and at the end, the worst event-loop lag, and
-   whether the group's committed offsets reached the end of every partition;
-4. ``--soak SECONDS`` instead feeds a fresh worker live and samples worker and broker RSS.
+   seconds, worker RSS at the first event and at the end, the worst event-loop lag, the
+   worker's CPU per event by thread (from ``/proc``, between two snapshots), and whether
+   the group's committed offsets reached the end of every partition;
+4. ``--aggregates`` adds the JSON worker with three aggregates over three windows (issue
+   11's target: >= 0.7x of its rate without them); ``--pairs N`` runs the two N times,
+   alternately, and prints the median ratio;
+5. ``--soak SECONDS`` instead feeds a fresh worker live and samples worker and broker RSS.
+
+JSON events are keyed by card and sent to their key's partition, as ``streamlearn
+produce`` does (a card's aggregates live with one partition).
 
 Examples::
 
     python load_tests/bench_worker.py                        # 300k JSON, 5M in batch records
     python load_tests/bench_worker.py --json 500000 --batch 0 --profile /tmp/prof
+    python load_tests/bench_worker.py --json 600000 --batch 0 --no-baselines --aggregates --pairs 4
     python load_tests/bench_worker.py --soak 300 --soak-rate 20000
 """
 
