@@ -291,6 +291,28 @@ def test_faust_keeps_its_data_folder_out_of_the_working_directory(monkeypatch, t
     assert list(tmp_path.iterdir()) == [tmp_path / "tmp"]
 
 
+def test_faust_polls_at_most_a_tenth_of_a_second(monkeypatch):
+    """Faust polls for 1.0 s with only its unthrottled partitions; held partitions that
+    drain meanwhile waited out the second (0.9 s stalls on bench_worker). The worker
+    caps each poll, on any broker."""
+    from faust.transport.consumer import Consumer
+
+    from streamlearn.services.worker.app import faust_settings
+    from streamlearn.services.worker.faust_compat import POLL_TIMEOUT_S
+
+    asked: list[float] = []
+    monkeypatch.setattr(Consumer, "getmany", Consumer.getmany)  # restored after the test
+    monkeypatch.setattr(Consumer, "_streamlearn_getmany",
+                        lambda self, timeout: asked.append(timeout) or "records",
+                        raising=False)
+    settings = load_settings(kafka={"bootstrap": "k:9092", "fast_join": False},
+                             model=[{"name": "m", "topic": "t", "numeric": ["x"]}])
+    faust_settings(settings, "k:9092")
+    assert Consumer.getmany(object(), timeout=1.0) == "records"
+    assert Consumer.getmany(object(), timeout=0.02) == "records"
+    assert asked == [POLL_TIMEOUT_S, 0.02] and POLL_TIMEOUT_S <= 0.1
+
+
 # -- defect 14: zero models, lost config ------------------------------------------------------
 
 
