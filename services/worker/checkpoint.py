@@ -41,8 +41,8 @@ log = logging.getLogger("streamlearn.worker")
 #: 2.3 MB snapshots, load_tests/bench_worker.py --aggregates measured the worker at 0.36x
 #: of its rate without aggregates at a 0.25 share, 0.52x and 0.59x at 0.05, 1M events per
 #: run), but at least every ``SNAPSHOT_MAX_SPACING_S``, so that a new aggregate still
-#: reaches /predict within a second: in the demo (42k entities, 2 MB snapshots, everything
-#: on two cores) 0.71-1.07 s at 0.4 s, 0.47-0.99 s at 0.3 s (8 and 24 probes), while
+#: reaches /predict within a second: in the demo (worker, broker, API and producer on two
+#: cores) 0.71-1.07 s at 0.4 s, 0.47-0.99 s at 0.3 s (8 and 24 probes), while
 #: bench_worker --aggregates --pairs 4 gave 0.75x and 0.78x.
 SNAPSHOT_CPU_SHARE = 0.05
 SNAPSHOT_MAX_SPACING_S = 0.3
