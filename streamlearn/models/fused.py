@@ -45,6 +45,10 @@ from streamlearn.models.target import (
     T_M2,
     T_MEAN,
     T_OFFSET,
+    base_logit,
+    label_std,
+    merge_moments,
+    move_bias,
     shift_bias_to_prior,
     standardize,
     target_scale,
@@ -103,8 +107,9 @@ def per_event_linear(  # pragma: no cover - compiled
     slots sit past the numeric block, so only they can repeat within a row.
 
     The label prior's bookkeeping (:func:`.target.target_update` on one label,
-    :func:`.target.prior_delta`, :func:`.target.shift_bias`) is written out on scalars
-    here, with the same operations: the calls cost more than the arithmetic. FTRL's
+    :func:`.target.prior_delta`, :func:`.target.shift_bias`) runs on scalars here,
+    through the inlined rules those functions share (:mod:`.target`): the array calls
+    cost more than the arithmetic. FTRL's
     per-coordinate step on the numeric block is written out too (the operations of
     :func:`~streamlearn.kernels.cpu._update`), branch-free, so the compiler vectorizes it.
     Returns ``(summed loss, labelled rows, next step)``.
@@ -129,14 +134,11 @@ def per_event_linear(  # pragma: no cover - compiled
     moved = True  # the prior moves only with a new label
     for r in range(k):
         if prior and logistic and moved:  # shift_bias_to_prior
-            p = (t_mean * t_count + 0.5) / (t_count + 1.0)
-            offset = math.log(p / (1.0 - p))
+            offset = base_logit(t_count, t_mean)
             delta = offset - t_offset
             t_offset = offset
             if delta != 0.0:
-                if ftrl:
-                    s1[big_d] -= delta * (h_beta + math.sqrt(np.float64(s2[big_d]))) / h_lr
-                w[big_d] += delta
+                move_bias(w, s1, s2, delta, ftrl, h_lr, h_beta)
             moved = False
         if csr:  # the CSR kernel's order: bias, numeric block, hashed slots
             m = np.float64(w[big_d])
@@ -150,9 +152,7 @@ def per_event_linear(  # pragma: no cover - compiled
         if link:
             scores[r] = _sigmoid(m32)
         elif prior:
-            t_std = math.sqrt(t_m2 / t_count) if t_count > 1.0 else 0.0
-            t_std = t_std if t_std > 0.0 else 1.0
-            scores[r] = t_mean + t_std * np.float64(m32)
+            scores[r] = t_mean + label_std(t_count, t_m2) * np.float64(m32)
         else:
             scores[r] = m32
         yv = labels[r]
@@ -160,19 +160,12 @@ def per_event_linear(  # pragma: no cover - compiled
             continue
         yy = np.float64(yv)
         if prior:  # target_update on one label
-            mb = (0.0 + yy) / 1.0
+            mb = (0.0 + yy) / 1
             dy = yy - mb
-            m2b = 0.0 + dy * dy
-            na = t_count
-            tot = na + 1.0
-            dmean = mb - t_mean
-            t_mean += dmean * 1.0 / tot
-            t_m2 += m2b + dmean * dmean * na * 1.0 / tot
-            t_count = tot
+            t_count, t_mean, t_m2 = merge_moments(t_count, t_mean, t_m2, 1, mb, 0.0 + dy * dy)
             moved = True
             if not logistic:
-                t_std = math.sqrt(t_m2 / t_count) if t_count > 1.0 else 0.0
-                t_std = t_std if t_std > 0.0 else 1.0
+                t_std = label_std(t_count, t_m2)
                 yy = np.float64(np.float32((yy - t_mean) * (1.0 / t_std)))
         value, dm = _loss_dloss(m, yy, loss)
         total += value

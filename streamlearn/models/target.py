@@ -42,6 +42,40 @@ def new_target() -> np.ndarray:
     return np.zeros(TARGET_LEN)
 
 
+# The rules on scalars, inlined: the array functions below and the per-event loop
+# (``models.fused.per_event_linear``) share them, so both do the same operations.
+@njit(inline="always")
+def merge_moments(count, mean, m2, n, mb, m2b):  # pragma: no cover - compiled
+    """Chan's merge of ``n`` labels of mean ``mb`` and squared deviations ``m2b`` into
+    ``(count, mean, m2)``; returns the merged triple."""
+    tot = count + n
+    delta = mb - mean
+    return tot, mean + delta * n / tot, m2 + (m2b + delta * delta * count * n / tot)
+
+
+@njit(inline="always")
+def label_std(count, m2):  # pragma: no cover - compiled
+    """The labels' standard deviation; 1 until it is defined and non-zero."""
+    std = math.sqrt(m2 / count) if count > 1.0 else 0.0
+    return std if std > 0.0 else 1.0
+
+
+@njit(inline="always")
+def base_logit(count, mean):  # pragma: no cover - compiled
+    """Logit of the add-half smoothed base rate; 0 before any label."""
+    p = (mean * count + 0.5) / (count + 1.0)
+    return math.log(p / (1.0 - p))
+
+
+@njit(inline="always")
+def move_bias(w, s1, s2, delta, ftrl, lr, beta):  # pragma: no cover - compiled
+    """Add ``delta`` to the bias ``w[-1]``; FTRL's ``z`` (``s1``) moves with it."""
+    d = w.shape[0] - 1
+    if ftrl:
+        s1[d] -= delta * (beta + math.sqrt(np.float64(s2[d]))) / lr
+    w[d] += delta
+
+
 @njit(cache=True, nogil=True)
 def target_update(target, y):  # pragma: no cover - compiled
     """Fold the labels ``y`` (no NaN) into ``target`` with Chan's merge."""
@@ -56,28 +90,20 @@ def target_update(target, y):  # pragma: no cover - compiled
     for i in range(n):
         d = y[i] - mb
         m2b += d * d
-    na = target[T_COUNT]
-    tot = na + n
-    delta = mb - target[T_MEAN]
-    target[T_MEAN] += delta * n / tot
-    target[T_M2] += m2b + delta * delta * na * n / tot
-    target[T_COUNT] = tot
+    target[T_COUNT], target[T_MEAN], target[T_M2] = merge_moments(
+        target[T_COUNT], target[T_MEAN], target[T_M2], n, mb, m2b)
 
 
 @njit(cache=True, nogil=True)
 def target_scale(target):  # pragma: no cover - compiled
     """``(mean, std)`` of the labels so far; std is 1 until it is defined and non-zero."""
-    count = target[T_COUNT]
-    std = math.sqrt(target[T_M2] / count) if count > 1.0 else 0.0
-    return target[T_MEAN], (std if std > 0.0 else 1.0)
+    return target[T_MEAN], label_std(target[T_COUNT], target[T_M2])
 
 
 @njit(cache=True, nogil=True)
 def prior_logit(target):  # pragma: no cover - compiled
     """Logit of the add-half smoothed base rate; 0 before any label."""
-    count = target[T_COUNT]
-    p = (target[T_MEAN] * count + 0.5) / (count + 1.0)
-    return math.log(p / (1.0 - p))
+    return base_logit(target[T_COUNT], target[T_MEAN])
 
 
 @njit(cache=True, nogil=True)
@@ -97,13 +123,9 @@ def shift_bias(w, s1, s2, delta, opt, hyper):  # pragma: no cover - compiled
     ``n = s2`` as ``w = -z * lr / (beta + sqrt(n))`` (the bias has no L1/L2), so ``z``
     moves with it.
     """
-    if delta == 0.0:
-        return
-    d = w.shape[0] - 1
-    if opt == OPT_FTRL:
-        lr = hyper[H_LEARNING_RATE]
-        s1[d] -= delta * (hyper[H_FTRL_BETA] + math.sqrt(np.float64(s2[d]))) / lr
-    w[d] += delta
+    if delta != 0.0:
+        move_bias(w, s1, s2, delta, opt == OPT_FTRL, hyper[H_LEARNING_RATE],
+                  hyper[H_FTRL_BETA])
 
 
 @njit(cache=True, nogil=True)
