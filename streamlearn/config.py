@@ -103,14 +103,7 @@ class AggregateSpec:
             return d
         if not isinstance(d, dict):
             raise ValueError(f"an aggregate must be a table, got {type(d).__name__}")
-        unknown = set(d) - {"entity", "field", "windows", "stats"}
-        if unknown:
-            raise ValueError(f"unknown aggregate keys: {sorted(unknown)}")
-        d = dict(d)
-        for key in ("windows", "stats"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
+        return cls(**_table(d, cls, "aggregate", ("windows", "stats")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,14 +346,15 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         """Build from a dict; unknown keys are rejected, list fields become tuples."""
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model spec keys: {sorted(unknown)}")
-        d = dict(d)
-        for key in ("numeric", "categorical"):
-            if key in d:
-                d[key] = tuple(d[key])
+        d = _table(d, cls, "model spec", ("numeric", "categorical"))
         if "aggregates" in d:
             d["aggregates"] = tuple(AggregateSpec.from_dict(a) for a in d["aggregates"])
         return cls(**d)
+
+
+def _table(d: dict[str, Any], cls: type, what: str, lists: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of a TOML table for ``cls(**...)``: unknown keys refused, ``lists`` as tuples."""
+    unknown = set(d) - set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+    if unknown:
+        raise ValueError(f"unknown {what} keys: {sorted(unknown)}")
+    return {k: tuple(v) if k in lists else v for k, v in d.items()}

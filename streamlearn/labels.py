@@ -248,14 +248,10 @@ class PendingLabels:
             raise ValueError("pending labels have the wrong shapes for this spec")
         if n > max(self.cap, 0) or not np.isfinite(arrived).all():
             raise ValueError("pending labels: too many rows, or a non-finite arrival time")
-        for r in range(n):  # one block per arrival time keeps expiry in order
-            if r and arrived[r] == arrived[r - 1]:
-                continue
-            end = r + 1
-            while end < n and arrived[end] == arrived[r]:
-                end += 1
-            self.add(ids[r:end], numeric[r:end], hashed[r:end], scores[r:end],
-                     now=float(arrived[r]), partitions=parts[r:end])
+        cuts = [0, *(np.flatnonzero(np.diff(arrived)) + 1).tolist(), n]
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):  # a block per arrival time
+            self.add(ids[a:b], numeric[a:b], hashed[a:b], scores[a:b],
+                     now=float(arrived[a]), partitions=parts[a:b])
         for key in unpack_keys(state["gone"])[-RECENT:]:
             self.gone[key] = None
         for key in unpack_keys(state["done"])[-RECENT:]:

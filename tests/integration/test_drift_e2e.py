@@ -7,13 +7,13 @@ topic and comes back in the history.  Worker and API are the processes users run
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from e2e import wait_json
 
 from streamlearn.services.producer import produce
 from streamlearn.services.worker.outputs import declare_topics
@@ -61,19 +61,7 @@ def _logs(stack: dict[str, str]) -> str:
 
 def _wait_drift(client: httpx.Client, stack: dict[str, str],
                 predicate: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    body: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        try:
-            r = client.get("/models/driftfraud/drift")
-            if r.status_code == 200:
-                body = r.json()
-                if predicate(body):
-                    return body
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"timed out; last drift report {body}\n{_logs(stack)[-4000:]}")
+    return wait_json(client, stack, "/models/driftfraud/drift", predicate, timeout, poll=0.5)
 
 
 def test_injected_drift_is_detected_acted_on_and_exposed(stack):

@@ -26,6 +26,7 @@ import numpy as np
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from e2e import wait_json
 
 from streamlearn import snapshots
 from streamlearn.models import OnlineModel
@@ -52,14 +53,15 @@ categorical = ["merchant"]
 hash_bits = 10
 {extra}
 """ + AGGREGATE
-CONFIG = """
+SERVICES = """
 [kafka]
 partitions = 2
 deadletter_topic = "fe2e.deadletter"  # its own: other tests read streamlearn.deadletter
 [worker]
 batch_within_s = 0.05
 snapshot_interval_s = 0.2
-""" + MODEL.format(name="fe2e", extra="label_ttl_s = 600") + MODEL.format(
+"""
+CONFIG = SERVICES + MODEL.format(name="fe2e", extra="label_ttl_s = 600") + MODEL.format(
     name="fe2e_caps", extra="label_ttl_s = 1\nmax_pending = 20\nmax_entities = 5")
 
 N = 400
@@ -120,27 +122,10 @@ async def _read(bootstrap: str, topic: str, timeout: float) -> list[bytes]:
     return out
 
 
-def _tail(stack: dict[str, str]) -> str:
-    return "\n".join(f"--- {n}.log\n" + Path(stack["dir"], f"{n}.log").read_text()[-3000:]
-                     for n in ("worker", "api") if Path(stack["dir"], f"{n}.log").exists())
-
-
 def wait_info(client: httpx.Client, stack: dict[str, str], name: str,
               predicate: Callable[[dict[str, Any]], bool], timeout: float = 60.0) -> dict:
-    """GET /models/{name} until ``predicate`` holds (an eventual wait, not a timing test)."""
-    deadline = time.monotonic() + timeout
-    info: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        try:
-            r = client.get(f"/models/{name}")
-            if r.status_code == 200:
-                info = r.json()
-                if predicate(info):
-                    return info
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting on {name}; last info {info}\n{_tail(stack)}")
+    """``GET /models/{name}`` until ``predicate`` holds."""
+    return wait_json(client, stack, f"/models/{name}", predicate, timeout)
 
 
 def expected(history: list[dict[str, Any]], probe: dict[str, Any]) -> list[float]:
@@ -376,14 +361,7 @@ def test_a_new_event_reaches_predict_soon(stack, client, joined, capsys):
 
 # -- restart survival --------------------------------------------------------------------------
 
-RESTART_CONFIG = """
-[kafka]
-partitions = 2
-deadletter_topic = "fe2e.deadletter"  # its own: other tests read streamlearn.deadletter
-[worker]
-batch_within_s = 0.05
-snapshot_interval_s = 0.2
-""" + MODEL.format(name="frs", extra="label_ttl_s = 600")
+RESTART_CONFIG = SERVICES + MODEL.format(name="frs", extra="label_ttl_s = 600")
 
 
 def _checkpoint(path: Path) -> dict[str, Any] | None:

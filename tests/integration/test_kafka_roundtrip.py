@@ -10,7 +10,6 @@ import asyncio
 import base64
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,6 +17,7 @@ import numpy as np
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from e2e import wait_json
 
 from streamlearn.prequential import roc_auc
 from streamlearn.synthetic import FraudStream
@@ -52,13 +52,6 @@ def stack(broker: str, tmp_path_factory: pytest.TempPathFactory,
         yield stack
 
 
-def _tail(stack: dict[str, str]) -> str:
-    return "\n".join(
-        f"--- {n}.log\n" + Path(stack["dir"], f"{n}.log").read_text()[-3000:]
-        for n in ("worker", "api")
-    )
-
-
 async def _produce(bootstrap: str) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     await producer.start()
@@ -88,26 +81,11 @@ async def _read(bootstrap: str, topic: str, want: int, timeout: float = 30.0) ->
     return out
 
 
-def _wait_for(client: httpx.Client, stack: dict[str, str], predicate, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    info: dict = {}
-    while time.monotonic() < deadline:
-        try:
-            r = client.get("/models/fraud")
-            if r.status_code == 200:
-                info = r.json()
-                if predicate(info):
-                    return info
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"timed out; last model info {info}\n{_tail(stack)}")
-
-
 def test_stream_is_learned_served_and_bad_messages_dead_lettered(stack):
     asyncio.run(_produce(stack["bootstrap"]))
     with httpx.Client(base_url=stack["base"], timeout=10) as client:
-        info = _wait_for(client, stack, lambda i: i.get("events_seen", 0) >= N_EVENTS, 150)
+        info = wait_json(client, stack, "/models/fraud",
+                         lambda i: i.get("events_seen", 0) >= N_EVENTS, 150, poll=0.5)
         assert info["version"] >= 1
         assert info["events_learned"] == N_EVENTS  # every valid event carries a label
         assert client.get("/readyz").status_code == 200
