@@ -454,15 +454,15 @@ class EntityAggregates:
                 group.slots = {keys[r]: r for r in held}
                 group.packed = None
                 continue
-            busy: set[int] = set()
-            for r in held:
+            taken = np.full(len(held), -1, dtype=np.int64)  # rows written so far: kept
+            for i, r in enumerate(held):
                 key = keys[r]
                 s = group.slots.get(key)
                 if s is None:
-                    s = self._allocate(group, key, busy)
+                    s = self._allocate(group, key, taken)
                     if s < 0:
                         continue
-                busy.add(s)
+                taken[i] = s
                 group.head[s], group.counts[s], group.sums[s] = head[r], counts[r], sums[r]
                 group.last_seen[s], group.partition[s] = last[r], part[r]
 

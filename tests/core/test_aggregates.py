@@ -224,6 +224,22 @@ def test_a_full_table_never_gives_one_entity_the_slot_of_another_in_the_same_bat
     assert agg.features(probe, update=False)[:, 1].tolist() == [1.0, 2.0, 3.0, 4.0]
 
 
+def test_a_partition_handed_to_a_full_table_makes_room_and_keeps_its_entities():
+    """``load(replace=False)`` (a partition taken over, a union) into a full table: room
+    comes from the least recent entities here, never from those just taken over."""
+    spec = dataclasses.replace(SPEC, aggregates=(AGG[0],), max_entities=4)
+    here, there = EntityAggregates(spec), EntityAggregates(spec)
+    for i, key in enumerate("abcd"):  # a full table, "a" the least recently seen
+        here.features(AggregateInputs(np.array([1e9 + i]), np.array([[1.0]]), [[key]]),
+                      update=True)
+    there.features(AggregateInputs(np.full(3, 1e9 + 9), np.array([[2.0], [3.0], [4.0]]),
+                                   [["x", "y", "x"]]), update=True)
+    here.load(there.to_state(), replace=False)
+    assert here.n_entities == 4 and here.report()["evicted"] >= 1
+    probe = AggregateInputs(np.full(2, 1e9 + 10), np.zeros((2, 1)), [["x", "y"]])
+    assert here.features(probe, update=False)[:, 0].tolist() == [3.0, 2.0]  # both kept
+
+
 def test_entities_never_exceed_the_cap():
     spec = dataclasses.replace(SPEC, aggregates=(AGG[0],), max_entities=300)
     agg = EntityAggregates(spec)
