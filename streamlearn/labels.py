@@ -248,8 +248,8 @@ class PendingLabels:
             raise ValueError("pending labels have the wrong shapes for this spec")
         if n > max(self.cap, 0) or not np.isfinite(arrived).all():
             raise ValueError("pending labels: too many rows, or a non-finite arrival time")
-        cuts = [0, *(np.flatnonzero(np.diff(arrived)) + 1).tolist(), n]
-        for a, b in zip(cuts[:-1], cuts[1:], strict=True):  # a block per arrival time
+        cuts = (np.flatnonzero(np.diff(arrived)) + 1).tolist()  # a block per arrival time
+        for a, b in zip([0, *cuts], [*cuts, n], strict=True) if n else ():
             self.add(ids[a:b], numeric[a:b], hashed[a:b], scores[a:b],
                      now=float(arrived[a]), partitions=parts[a:b])
         for key in unpack_keys(state["gone"])[-RECENT:]:

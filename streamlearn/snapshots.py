@@ -199,7 +199,7 @@ def verify(
     return payload
 
 
-def encode(state: dict[str, Any], *, level: int = 1, fmt: int = FORMAT_VERSION) -> bytes:
+def encode(state: dict[str, Any], *, fmt: int = FORMAT_VERSION) -> bytes:
     """Serialize a state dict whose leaves are JSON values or NumPy arrays.
 
     Examples
@@ -241,7 +241,7 @@ def encode(state: dict[str, Any], *, level: int = 1, fmt: int = FORMAT_VERSION) 
 
     meta = orjson.dumps(lift(state), option=orjson.OPT_SERIALIZE_NUMPY)
     if fmt == 1:  # kept for tests of the reader's format-1 path
-        body = zlib.compress(struct.pack("<I", len(meta)) + meta + b"".join(chunks), level)
+        body = zlib.compress(struct.pack("<I", len(meta)) + meta + b"".join(chunks), 1)
         return _HEADER.pack(MAGIC, 1, zlib.crc32(body)) + body
     blob = b"".join(chunks)
     zmeta = _ZSTD.compress(meta, asbytes=True)
