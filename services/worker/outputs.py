@@ -33,33 +33,26 @@ async def declare_topics(
     the partition number of its event, which one replica holds); a new one is created
     with that count, and an existing one with another count is logged as an error.
     """
+    pairs = copartitioned or {}
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **(client_kwargs or {}))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        counts = await _partition_counts(admin, [t for t in (copartitioned or {}).values()
-                                                 if t in existing])
-        new = []
-        for name, cfg in topics.items():
-            if name in existing:
-                continue
-            like = (copartitioned or {}).get(name)
-            new.append(NewTopic(name, counts.get(like, partitions) if like else partitions, 1,
-                                topic_configs=cfg))
+        have = await _partition_counts(admin, [t for pair in pairs.items() for t in pair
+                                               if t in existing])
+        new = [NewTopic(name, have.get(pairs.get(name, ""), partitions), 1, topic_configs=cfg)
+               for name, cfg in topics.items() if name not in existing]
         if new:
             try:
                 await admin.create_topics(new)
             except TopicAlreadyExistsError:
                 pass  # a replica beside us won the race
-        pairs = {a: b for a, b in (copartitioned or {}).items() if a in existing}
-        if pairs:
-            have = await _partition_counts(admin, [*pairs, *pairs.values()])
-            for a, b in pairs.items():
-                if a in have and b in have and have[a] != have[b]:
-                    log.error("%s has %d partitions and %s %d: labels keyed like their events "
-                              "may reach a replica that does not hold their events (counted "
-                              "unknown); give both topics the same partition count", a,
-                              have[a], b, have[b])
+        for a, b in pairs.items():
+            if a in have and b in have and have[a] != have[b]:
+                log.error("%s has %d partitions and %s %d: labels keyed like their events "
+                          "may reach a replica that does not hold their events (counted "
+                          "unknown); give both topics the same partition count", a, have[a],
+                          b, have[b])
     finally:
         await admin.close()
 
