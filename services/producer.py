@@ -70,9 +70,13 @@ class DelayedLabels:
         """Send ``message`` (keyed ``key``) ``delay`` seconds after ``sent_at``."""
         self.queue.append((sent_at + self.delay, key, message))
 
-    @property
-    def full(self) -> bool:
-        return len(self.queue) >= self.max_waiting
+    async def send_until(self, producer: AIOKafkaProducer, waiting: int,
+                         stop: asyncio.Event | None) -> None:
+        """Wait for each next label to come due and send it, until at most ``waiting``
+        labels wait (or ``stop`` is set)."""
+        while len(self.queue) > waiting and not (stop and stop.is_set()):
+            await asyncio.sleep(max(0.0, self.queue[0][0] - time.monotonic()))
+            await self.send_due(producer, time.monotonic())
 
     async def send_due(self, producer: AIOKafkaProducer, now: float) -> None:
         """Send every label due by ``now``."""
@@ -158,11 +162,9 @@ async def produce(
                     n = min(n, drift_at - sent)  # the change falls on a chunk boundary
             if fmt == "json":
                 if labels is not None:
-                    now = time.monotonic()
-                    await labels.send_due(producer, now)
-                    while labels.full and not (stop and stop.is_set()):  # bounded memory
-                        await asyncio.sleep(max(0.0, labels.queue[0][0] - time.monotonic()))
-                        await labels.send_due(producer, time.monotonic())
+                    await labels.send_due(producer, time.monotonic())
+                    # bounded memory: events wait while as many labels as allowed do
+                    await labels.send_until(producer, labels.max_waiting - 1, stop)
                 for event in stream.take(n):
                     key = event["card_id"].encode()
                     label = None if labels is None else labels.take(event)
@@ -184,9 +186,7 @@ async def produce(
                 progress(sent, sent / (now - t0))
                 last = now
         if labels is not None:
-            while labels.queue and not (stop and stop.is_set()):  # the last labels, on time
-                await asyncio.sleep(max(0.0, labels.queue[0][0] - time.monotonic()))
-                await labels.send_due(producer, time.monotonic())
+            await labels.send_until(producer, 0, stop)  # the last labels, on time
             labels.dropped += len(labels.queue)
             labels.queue.clear()
         await producer.flush()
