@@ -219,7 +219,7 @@ class SnapshotTelemetryCollector(Collector):
                 if agg:
                     by_name["streamlearn_aggregate_entities"].add_metric(labels,
                                                                          float(agg["entities"]))
-                    for key in ("expired", "evicted", "misrouted"):
+                    for key in AGGREGATE_COUNTERS:
                         by_name[f"streamlearn_aggregate_entities_{key}"].add_metric(
                             labels, float(agg[key]))
         return fams
@@ -273,15 +273,10 @@ class SnapshotTelemetryCollector(Collector):
             GaugeMetricFamily("streamlearn_aggregate_entities",
                               "Entities whose windowed aggregates the replica holds.",
                               labels=mr),
-            CounterMetricFamily("streamlearn_aggregate_entities_expired",
-                                "Idle entities (every window empty) dropped at the cap.",
-                                labels=mr),
-            CounterMetricFamily("streamlearn_aggregate_entities_evicted",
-                                "Entities dropped at the cap while still active.", labels=mr),
-            CounterMetricFamily("streamlearn_aggregate_entities_misrouted",
-                                "Events of an entity seen on another partition before "
-                                "(events not keyed by entity).", labels=mr),
         ]
+        for key, doc in AGGREGATE_COUNTERS.items():
+            fams.append(CounterMetricFamily(f"streamlearn_aggregate_entities_{key}", doc,
+                                            labels=mr))
         return fams
 
 
@@ -293,6 +288,15 @@ LABEL_COUNTERS = {
     "unknown": "Delayed labels for no known event.",
     "expired": "Waiting events dropped unlabelled after label_ttl_s.",
     "evicted": "Waiting events dropped at max_pending, the oldest first.",
+}
+
+
+#: ``streamlearn_aggregate_entities_<key>_total`` counters (:mod:`streamlearn.aggregates`).
+AGGREGATE_COUNTERS = {
+    "expired": "Idle entities (every window empty) dropped at the cap.",
+    "evicted": "Entities dropped at the cap while still active.",
+    "misrouted": "Events of an entity seen on another partition before (events not keyed "
+                 "by entity).",
 }
 
 
