@@ -136,7 +136,7 @@ class AggregateInputs:
     values
         float64 ``(n, n_aggregates)``: each aggregate's field; NaN when absent.
     keys
-        One list of ``n`` entity values per entity field (:attr:`EntityAggregates.fields`);
+        One list of ``n`` entity values per entity field (``spec.aggregate_entities``);
         None where the event has none.
     partitions
         int64 ``(n,)`` source partition of each event, or None (serving).
@@ -214,16 +214,10 @@ class EntityAggregates:
         self.capacity = spec.max_entities
         self.longest = max((s for a in spec.aggregates for s in a.seconds), default=0.0)
         self.n_features = spec.n_numeric - len(spec.numeric)
-        order: list[str] = []
-        for a in spec.aggregates:
-            if a.entity not in order:
-                order.append(a.entity)
-        self.fields: tuple[str, ...] = tuple(order)
-        self.value_fields: tuple[str, ...] = tuple(a.field for a in spec.aggregates)
         self.groups: list[_Group] = []
         first = [sum(len(b.windows) * len(b.stats) for b in spec.aggregates[:i])
                  for i in range(len(spec.aggregates))]  # each aggregate's first column
-        for name in order:
+        for name in spec.aggregate_entities:
             members = [i for i, a in enumerate(spec.aggregates) if a.entity == name]
             width = max(len(spec.aggregates[i].windows) for i in members)
             lengths = np.zeros((len(members), width))

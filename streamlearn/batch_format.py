@@ -259,7 +259,7 @@ class FeatureDecoder:
         spec = self.spec
         if not spec.aggregates:
             return None
-        entities = list(dict.fromkeys(a.entity for a in spec.aggregates))
+        entities = spec.aggregate_entities
         wanted = (spec.time_field, *(a.field for a in spec.aggregates), *entities)
         missing = [f for f in dict.fromkeys(wanted) if f not in cols]
         if missing:

@@ -309,6 +309,11 @@ class ModelSpec:
         return tuple(name for a in self.aggregates for name in a.names())
 
     @property
+    def aggregate_entities(self) -> tuple[str, ...]:
+        """The aggregates' entity fields, each once, in the order they are declared."""
+        return tuple(dict.fromkeys(a.entity for a in self.aggregates))
+
+    @property
     def numeric_features(self) -> tuple[str, ...]:
         """Names of the standardized columns: the numeric fields, then the aggregates."""
         return self.numeric + self.aggregate_names

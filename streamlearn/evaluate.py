@@ -868,7 +868,7 @@ class ArrowDecoder:
         for k, a in enumerate(spec.aggregates):
             values[:, k] = self._numeric(rb.column(a.field), a.field, first,
                                          role="aggregated field")
-        keys = [self._keys(rb.column(e), e) for e in _entities(spec)]
+        keys = [self._keys(rb.column(e), e) for e in spec.aggregate_entities]
         return AggregateInputs(times, values, keys)
 
     def _keys(self, arr: Any, name: str) -> list[Any]:
@@ -1029,11 +1029,6 @@ class ArrowDecoder:
             raise EvaluateError(
                 f"{self.source}label column {self.spec.label!r} has more than two values "
                 f"({shown}, by data row {first + 1}...); a {self.spec.task} label has two")
-
-
-def _entities(spec: ModelSpec) -> list[str]:
-    """The entity fields, in the order of :attr:`EntityAggregates.fields`."""
-    return list(dict.fromkeys(a.entity for a in spec.aggregates))
 
 
 # -- Kafka messages ------------------------------------------------------------------------
