@@ -18,6 +18,7 @@ Usage::
     python load_tests/bench_learning.py --real           # real data sets, defaults, ~2 min
     python load_tests/bench_learning.py --real --set learning_rate=0.1 --set batch_size=64
     python load_tests/bench_learning.py --real --grid    # + one shared learning-rate grid
+    python load_tests/bench_learning.py --real --datasets bananas,phishing --orders 12
     python load_tests/bench_learning.py --real --datasets lending_club,movielens_rank \
         --systems streamlearn,river-one,vw --max-rows 20000 --json /tmp/real.json
 
@@ -62,6 +63,7 @@ Every system runs at its defaults, prequentially (each row scored before it is l
   ``SGDClassifier(loss="log_loss")`` / ``SGDRegressor()`` per mini-batch of 256, on CSR
   with streamlearn's hashed columns (missing numerics: 0 after scaling, i.e. the mean).
   Linear for ranking (scikit-learn has no FM). Before its first fit it scores 0.5 / 0.
+  ``random_state=0``: ``partial_fit`` shuffles each batch, so that runs repeat.
 * ``vw (pyvw, per row)`` (``vw``): ``--loss_function logistic --link logistic`` for binary
   and ranking (plus ``-q ui`` on the two id namespaces of a ranking stream), squared loss
   for regression, VW's defaults otherwise (``-b 18``, ``-l 0.5``, normalized adaptive
@@ -81,6 +83,11 @@ river ``learn_one``, read on the largest real stream and on the synthetic ``dens
 ``learning_rate="constant", eta0=lr``; VW ``-l``. It prints each system's AUC or RMSE at
 every point, its best point, and streamlearn-at-defaults against the best tuned anchor.
 Single runs, no warm-up: quality only. It takes several times the default run.
+
+``--orders K`` asks whether a gap is the system's or one row order's: every system replays
+each data set without a time order in K orders (its own, then K - 1 seeded shuffles,
+``RealStream.reordered``), and the script prints each system's mean quality and its paired
+difference to the best anchor, with the standard error over the orders. Quality only.
 
 Timing in the real suite follows the rules below (warm-up on the first 1,024 rows; a run
 shorter than ``--min-seconds`` is repeated with a fresh model, fastest kept).
@@ -1222,12 +1229,16 @@ def real_events(rs: RealStream, a: int, b: int) -> list[dict[str, Any]]:
     return out
 
 
-_JSON_CACHE: dict[tuple[str, int], list[list[bytes]]] = {}
+_JSON_CACHE: dict[tuple[str, int, int], list[list[bytes]]] = {}
 
 
-def _evict(cache: dict[tuple[str, int], Any], name: str) -> None:
-    """Keep only ``name``'s entries (its warm-up prefix and its full stream)."""
-    for key in [k for k in cache if k[0] != name]:
+def _cache_key(rs: RealStream) -> tuple[str, int, int]:
+    return rs.name, rs.order_seed, len(rs)
+
+
+def _evict(cache: dict[tuple[str, int, int], Any], rs: RealStream) -> None:
+    """Keep only the entries of ``rs``'s rows in its order (warm-up prefix, full stream)."""
+    for key in [k for k in cache if k[:2] != (rs.name, rs.order_seed)]:
         del cache[key]
 
 
@@ -1235,9 +1246,9 @@ def real_json_records(rs: RealStream) -> list[list[bytes]]:
     """orjson-encoded events, one list per ``RECORD`` rows (built once, untimed)."""
     import orjson
 
-    key = (rs.name, len(rs))
+    key = _cache_key(rs)
     if key not in _JSON_CACHE:
-        _evict(_JSON_CACHE, rs.name)
+        _evict(_JSON_CACHE, rs)
         _JSON_CACHE[key] = [
             [orjson.dumps(ev) for ev in real_events(rs, a, b)] for a, b in rs.slices(RECORD)
         ]
@@ -1337,6 +1348,9 @@ def real_sklearn(rs: RealStream, lr: float | None) -> Result:
 
     reg = rs.task == "regression"
     kw: dict[str, Any] = {} if lr is None else {"learning_rate": "constant", "eta0": lr}
+    # A fixed seed: partial_fit shuffles each batch, so unseeded runs differ (AUC on bananas
+    # moved between 0.485 and 0.511 over four runs).
+    kw["random_state"] = 0
     est: Any = SGDRegressor(**kw) if reg else SGDClassifier(loss="log_loss", **kw)
     scaler = StandardScaler()
     spec = real_spec(rs)
@@ -1380,13 +1394,13 @@ def _vw_token(v: str) -> str:
     return "".join("_" if c in " \t|:" else c for c in v)
 
 
-_VW_CACHE: dict[tuple[str, int], list[str]] = {}
+_VW_CACHE: dict[tuple[str, int, int], list[str]] = {}
 
 
 def real_vw_lines(rs: RealStream) -> list[str]:
     """VW text lines (numerics in ``|n``, the ranking pair in ``|u`` and ``|i``, other
     categoricals in ``|c``; missing values left out), built once, untimed."""
-    key = (rs.name, len(rs))
+    key = _cache_key(rs)
     if key in _VW_CACHE:
         return _VW_CACHE[key]
     ns = {f: "c" for f in rs.cat_names}
@@ -1413,7 +1427,7 @@ def real_vw_lines(rs: RealStream) -> list[str]:
                 groups.setdefault(ns[f], []).append(f"{f}={vocab[j][c]}")
         parts += [f"|{g} {' '.join(fs)}" for g, fs in groups.items()]
         lines.append(" ".join(parts))
-    _evict(_VW_CACHE, rs.name)
+    _evict(_VW_CACHE, rs)
     _VW_CACHE[key] = lines
     return lines
 
@@ -1706,6 +1720,48 @@ def real_grid(
     return out
 
 
+def real_orders(
+    streams: dict[str, RealStream], wanted: set[str], k: int
+) -> list[dict[str, Any]]:
+    """Every system on ``k`` orders of each data set's rows (its own, then ``k - 1`` seeded
+    shuffles); prints, per system, the mean over the orders and the paired difference to
+    the best anchor's mean with its standard error: a gap of a few standard errors is the
+    system's on this data, one within about two could be the order's.  Time-ordered data
+    sets are left out (shuffled, they would be another problem)."""
+    print(f"\nQuality over {k} row orders (the data set's own, then {k - 1} seeded shuffles; "
+          "paired differences to the best anchor, mean +- standard error)")
+    out: list[dict[str, Any]] = []
+    for name, rs in streams.items():
+        if rs.ds.order.startswith("time:"):
+            print(f"{name}: time-ordered, not reordered")
+            continue
+        metric = "rmse" if rs.task == "regression" else "auc"
+        systems = [s for s in REAL_RUNNERS if s in wanted and not missing_package(s)]
+        per: dict[str, list[float]] = {s: [] for s in systems}
+        for seed in range(k):
+            t = time.perf_counter()
+            stream = rs if seed == 0 else rs.reordered(seed)
+            for system in systems:
+                per[system].append(getattr(real_measure(stream, system, warm=False), metric))
+            progress(f"orders {name} #{seed}", t)
+        means = {s: float(np.mean(v)) for s, v in per.items()}
+        anchors = [s for s in systems if s in REAL_ANCHORS and math.isfinite(means[s])]
+        if not anchors:
+            continue
+        pick = min if metric == "rmse" else max
+        best = pick(anchors, key=lambda s: means[s])
+        print(f"{name} ({metric.upper()}; best anchor by mean: {best})")
+        for system in systems:
+            diff = np.asarray(per[system]) - np.asarray(per[best])
+            se = float(diff.std(ddof=1) / math.sqrt(k)) if k > 1 else math.nan
+            print(f"  {system:<21} mean {means[system]:.4f}  paired difference "
+                  f"{diff.mean():+.4f} +- {se:.4f}  [{' '.join(f'{v:.4f}' for v in per[system])}]")
+            out.append({"dataset": name, "system": system, "metric": metric,
+                        "values": per[system], "best_anchor": best,
+                        "difference": float(diff.mean()), "se": se})
+    return out
+
+
 def progress(what: str, t0: float) -> None:
     print(f"  .. {what:<50} {time.perf_counter() - t0:6.1f} s", file=sys.stderr, flush=True)
 
@@ -1832,6 +1888,8 @@ def main_real(args: argparse.Namespace, versions: list[str]) -> int:
     if args.grid:
         lrs = tuple(float(x) for x in args.grid_lrs.split(","))
         grid_rows += real_grid(streams, wanted, lrs, rows)
+    if args.orders > 1:
+        report["orders"] = real_orders(streams, wanted, args.orders)
     wall = time.perf_counter() - t_start
     print(f"\ntotal wall time {wall:.0f} s")
     dump(final=True)
@@ -1896,6 +1954,14 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=8_192,
         help="prefix of the hashed stream for river learn_many (its one-hot frames grow wide)",
+    )
+    p.add_argument(
+        "--orders",
+        type=int,
+        default=0,
+        metavar="K",
+        help="real suite: also replay each data set without a time order in K row orders "
+        "(its own and K-1 seeded shuffles) and report mean differences with standard errors",
     )
     p.add_argument("--grid", action="store_true", help="also run a 3-point step-size grid")
     p.add_argument("--profile", action="store_true", help="stage costs of OnlineModel.process")

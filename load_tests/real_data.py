@@ -132,6 +132,7 @@ class RealStream:
     vocab: list[list[str]]
     y: np.ndarray
     num_names: list[str]
+    order_seed: int = 0  # 0: the data set's own order; else the seed of :meth:`reordered`
 
     def __len__(self) -> int:
         return len(self.y)
@@ -148,10 +149,21 @@ class RealStream:
     def cat_names(self) -> list[str]:
         return list(self.ds.categorical)
 
+    def reordered(self, seed: int) -> RealStream:
+        """The same rows in a seeded random order (``bench_learning.py --orders``);
+        ``seed`` >= 1, as 0 stands for the data set's own order."""
+        if seed < 1:
+            raise ValueError("reordered: seed must be >= 1")
+        p = np.random.default_rng(seed).permutation(len(self))
+        return RealStream(
+            self.ds, self.numeric[p], self.codes[p], self.vocab, self.y[p], self.num_names, seed
+        )
+
     def head(self, n: int) -> RealStream:
         """The first ``n`` rows (warm-ups, caps)."""
         return RealStream(
-            self.ds, self.numeric[:n], self.codes[:n], self.vocab, self.y[:n], self.num_names
+            self.ds, self.numeric[:n], self.codes[:n], self.vocab, self.y[:n], self.num_names,
+            self.order_seed,
         )
 
     def slices(self, size: int) -> Iterator[tuple[int, int]]:

@@ -61,3 +61,31 @@ def test_json_path_scores_every_row_as_the_arrays_path() -> None:
     json_ = bench.real_sl_json(s, None).scores
     np.testing.assert_array_equal(arrays, json_)
     assert 0.0 < arrays.min() and arrays.max() < 1.0
+
+
+def test_a_reordered_stream_keeps_its_rows_and_gets_its_own_cached_inputs() -> None:
+    # --orders replays shuffled rows through every system: the VW lines and JSON events,
+    # built once per stream and cached, must be those of the shuffled rows, not the cache
+    # of the data set's own order (which paired each score with another row's label).
+    s = real_data.load(real_data.BY_NAME["credit_data"], max_rows=600)
+    r = s.reordered(3)
+    assert r.order_seed == 3 and not np.array_equal(r.y, s.y)
+    p = np.random.default_rng(3).permutation(600)
+    np.testing.assert_array_equal(r.numeric, s.numeric[p])
+    np.testing.assert_array_equal(r.codes, s.codes[p])
+    np.testing.assert_array_equal(r.y, s.y[p])
+    own, shuffled = bench.real_vw_lines(s), bench.real_vw_lines(r)
+    assert shuffled == [own[i] for i in p]
+    assert [line.split()[0] == "1" for line in shuffled] == (r.y > 0.5).tolist()
+    events = bench.real_json_records(r)
+    assert sum(map(len, events)) == 600
+    np.testing.assert_array_equal(bench.real_sl_json(r, None).scores,
+                                  bench.real_sl_arrays(r, None).scores)
+    with pytest.raises(ValueError, match="seed"):
+        s.reordered(0)
+
+
+def test_scikit_learn_anchor_repeats_run_to_run() -> None:
+    s = real_data.load(real_data.BY_NAME["bananas"], max_rows=2000)
+    np.testing.assert_array_equal(bench.real_sklearn(s, None).scores,
+                                  bench.real_sklearn(s, None).scores)
