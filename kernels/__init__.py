@@ -7,6 +7,7 @@ never touches ``numba.cuda``. Semantics are documented in :mod:`streamlearn.kern
 
 from streamlearn.kernels.codes import (
     ADAGRAD_EPS,
+    H_CAP,
     H_FTRL_BETA,
     H_L1,
     H_L2,
@@ -34,6 +35,7 @@ from streamlearn.kernels.cpu import (
 __all__ = [
     "ADAGRAD_EPS",
     "HYPER_LEN",
+    "H_CAP",
     "H_FTRL_BETA",
     "H_L1",
     "H_L2",

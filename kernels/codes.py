@@ -16,13 +16,16 @@ OPT_ADAGRAD = 1
 OPT_FTRL = 2
 """FTRL-Proximal (McMahan et al. 2013): ``s1 = z``, ``s2 = n``."""
 
-HYPER_LEN = 5
+HYPER_LEN = 6
 """Length of the ``hyper`` vector: see the ``H_*`` positions below."""
 H_LEARNING_RATE = 0
 H_L1 = 1
 H_L2 = 2
 H_POWER_T = 3
 H_FTRL_BETA = 4
+H_CAP = 5
+"""Cap on the adaptive optimizers' squared-gradient sums (``inf``: none); see
+``ModelSpec.horizon``."""
 
 ADAGRAD_EPS = 1e-8
 """Added to ``sqrt(s1)`` in the AdaGrad denominator."""
@@ -33,6 +36,7 @@ OPTIMIZERS = (OPT_SGD, OPT_ADAGRAD, OPT_FTRL)
 __all__ = [
     "ADAGRAD_EPS",
     "HYPER_LEN",
+    "H_CAP",
     "H_FTRL_BETA",
     "H_L1",
     "H_L2",

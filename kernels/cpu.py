@@ -26,6 +26,7 @@ from numba import njit
 
 from streamlearn.kernels.codes import (
     ADAGRAD_EPS,
+    H_CAP,
     H_FTRL_BETA,
     H_L1,
     H_L2,
@@ -70,21 +71,21 @@ def _check_codes(loss, opt):
 
 @njit(cache=True)
 def _opt_scalars(hyper, step):
-    """``(lr, l1, l2, beta, eta_sgd)``, hoisted out of the per-coordinate loops."""
+    """``(lr, l1, l2, beta, cap, eta_sgd)``, hoisted out of the per-coordinate loops."""
     lr = hyper[H_LEARNING_RATE]
     eta = lr / (1.0 + step) ** hyper[H_POWER_T]
-    return lr, hyper[H_L1], hyper[H_L2], hyper[H_FTRL_BETA], eta
+    return lr, hyper[H_L1], hyper[H_L2], hyper[H_FTRL_BETA], hyper[H_CAP], eta
 
 
 @njit(cache=True)
-def _update(wi, s1i, s2i, g, opt, lr, l1, l2, beta, eta_sgd):
+def _update(wi, s1i, s2i, g, opt, lr, l1, l2, beta, cap, eta_sgd):
     """One coordinate step in float64; returns the new ``(w, s1, s2)``.
 
     Working on scalars lets the same helper serve ``w`` (1-D) and ``V`` (2-D).
     """
     if opt == OPT_FTRL:
         # One division: ``sigma`` and the denominator share ``1 / lr`` and ``sqrt(n_new)``.
-        n_new = s2i + g * g
+        n_new = min(s2i + g * g, max(cap, s2i))  # the memory cap (ModelSpec.horizon)
         sq_new = math.sqrt(n_new)
         inv_lr = 1.0 / lr
         z = s1i + g - (sq_new - math.sqrt(s2i)) * inv_lr * wi
@@ -93,7 +94,7 @@ def _update(wi, s1i, s2i, g, opt, lr, l1, l2, beta, eta_sgd):
         return -(z - math.copysign(l1, z)) / ((beta + sq_new) * inv_lr + l2), z, n_new
     g = g + l2 * wi
     if opt == OPT_ADAGRAD:
-        s1i = s1i + g * g
+        s1i = min(s1i + g * g, max(cap, s1i))
         eta = lr / (math.sqrt(s1i) + ADAGRAD_EPS)
     else:
         eta = eta_sgd
@@ -216,7 +217,7 @@ def linear_learn_dense(X, y, w, s1, s2, loss, opt, hyper, step):
         for j in range(d):
             grad[j] += coef * X[r, j]
         grad[d] += coef
-    lr, l1, l2, beta, eta = _opt_scalars(hyper, step)
+    lr, l1, l2, beta, cap, eta = _opt_scalars(hyper, step)
     for j in range(d + 1):
         if j == d:  # the bias is never regularized
             l1 = 0.0
@@ -231,6 +232,7 @@ def linear_learn_dense(X, y, w, s1, s2, loss, opt, hyper, step):
             l1,
             l2,
             beta,
+            cap,
             eta,
         )
         w[j] = wj
@@ -264,7 +266,7 @@ def linear_learn_csr(indptr, indices, values, y, w, s1, s2, loss, opt, hyper, st
             grad[indices[e]] += coef * values[e]
         g_bias += coef
     uniq, gvals = _touched(indices, indptr[0], indptr[n], grad)
-    lr, l1, l2, beta, eta = _opt_scalars(hyper, step)
+    lr, l1, l2, beta, cap, eta = _opt_scalars(hyper, step)
     # The per-coordinate updates are written out rather than factored into a helper taking
     # the arrays: array arguments of a non-inlined call cost atomic refcounts, ~5x slower.
     for t in range(uniq.shape[0] + 1):
@@ -277,7 +279,8 @@ def linear_learn_csr(indptr, indices, values, y, w, s1, s2, loss, opt, hyper, st
             l1 = 0.0
             l2 = 0.0
         wi, a, b = _update(
-            np.float64(w[i]), np.float64(s1[i]), np.float64(s2[i]), g, opt, lr, l1, l2, beta, eta
+            np.float64(w[i]), np.float64(s1[i]), np.float64(s2[i]), g, opt, lr, l1, l2, beta, cap,
+            eta,
         )
         w[i] = wi
         s1[i] = a
@@ -347,7 +350,7 @@ def fm_learn_csr(
             for f in range(k):
                 gv[i, f] += coef * x * (S[f] - V[i, f] * x)
     uniq, gvals = _touched(indices, indptr[0], indptr[n], gw)
-    lr, l1, l2, beta, eta = _opt_scalars(hyper, step)
+    lr, l1, l2, beta, cap, eta = _opt_scalars(hyper, step)
     for t in range(uniq.shape[0]):
         i = uniq[t]
         wi, a, b = _update(
@@ -360,6 +363,7 @@ def fm_learn_csr(
             l1,
             l2,
             beta,
+            cap,
             eta,
         )
         w[i] = wi
@@ -378,6 +382,7 @@ def fm_learn_csr(
                 l1,
                 l2,
                 beta,
+                cap,
                 eta,
             )
             V[i, f] = vi
@@ -393,6 +398,7 @@ def fm_learn_csr(
         0.0,
         0.0,
         beta,
+        cap,
         eta,
     )
     w[D] = wi

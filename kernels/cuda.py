@@ -25,6 +25,7 @@ from numba import cuda, float32, float64
 
 from streamlearn.kernels.codes import (
     ADAGRAD_EPS,
+    H_CAP,
     H_FTRL_BETA,
     H_L1,
     H_L2,
@@ -81,10 +82,17 @@ def _loss_dloss(m, y, loss):
 
 
 @cuda.jit(device=True)
-def _update(wi, s1i, s2i, g, opt, lr, l1, l2, beta, eta_sgd):
+def _capped(grown, old, cap):
+    """``min(grown, max(cap, old))``: builtin ``min``/``max`` do not type on the CUDA target."""
+    top = cap if cap > old else old
+    return top if grown > top else grown
+
+
+@cuda.jit(device=True)
+def _update(wi, s1i, s2i, g, opt, lr, l1, l2, beta, cap, eta_sgd):
     """One coordinate step in float64; returns the new ``(w, s1, s2)`` (see reference.py)."""
     if opt == OPT_FTRL:
-        n_new = s2i + g * g
+        n_new = _capped(s2i + g * g, s2i, cap)
         sigma = (math.sqrt(n_new) - math.sqrt(s2i)) / lr
         z = s1i + g - sigma * wi
         if abs(z) <= l1:
@@ -92,7 +100,7 @@ def _update(wi, s1i, s2i, g, opt, lr, l1, l2, beta, eta_sgd):
         return -(z - math.copysign(l1, z)) / ((beta + math.sqrt(n_new)) / lr + l2), z, n_new
     g = g + l2 * wi
     if opt == OPT_ADAGRAD:
-        s1i = s1i + g * g
+        s1i = _capped(s1i + g * g, s1i, cap)
         eta = lr / (math.sqrt(s1i) + ADAGRAD_EPS)
     else:
         eta = eta_sgd
@@ -104,9 +112,9 @@ def _update(wi, s1i, s2i, g, opt, lr, l1, l2, beta, eta_sgd):
 
 
 @cuda.jit(device=True)
-def _step_vec(w, s1, s2, i, g, opt, lr, l1, l2, beta, eta_sgd):
+def _step_vec(w, s1, s2, i, g, opt, lr, l1, l2, beta, cap, eta_sgd):
     wi, a, b = _update(
-        float64(w[i]), float64(s1[i]), float64(s2[i]), g, opt, lr, l1, l2, beta, eta_sgd
+        float64(w[i]), float64(s1[i]), float64(s2[i]), g, opt, lr, l1, l2, beta, cap, eta_sgd
     )
     w[i] = wi
     s1[i] = a
@@ -217,14 +225,14 @@ def linear_grad_dense_kernel(X, dm, rows_per_thread, grad):
 
 
 @cuda.jit
-def linear_update_dense_kernel(grad, n, w, s1, s2, opt, lr, l1, l2, beta, eta_sgd):
+def linear_update_dense_kernel(grad, n, w, s1, s2, opt, lr, l1, l2, beta, cap, eta_sgd):
     """One thread per coordinate (``d`` features, then the unregularized bias)."""
     j = cuda.grid(1)
     d = grad.shape[0] - 1
     if j < d:
-        _step_vec(w, s1, s2, j, grad[j] / n, opt, lr, l1, l2, beta, eta_sgd)
+        _step_vec(w, s1, s2, j, grad[j] / n, opt, lr, l1, l2, beta, cap, eta_sgd)
     elif j == d:
-        _step_vec(w, s1, s2, j, grad[j] / n, opt, lr, 0.0, 0.0, beta, eta_sgd)
+        _step_vec(w, s1, s2, j, grad[j] / n, opt, lr, 0.0, 0.0, beta, cap, eta_sgd)
 
 
 @cuda.jit
@@ -245,7 +253,7 @@ def linear_rows_csr_kernel(indptr, indices, values, y, w, loss, inv_n, losses, g
 
 
 @cuda.jit
-def linear_update_csr_kernel(touched, grad, w, s1, s2, opt, lr, l1, l2, beta, eta_sgd):
+def linear_update_csr_kernel(touched, grad, w, s1, s2, opt, lr, l1, l2, beta, cap, eta_sgd):
     """One thread per unique touched coordinate; consumes and re-zeroes ``grad``."""
     t = cuda.grid(1)
     if t < touched.shape[0]:
@@ -253,9 +261,9 @@ def linear_update_csr_kernel(touched, grad, w, s1, s2, opt, lr, l1, l2, beta, et
         g = float64(grad[i])
         grad[i] = 0.0
         if i == w.shape[0] - 1:  # the bias is never regularized
-            _step_vec(w, s1, s2, i, g, opt, lr, 0.0, 0.0, beta, eta_sgd)
+            _step_vec(w, s1, s2, i, g, opt, lr, 0.0, 0.0, beta, cap, eta_sgd)
         else:
-            _step_vec(w, s1, s2, i, g, opt, lr, l1, l2, beta, eta_sgd)
+            _step_vec(w, s1, s2, i, g, opt, lr, l1, l2, beta, cap, eta_sgd)
 
 
 @cuda.jit
@@ -291,7 +299,8 @@ def fm_rows_csr_kernel(indptr, indices, values, y, w, V, loss, inv_n, losses, gw
 
 
 @cuda.jit
-def fm_update_csr_kernel(touched, gw, gv, w, V, s1w, s2w, s1v, s2v, opt, lr, l1, l2, beta, eta_sgd):
+def fm_update_csr_kernel(touched, gw, gv, w, V, s1w, s2w, s1v, s2v, opt, lr, l1, l2, beta, cap,
+                         eta_sgd):
     """One thread per (touched index, slot): slot ``k`` is the linear weight, ``f < k`` a factor.
 
     ``touched`` holds the unique batch indices followed by the bias index ``D``, which has
@@ -308,9 +317,9 @@ def fm_update_csr_kernel(touched, gw, gv, w, V, s1w, s2w, s1v, s2v, opt, lr, l1,
             g = float64(gw[i])
             gw[i] = 0.0
             if bias:
-                _step_vec(w, s1w, s2w, i, g, opt, lr, 0.0, 0.0, beta, eta_sgd)
+                _step_vec(w, s1w, s2w, i, g, opt, lr, 0.0, 0.0, beta, cap, eta_sgd)
             else:
-                _step_vec(w, s1w, s2w, i, g, opt, lr, l1, l2, beta, eta_sgd)
+                _step_vec(w, s1w, s2w, i, g, opt, lr, l1, l2, beta, cap, eta_sgd)
         elif not bias:
             g = float64(gv[i, f])
             gv[i, f] = 0.0
@@ -324,6 +333,7 @@ def fm_update_csr_kernel(touched, gw, gv, w, V, s1w, s2w, s1v, s2v, opt, lr, l1,
                 l1,
                 l2,
                 beta,
+                cap,
                 eta_sgd,
             )
             V[i, f] = vi
@@ -411,12 +421,12 @@ def _check_codes(loss: int, opt: int) -> None:
         raise ValueError(f"unknown optimizer code {opt}")
 
 
-def _opt_args(hyper: np.ndarray, step: int) -> tuple[float, float, float, float, float]:
-    """``(lr, l1, l2, beta, eta_sgd)`` as plain floats for the update kernels."""
+def _opt_args(hyper: np.ndarray, step: int) -> tuple[float, float, float, float, float, float]:
+    """``(lr, l1, l2, beta, cap, eta_sgd)`` as plain floats for the update kernels."""
     h = _host(hyper).astype(np.float64)
     lr = float(h[H_LEARNING_RATE])
     eta = lr / (1.0 + step) ** float(h[H_POWER_T])
-    return lr, float(h[H_L1]), float(h[H_L2]), float(h[H_FTRL_BETA]), eta
+    return lr, float(h[H_L1]), float(h[H_L2]), float(h[H_FTRL_BETA]), float(h[H_CAP]), eta
 
 
 def _touched(indptr: Any, indices: Any, n: int, bias: int) -> np.ndarray:
@@ -457,7 +467,7 @@ def linear_learn_dense(
     n, d = X.shape
     if n == 0:
         return 0.0
-    lr, l1, l2, beta, eta = _opt_args(hyper, step)
+    lr, l1, l2, beta, cap, eta = _opt_args(hyper, step)
     d_X = _dev(X)
     losses = cuda.device_array(n, dtype=np.float64)
     dm = cuda.device_array(n, dtype=np.float64)
@@ -479,6 +489,7 @@ def linear_learn_dense(
             l1,
             l2,
             beta,
+            cap,
             eta,
         )
     return float(losses.copy_to_host().sum())
@@ -506,7 +517,7 @@ def linear_learn_csr(
     n = _n_rows(indptr)
     if n == 0:
         return 0.0
-    lr, l1, l2, beta, eta = _opt_args(hyper, step)
+    lr, l1, l2, beta, cap, eta = _opt_args(hyper, step)
     D = w.shape[0] - 1
     touched = cuda.to_device(_touched(indptr, indices, n, D))
     losses = cuda.device_array(n, dtype=np.float64)
@@ -537,6 +548,7 @@ def linear_learn_csr(
             l1,
             l2,
             beta,
+            cap,
             eta,
         )
     return float(losses.copy_to_host().sum())
@@ -583,7 +595,7 @@ def fm_learn_csr(
     n = _n_rows(indptr)
     if n == 0:
         return 0.0
-    lr, l1, l2, beta, eta = _opt_args(hyper, step)
+    lr, l1, l2, beta, cap, eta = _opt_args(hyper, step)
     k = V.shape[1]
     touched = cuda.to_device(_touched(indptr, indices, n, V.shape[0]))
     losses = cuda.device_array(n, dtype=np.float64)
@@ -629,6 +641,7 @@ def fm_learn_csr(
             l1,
             l2,
             beta,
+            cap,
             eta,
         )
     return float(losses.copy_to_host().sum())

@@ -27,17 +27,23 @@ Losses (``codes.LOSS_*``)
     ``log(1+exp(m))`` for ``y=0``), computed stably as ``log1p(exp(-|m|)) + max(m, 0) - y*m``;
     ``dloss/dm = sigmoid(m) - y``. squared: ``0.5*(m-y)**2``, ``dloss/dm = m - y``.
 Optimizers, for one coordinate with data gradient ``g`` and current weight ``w``
-    ``lr, l1, l2, power_t, beta = hyper``.
+    ``lr, l1, l2, power_t, beta, cap = hyper``.
+
+    The memory cap (``ModelSpec.horizon``): AdaGrad's ``s1`` and FTRL's ``n`` grow to at most
+    ``cap`` and never shrink: ``acc_new = min(acc + g**2, max(cap, acc))``. Once capped, the
+    step is constant (FTRL's ``sigma`` is 0, so ``z += g``: dual averaging at a fixed rate).
+    ``cap = inf`` is the classic rule.
 
     SGD: ``g += l2*w``; ``eta = lr / (1 + step)**power_t``; ``w -= eta*g``;
     then, if ``l1 > 0``, ``w = sign(w) * max(|w| - eta*l1, 0)`` (proximal soft threshold).
 
-    AdaGrad: ``g += l2*w``; ``s1 += g**2``; ``eta = lr / (sqrt(s1) + 1e-8)``; ``w -= eta*g``;
-    then the same soft threshold with this per-coordinate ``eta``. No schedule (``power_t``
-    and ``step`` are ignored) and ``s2`` is untouched.
+    AdaGrad: ``g += l2*w``; ``s1 += g**2`` (capped); ``eta = lr / (sqrt(s1) + 1e-8)``;
+    ``w -= eta*g``; then the same soft threshold with this per-coordinate ``eta``. No
+    schedule (``power_t`` and ``step`` are ignored) and ``s2`` is untouched.
 
     FTRL-Proximal (McMahan et al. 2013, Algorithm 1), ``z = s1``, ``n = s2``, ``alpha = lr``:
-    ``sigma = (sqrt(n + g**2) - sqrt(n)) / alpha``; ``z += g - sigma*w``; ``n += g**2``;
+    ``n_new = n + g**2`` (capped); ``sigma = (sqrt(n_new) - sqrt(n)) / alpha``;
+    ``z += g - sigma*w``; ``n = n_new``;
     ``w = 0 if |z| <= l1 else -(z - sign(z)*l1) / ((beta + sqrt(n))/alpha + l2)``.
     Here L2 enters only through the closed form (it is *not* added to ``g``: that would
     regularize twice), and ``|z| <= l1`` yields exact zeros. The stored ``w`` is used in the
@@ -59,6 +65,7 @@ import numpy as np
 
 from streamlearn.kernels.codes import (
     ADAGRAD_EPS,
+    H_CAP,
     H_FTRL_BETA,
     H_L1,
     H_L2,
@@ -115,11 +122,12 @@ def step_coordinate(
     l1 = float(hyper[H_L1]) if regularize else 0.0
     l2 = float(hyper[H_L2]) if regularize else 0.0
     wi = float(w[i])
+    cap = float(hyper[H_CAP])
     if opt == OPT_FTRL:
         beta = float(hyper[H_FTRL_BETA])
         z_old = float(s1[i])
         n_old = float(s2[i])
-        n_new = n_old + g * g
+        n_new = min(n_old + g * g, max(cap, n_old))
         sigma = (math.sqrt(n_new) - math.sqrt(n_old)) / lr
         z = z_old + g - sigma * wi
         s1[i] = z
@@ -133,7 +141,7 @@ def step_coordinate(
     if opt == OPT_SGD:
         eta = lr / (1.0 + step) ** float(hyper[H_POWER_T])
     elif opt == OPT_ADAGRAD:
-        acc = float(s1[i]) + g * g
+        acc = min(float(s1[i]) + g * g, max(cap, float(s1[i])))
         s1[i] = acc
         eta = lr / (math.sqrt(acc) + ADAGRAD_EPS)
     else:

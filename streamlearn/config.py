@@ -129,6 +129,12 @@ class ModelSpec:
     learning_rate
         Step size; ``None`` takes the optimizer's own default
         (:data:`DEFAULT_LEARNING_RATES`), see :attr:`step_size`.
+    horizon
+        Memory of the adaptive optimizers (FTRL, AdaGrad), in updates of a weight: a
+        weight's sum of squared gradients stops growing at :attr:`gradient_cap`, about
+        ``horizon`` typical updates, so its step stops shrinking there and the model keeps
+        tracking a concept that moves. 0: no cap, the classic rules, whose steps shrink as
+        ``1/sqrt(updates)`` for ever. SGD's step does not depend on it.
     batch_size
         Rows per mini-batch: the unit of scoring, versions, acking and drift updates.
     update_rows
@@ -192,6 +198,7 @@ class ModelSpec:
     l2: float = 1e-6
     power_t: float = 0.0
     ftrl_beta: float = 1.0
+    horizon: int = 2_000
     batch_size: int = 256
     update_rows: int = 1
     label_prior: bool = True
@@ -244,6 +251,9 @@ class ModelSpec:
             raise ValueError(
                 f"model {self.name!r}: batch_size, learning_rate must be > 0; l1, l2 >= 0"
             )
+        if self.horizon != 0 and not 2 <= self.horizon <= 10**12:
+            raise ValueError(f"model {self.name!r}: horizon must be 0 (no forgetting) or in "
+                             f"2..10**12, got {self.horizon}")
         if not 1 <= self.update_rows <= self.batch_size:
             raise ValueError(f"model {self.name!r}: update_rows must be in 1..batch_size")
         if self.top_k_per_day < 1:
@@ -285,6 +295,24 @@ class ModelSpec:
                              "categorical")
         if {a.field for a in self.aggregates} & set(self.categorical):
             raise ValueError(f"model {self.name!r}: an aggregated field is categorical")
+
+    @property
+    def gradient_cap(self) -> float:
+        """Cap on an adaptive optimizer's sum of squared gradients per weight: ``horizon``
+        updates of a typical squared gradient; ``inf`` when ``horizon`` is 0.
+
+        Typical: features are z-scored or one-hot (``x**2`` about 1) and the loss gradient
+        is ``p - y`` (logistic: its square is at most 1/4 in expectation, at a balanced
+        base rate) or a residual of the standardized target (regression: about 1).
+
+        >>> ModelSpec(name="m", topic="t", numeric=("x",)).gradient_cap
+        500.0
+        >>> ModelSpec(name="m", topic="t", numeric=("x",), horizon=0).gradient_cap
+        inf
+        """
+        if not self.horizon:
+            return math.inf
+        return self.horizon * (1.0 if self.task == "regression" else 0.25)
 
     @property
     def step_norm(self) -> float:

@@ -16,6 +16,9 @@ exactly what it learned since it adopted ``B``, from events no other replica saw
   the labels' count/mean/M2, and the counters;
 * **averages** the deltas of SGD/AdaGrad weights and of FM factors, weighted by the
   labelled events each replica learned since its base (FedAvg);
+* brings the summed squared-gradient sums (FTRL's ``n``, AdaGrad's) back under the memory
+  cap (``ModelSpec.gradient_cap``): each replica capped its own, their summed deltas can
+  pass it; FTRL's ``z`` is re-derived there so that ``w`` stays as merged;
 * for FTRL **recomputes** ``w`` (and ``V``) from the merged ``z``, ``n``:
   ``w = -(z - sign(z) l1) / ((beta + sqrt(n)) / lr + l2)``, 0 when ``|z| <= l1``,
   no L1/L2 on the bias; coordinates nobody ever touched (``n = 0``) keep the base value
@@ -106,10 +109,45 @@ def _spec(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _lr(spec: Mapping[str, Any]) -> float:
-    from streamlearn.config import ModelSpec
-
     s = ModelSpec.from_dict(dict(spec))
     return float(s.step_size / s.step_norm)
+
+
+def _gradient_cap(spec: Mapping[str, Any]) -> float:
+    """``ModelSpec.gradient_cap``; a state written before ``horizon`` existed has none."""
+    return ModelSpec.from_dict({**spec, "horizon": spec.get("horizon", 0)}).gradient_cap
+
+
+def _cap_sums(weights: dict[str, np.ndarray], spec: Mapping[str, Any], cap: float) -> None:
+    """Bring the summed squared-gradient sums back under ``cap``, in place.
+
+    Each replica capped its own; the sum of their deltas can pass it. FTRL's weights stay
+    as merged: ``z`` is re-derived from ``w`` under the capped ``n``.
+    """
+    opt = spec.get("optimizer")
+    if opt == "adagrad":
+        for k in ("s1", "s1v"):
+            if k in weights:
+                np.minimum(weights[k], cap, out=weights[k])
+    if opt != "ftrl":
+        return
+    lr = _lr(spec)
+    l1, l2 = float(spec.get("l1", 0.0)), float(spec.get("l2", 0.0))
+    beta = float(spec.get("ftrl_beta", 1.0))
+    for wk, zk, nk, bias in (("w", "s1", "s2", True), ("V", "s1v", "s2v", False)):
+        if wk not in weights:
+            continue
+        w, z, n = weights[wk], weights[zk], weights[nk]
+        over = n > cap
+        if bias and over.flat[-1]:  # no L1/L2 on the bias
+            z.flat[-1] = -w.flat[-1] * (beta + math.sqrt(cap)) / lr
+            over.flat[-1] = False
+        moved = over & (w != 0.0)  # w = 0 (|z| <= l1) stays so under any n
+        denom = (beta + math.sqrt(cap)) / lr + l2
+        z[moved] = -w[moved] * denom - np.sign(w[moved]) * l1
+        n[over] = cap
+        if bias:
+            n.flat[-1] = min(n.flat[-1], cap)
 
 
 def _has_prior_offset(spec: Mapping[str, Any]) -> bool:
@@ -239,6 +277,9 @@ def apply(base: Mapping[str, Any], deltas: Sequence[Delta],
         if "V" in weights:
             weights["V"] = _ftrl_weights(weights["s1v"], weights["s2v"], lr, l1, l2, beta,
                                          np.asarray(base["weights"]["V"], np.float64), False)
+    cap = _gradient_cap(spec)
+    if math.isfinite(cap):
+        _cap_sums(weights, spec, cap)
     bs = base["scaler"]
     count, mean, m2 = combine_stats([(bs["count"], bs["mean"], bs["m2"])]
                                     + [d.scaler for d in deltas])

@@ -75,12 +75,12 @@ def _sigmoid(m):  # pragma: no cover - compiled
 
 
 @njit(inline="always", error_model="numpy")
-def _ftrl_coordinate(g, j, w, s1, s2, inv_lr, l1, l2, beta):  # pragma: no cover - compiled
+def _ftrl_coordinate(g, j, w, s1, s2, inv_lr, l1, l2, beta, cap):  # pragma: no cover
     """One FTRL-Proximal step of numeric weight ``j`` (``s1``: z, ``s2``: n), written
     out for the per-event loop: the same arithmetic as ``kernels.cpu``'s update."""
     wj = np.float64(w[j])
     s2j = np.float64(s2[j])
-    n_new = s2j + g * g
+    n_new = min(s2j + g * g, max(cap, s2j))
     sq_new = math.sqrt(n_new)
     zj = np.float64(s1[j]) + g - (sq_new - math.sqrt(s2j)) * inv_lr * wj
     wn = -(zj - math.copysign(l1, zj)) / ((beta + sq_new) * inv_lr + l2)
@@ -118,7 +118,7 @@ def per_event_linear(  # pragma: no cover - compiled
     n_cat = hashed.shape[1]
     big_d = w.shape[0] - 1
     logistic = loss == LOSS_LOGISTIC
-    lr, l1, l2, beta, eta = _opt_scalars(hyper, step)
+    lr, l1, l2, beta, cap, eta = _opt_scalars(hyper, step)
     power_t = hyper[H_POWER_T]
     ftrl = opt == OPT_FTRL
     inv_lr = 1.0 / lr
@@ -174,18 +174,18 @@ def per_event_linear(  # pragma: no cover - compiled
             eta = lr / (1.0 + step) ** power_t
         if ftrl and not csr:  # two loops, each branch-free, so that both vectorize
             for j in range(d):
-                _ftrl_coordinate(0.0 + coef * z[r, j], j, w, s1, s2, inv_lr, l1, l2, beta)
+                _ftrl_coordinate(0.0 + coef * z[r, j], j, w, s1, s2, inv_lr, l1, l2, beta, cap)
         elif ftrl:  # the CSR kernel accumulates gradients in a float32 scratch
             for j in range(d):
                 _ftrl_coordinate(np.float64(np.float32(0.0 + coef * z[r, j])), j, w, s1, s2,
-                                 inv_lr, l1, l2, beta)
+                                 inv_lr, l1, l2, beta, cap)
         else:
             for j in range(d):
                 g = 0.0 + coef * z[r, j]
                 if csr:  # the CSR kernel accumulates gradients in a float32 scratch
                     g = np.float64(np.float32(g))
                 wj, a, b = _update(np.float64(w[j]), np.float64(s1[j]), np.float64(s2[j]),
-                                   g, opt, lr, l1, l2, beta, eta)
+                                   g, opt, lr, l1, l2, beta, cap, eta)
                 w[j] = wj
                 s1[j] = a
                 s2[j] = b
@@ -203,12 +203,12 @@ def per_event_linear(  # pragma: no cover - compiled
                 if hashed[r, f] == i:
                     g32 = np.float32(np.float64(g32) + coef * one)
             wi, a, b = _update(np.float64(w[i]), np.float64(s1[i]), np.float64(s2[i]),
-                               np.float64(g32), opt, lr, l1, l2, beta, eta)
+                               np.float64(g32), opt, lr, l1, l2, beta, cap, eta)
             w[i] = wi
             s1[i] = a
             s2[i] = b
         wb, a, b = _update(np.float64(w[big_d]), np.float64(s1[big_d]), np.float64(s2[big_d]),
-                           0.0 + coef, opt, lr, 0.0, 0.0, beta, eta)
+                           0.0 + coef, opt, lr, 0.0, 0.0, beta, cap, eta)
         w[big_d] = wb
         s1[big_d] = a
         s2[big_d] = b

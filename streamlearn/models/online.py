@@ -111,7 +111,8 @@ class OnlineModel:
         self._loss = _LOSS[spec.task]
         self._opt = _OPT[spec.optimizer]
         self._hyper = np.array(
-            [spec.step_size / spec.step_norm, spec.l1, spec.l2, spec.power_t, spec.ftrl_beta],
+            [spec.step_size / spec.step_norm, spec.l1, spec.l2, spec.power_t, spec.ftrl_beta,
+             spec.gradient_cap],
             dtype=np.float64,
         )
         self.target = new_target()  # label statistics: see streamlearn.models.target
@@ -519,6 +520,8 @@ class OnlineModel:
             if int(state.get("state_version", 0)) < 2:  # keep the rule its weights learned by
                 spec_dict = dict(spec_dict, label_prior=False,
                                  update_rows=spec_dict.get("batch_size", 256))
+            if "horizon" not in spec_dict:  # written before the memory cap: keep no cap
+                spec_dict = dict(spec_dict, horizon=0)
             spec = ModelSpec.from_dict(spec_dict)
             model = cls(spec, device=device or "cpu")
             bk = model.backend

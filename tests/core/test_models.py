@@ -193,6 +193,40 @@ def test_regression_intercept_converges_to_a_target_mean_far_from_zero():
     assert rmse < 15.0, rmse  # noise sd is 10
 
 
+def test_the_default_horizon_keeps_up_with_a_concept_that_turns():
+    """The concept turns twice round the circle over 120,000 events: with the classic FTRL
+    rule (``horizon=0``) every weight's step shrinks as ``1/sqrt(updates)`` and the model
+    lags ever further; with the default horizon the squared-gradient sums stop at the cap
+    and the step with them, and the model keeps up."""
+    rng = np.random.default_rng(13)
+    n = 120_000
+    x, c = _stream(rng, n)
+    z = (x - x.mean(0)) / x.std(0)
+    theta = 4 * np.pi * np.arange(n) / n
+    logit = 2.0 * (np.cos(theta) * z[:, 0] + np.sin(theta) * z[:, 1]) + 0.8 * (c == 3)
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
+    default = ModelSpec(name="m", topic="t", numeric=("x",))
+    auc, top = {}, {}
+    for horizon in (default.horizon, 0):
+        spec = ModelSpec(name="turn", topic="t", numeric=("x0", "x1", "x2"),
+                         categorical=("c",), label="y", hash_bits=8, horizon=horizon)
+        model = OnlineModel(spec, device="cpu")
+        p = _feed(model, x, c, y)
+        auc[horizon], top[horizon] = roc_auc(y[-40000:], p[-40000:]), float(model.s2.max())
+    assert top[default.horizon] == default.gradient_cap and top[0] > 10 * top[default.horizon]
+    assert auc[default.horizon] > auc[0] + 0.005, auc
+
+
+def test_a_state_from_before_the_horizon_keeps_the_uncapped_rule():
+    spec = SPECS["binary"]
+    model = OnlineModel(spec, device="cpu")
+    _run(model, _events("binary", 2000))
+    state = model.to_state()
+    old = dict(state, spec={k: v for k, v in state["spec"].items() if k != "horizon"})
+    assert OnlineModel.from_state(old).spec.horizon == 0
+    assert OnlineModel.from_state(state).spec.horizon == spec.horizon
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "ftrl"])
 @pytest.mark.parametrize("task", ["binary", "regression"])
 def test_every_optimizer_learns_at_its_default_step(task, optimizer):
@@ -285,7 +319,7 @@ def test_process_many_equals_process_slice_by_slice(kind, optimizer):
     metrics, drift and counters; partly labelled and missing values included."""
     base = SPECS["binary" if kind == "dense" else kind]
     spec = ModelSpec.from_dict({**base.to_dict(), "optimizer": optimizer, "l1": 1e-4,
-                                "l2": 1e-3, "batch_size": 100})
+                                "l2": 1e-3, "batch_size": 100, "horizon": 400})
     if kind == "dense":
         spec = ModelSpec.from_dict({**spec.to_dict(), "categorical": []})
     events = _events(base.task, 6000, seed=3)
@@ -306,6 +340,9 @@ def test_process_many_equals_process_slice_by_slice(kind, optimizer):
     for name, arr in expected.items():
         np.testing.assert_array_equal(got[name], arr, err_msg=name)
     assert not np.isnan(got["drift.recent_mean"]).any()  # past the reference window
+    if optimizer != "sgd":  # the memory cap was reached, in both paths alike
+        acc = got["w.s1" if optimizer == "adagrad" else "w.s2"]
+        assert acc.max() == np.float32(spec.gradient_cap)
     for attr in ("version", "step", "n_seen", "n_learned"):
         assert getattr(fused, attr) == getattr(composed, attr), attr
     assert fused.drift_report() == composed.drift_report()

@@ -107,6 +107,32 @@ def test_merge_sums_statistics_exactly_and_fedavgs_weights(optimizer: str) -> No
     assert merged.n_learned == 1800
 
 
+@pytest.mark.parametrize("optimizer", ["ftrl", "adagrad"])
+def test_merged_sums_stay_under_the_cap_with_the_weights_as_merged(optimizer: str) -> None:
+    # Each replica caps its own squared-gradient sums (ModelSpec.horizon); the sum of their
+    # deltas can pass the cap, and the merge brings it back without moving the weights.
+    s = spec(optimizer, horizon=40)
+    cap = np.float32(s.gradient_cap)
+    a, b = OnlineModel(s), OnlineModel(s)
+    learn(a, events(1, 1200))
+    learn(b, events(2, 600))
+    sa, sb = a.to_state(), b.to_state()
+    acc = "s2" if optimizer == "ftrl" else "s1"
+    summed = np.asarray(sa["weights"][acc], np.float64) + sb["weights"][acc]
+    assert sa["weights"][acc].max() == cap and (summed > cap).any()
+    m = replicas.merge(fresh(s), {"ra": sa, "rb": sb}, merged_by="ra", now=0.0)
+    assert m["weights"][acc].max() == cap
+    if optimizer == "ftrl":  # w as from the uncapped sums (the bias aside: prior shifts)
+        z = np.asarray(sa["weights"]["s1"], np.float64) + sb["weights"]["s1"]
+        lr = s.step_size / s.step_norm
+        expect = -z / ((s.ftrl_beta + np.sqrt(summed)) / lr + s.l2)
+        over = (summed > cap)[:-1]
+        np.testing.assert_allclose(m["weights"]["w"][:-1][over], expect[:-1][over], rtol=1e-4)
+    merged = from_state(m)
+    learn(merged, events(3, 600))
+    assert getattr(merged, acc).max() == cap
+
+
 def test_adoption_counts_nothing_twice() -> None:
     """Ship, merge, keep learning, adopt, ship again, merge: every event counted once."""
     s = spec("ftrl")

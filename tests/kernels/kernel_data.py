@@ -28,10 +28,11 @@ class CSRBatch:
 
 
 def hyper(
-    lr: float = 0.1, l1: float = 0.0, l2: float = 0.0, power_t: float = 0.5, beta: float = 1.0
+    lr: float = 0.1, l1: float = 0.0, l2: float = 0.0, power_t: float = 0.5, beta: float = 1.0,
+    cap: float = np.inf,
 ) -> np.ndarray:
     """Build the float64 ``hyper`` vector."""
-    h = np.array([lr, l1, l2, power_t, beta], dtype=np.float64)
+    h = np.array([lr, l1, l2, power_t, beta, cap], dtype=np.float64)
     assert h.shape == (HYPER_LEN,)
     return h
 

@@ -462,3 +462,44 @@ def test_non_finite_input_still_resets_scratch(rng: np.random.Generator) -> None
     assert not grad.any()
     assert np.isnan(w).any()
     assert_allclose(w, rw, rtol=RTOL, atol=ATOL, equal_nan=True)
+
+
+# --------------------------------------------------------------------------- memory cap
+
+CAP_CASES = list(itertools.product(["dense", "csr"], LOSSES, [OPT_ADAGRAD, OPT_FTRL]))
+
+
+@pytest.mark.parametrize("case", CAP_CASES, ids=[f"{k}-loss{lo}-opt{o}" for k, lo, o in CAP_CASES])
+def test_capped_accumulators_match_reference_and_stop_at_the_cap(
+    rng: np.random.Generator, case: tuple
+) -> None:
+    # ModelSpec.horizon: a squared-gradient sum grows to the cap, then stays; one that
+    # starts above it (a merged or older state) neither grows nor shrinks.
+    kind, loss, opt = case
+    D, cap = 12, 0.05
+    h = hyper(lr=0.05, cap=cap)
+    w, s1, s2 = make_state(rng, (D + 1,), opt)
+    s1 *= 0.1  # AdaGrad's sums start in [0, 0.1): about half above the cap
+    acc0 = (s1 if opt == OPT_ADAGRAD else s2).copy()
+    rw, rs1, rs2 = copies(w, s1, s2)
+    grad = np.zeros(D + 1, np.float32)
+    for step in range(6):
+        if kind == "dense":
+            X, y = make_dense(rng, 16, D, loss)
+            got = cpu.linear_learn_dense(X, y, w, s1, s2, loss, opt, h, step)
+            want = reference.linear_learn_dense(X, y, rw, rs1, rs2, loss, opt, h, step)
+        else:
+            b = make_csr(rng, 16, D, loss=loss)
+            args = (b.indptr, b.indices, b.values, b.y)
+            got = cpu.linear_learn_csr(*args, w, s1, s2, loss, opt, h, step, grad)
+            want = reference.linear_learn_csr(*args, rw, rs1, rs2, loss, opt, h, step, grad)
+        assert_allclose(got, want, rtol=LOSS_RTOL)
+    assert_params_close(w, rw, "w")
+    assert_params_close(s1, rs1, "s1")
+    assert_params_close(s2, rs2, "s2")
+    acc = s1 if opt == OPT_ADAGRAD else s2
+    below = acc0 <= cap
+    assert (acc[below] <= np.float32(cap)).all()
+    assert (acc[below] == np.float32(cap)).any(), "no sum reached the cap: nothing tested"
+    assert_array_equal(acc[~below], acc0[~below])
+

@@ -222,6 +222,47 @@ def test_fm_matches_cpu(rng: np.random.Generator, case: tuple) -> None:
     assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
 
 
+CAP_CASES = list(itertools.product(["dense", "csr", "fm"], [OPT_ADAGRAD, OPT_FTRL]))
+
+
+@pytest.mark.parametrize("case", CAP_CASES, ids=[f"{k}-opt{o}" for k, o in CAP_CASES])
+def test_capped_accumulators_match_cpu(rng: np.random.Generator, case: tuple) -> None:
+    # ModelSpec.horizon's cap on the squared-gradient sums, on every kernel family.
+    kind, opt = case
+    D, k, cap = 10, 2, 0.02
+    h = hyper(lr=0.05, cap=cap)
+    w, s1, s2 = make_state(rng, (D + 1,), opt)
+    V, s1v, s2v = make_state(rng, (D, k), opt)
+    s1 *= 0.05
+    s1v *= 0.05
+    host = copies(w, s1, s2, V, s1v, s2v)
+    g, cg = np.zeros(D + 1, np.float32), np.zeros(D + 1, np.float32)
+    gv, cgv = np.zeros((D, k), np.float32), np.zeros((D, k), np.float32)
+    for step in range(4):
+        if kind == "dense":
+            X, y = make_dense(rng, 9, D, LOSS_SQUARED)
+            got = kcuda.linear_learn_dense(X, y, w, s1, s2, LOSS_SQUARED, opt, h, step)
+            want = cpu.linear_learn_dense(X, y, *host[:3], LOSS_SQUARED, opt, h, step)
+        else:
+            b = make_csr(rng, 9, D, loss=LOSS_SQUARED)
+            args = (b.indptr, b.indices, b.values, b.y)
+            if kind == "csr":
+                got = kcuda.linear_learn_csr(*args, w, s1, s2, LOSS_SQUARED, opt, h, step, g)
+                want = cpu.linear_learn_csr(*args, *host[:3], LOSS_SQUARED, opt, h, step, cg)
+            else:
+                got = kcuda.fm_learn_csr(*args, w, V, s1, s2, s1v, s2v, LOSS_SQUARED, opt, h,
+                                         step, g, gv)
+                cw, cs1, cs2, cV, cs1v, cs2v = host
+                want = cpu.fm_learn_csr(*args, cw, cV, cs1, cs2, cs1v, cs2v, LOSS_SQUARED, opt,
+                                        h, step, cg, cgv)
+        assert_allclose(got, want, rtol=LOSS_RTOL)
+    for name, a, c in zip(("w", "s1", "s2", "V", "s1v", "s2v"), (w, s1, s2, V, s1v, s2v), host,
+                          strict=True):
+        assert_params_close(a, c, name)
+    acc = s1 if opt == OPT_ADAGRAD else s2
+    assert (acc == np.float32(cap)).any(), "no sum reached the cap: nothing tested"
+
+
 # --------------------------------------------------------------------------- scaler
 
 

@@ -35,7 +35,7 @@ F32, F32_2 = nt.float32[::1], nt.float32[:, ::1]
 F64, F64_2 = nt.float64[::1], nt.float64[:, ::1]
 I64, I32 = nt.int64[::1], nt.int32[::1]
 INT, FLT = nt.int64, nt.float64
-OPT_ARGS = (INT, FLT, FLT, FLT, FLT, FLT)  # opt, lr, l1, l2, beta, eta_sgd
+OPT_ARGS = (INT, FLT, FLT, FLT, FLT, FLT, FLT)  # opt, lr, l1, l2, beta, cap, eta_sgd
 
 SIGNATURES = {
     "linear_predict_dense_kernel": (F32_2, F32, F32),
