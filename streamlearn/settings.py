@@ -198,6 +198,7 @@ class ModelSettings(_Section):
     l2: float = Field(1e-6, ge=0)
     power_t: float = Field(0.0, ge=0)
     ftrl_beta: float = Field(1.0, ge=0)
+    horizon: int = Field(2_000, ge=0, le=10**12)  # 0, or >= 2 (ModelSpec says why)
     batch_size: int = Field(256, ge=1, le=1_000_000)
     update_rows: int = Field(1, ge=1)
     label_prior: bool = True
