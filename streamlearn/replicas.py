@@ -16,13 +16,13 @@ exactly what it learned since it adopted ``B``, from events no other replica saw
   the labels' count/mean/M2, and the counters;
 * **averages** the deltas of SGD/AdaGrad weights and of FM factors, weighted by the
   labelled events each replica learned since its base (FedAvg);
-* brings the summed squared-gradient sums (FTRL's ``n``, AdaGrad's) back under the memory
-  cap (``ModelSpec.gradient_cap``): each replica capped its own, their summed deltas can
-  pass it; FTRL's ``z`` is re-derived there so that ``w`` stays as merged;
 * for FTRL **recomputes** ``w`` (and ``V``) from the merged ``z``, ``n``:
   ``w = -(z - sign(z) l1) / ((beta + sqrt(n)) / lr + l2)``, 0 when ``|z| <= l1``,
   no L1/L2 on the bias; coordinates nobody ever touched (``n = 0``) keep the base value
   (FM factors start random);
+* brings the summed squared-gradient sums (FTRL's ``n``, AdaGrad's) back under the memory
+  cap (``ModelSpec.gradient_cap``): each replica capped its own, their summed deltas can
+  pass it; FTRL's ``z`` is re-derived there so that ``w`` stays as merged;
 * shifts the logistic bias to the merged label prior: each shard's bias is first
   brought back to the base's prior offset (``target[3]``), then the merged bias is
   moved to the prior of the merged label statistics (:mod:`streamlearn.models.target`).
