@@ -1837,6 +1837,19 @@ def drift_streams(n: int) -> dict[str, RealStream]:
     return out
 
 
+def measure_streams(streams: dict[str, RealStream], wanted: set[str], out: list[RealRow],
+                    after_each: Callable[[], None] | None = None) -> None:
+    """Every wanted system on every stream, in table order, appended to ``out``."""
+    for name, rs in streams.items():
+        for system in REAL_RUNNERS:
+            if system in wanted:
+                t = time.perf_counter()
+                out.append(real_measure(rs, system))
+                progress(f"{name} {system}", t)
+        if after_each is not None:
+            after_each()
+
+
 def main_real(args: argparse.Namespace, versions: list[str]) -> int:
     global MIN_SECONDS
     MIN_SECONDS = args.min_seconds
@@ -1906,23 +1919,12 @@ def main_real(args: argparse.Namespace, versions: list[str]) -> int:
         with open(args.json, "w") as fh:
             json.dump(_finite(report), fh, indent=1, default=str)
 
-    for name, rs in streams.items():
-        for system in REAL_RUNNERS:
-            if system in wanted:
-                t = time.perf_counter()
-                rows.append(real_measure(rs, system))
-                progress(f"{name} {system}", t)
-        dump()
+    measure_streams(streams, wanted, rows, dump)
     print_real_tables(rows, streams)
     if args.drift_rows > 0:
         drifting = drift_streams(args.drift_rows)
-        drift_rows = []
-        for name, rs in drifting.items():
-            for system in REAL_RUNNERS:
-                if system in wanted:
-                    t = time.perf_counter()
-                    drift_rows.append(real_measure(rs, system))
-                    progress(f"{name} {system}", t)
+        drift_rows: list[RealRow] = []
+        measure_streams(drifting, wanted, drift_rows)
         print_real_tables(drift_rows, drifting,
                           "synthetic {task} streams with concept drift (river's generators; "
                           "not real data, not among the targets)")

@@ -89,3 +89,17 @@ def test_scikit_learn_anchor_repeats_run_to_run() -> None:
     s = real_data.load(real_data.BY_NAME["bananas"], max_rows=2000)
     np.testing.assert_array_equal(bench.real_sklearn(s, None).scores,
                                   bench.real_sklearn(s, None).scores)
+
+
+def test_drift_streams_generate_offline_with_a_target_per_row() -> None:
+    streams = bench.drift_streams(3000)
+    assert set(streams) == {"hyperplane_drift", "agrawal_drift", "friedman_drift"}
+    for s in streams.values():
+        assert len(s) == 3000 and s.numeric.shape == (3000, len(s.num_names))
+        assert np.isfinite(s.numeric).all() and np.isfinite(s.y).all()
+        if s.task == "binary":
+            assert set(np.unique(s.y).tolist()) == {0.0, 1.0}
+    # Agrawal switches its labelling function half-way; the two label different shares of
+    # the same kind of rows positive (0.615 and 0.253 in the first and last 1,000 here).
+    y = streams["agrawal_drift"].y
+    assert abs(y[:1000].mean() - y[-1000:].mean()) > 0.2
