@@ -113,11 +113,6 @@ def _lr(spec: Mapping[str, Any]) -> float:
     return float(s.step_size / s.step_norm)
 
 
-def _gradient_cap(spec: Mapping[str, Any]) -> float:
-    """``ModelSpec.gradient_cap``; a state written before ``horizon`` existed has none."""
-    return ModelSpec.from_dict({**spec, "horizon": spec.get("horizon", 0)}).gradient_cap
-
-
 def _cap_sums(weights: dict[str, np.ndarray], spec: Mapping[str, Any], cap: float) -> None:
     """Bring the summed squared-gradient sums back under ``cap``, in place.
 
@@ -277,7 +272,7 @@ def apply(base: Mapping[str, Any], deltas: Sequence[Delta],
         if "V" in weights:
             weights["V"] = _ftrl_weights(weights["s1v"], weights["s2v"], lr, l1, l2, beta,
                                          np.asarray(base["weights"]["V"], np.float64), False)
-    cap = _gradient_cap(spec)
+    cap = ModelSpec.from_dict(dict(spec)).gradient_cap
     if math.isfinite(cap):
         _cap_sums(weights, spec, cap)
     bs = base["scaler"]

@@ -520,8 +520,9 @@ class OnlineModel:
             if int(state.get("state_version", 0)) < 2:  # keep the rule its weights learned by
                 spec_dict = dict(spec_dict, label_prior=False,
                                  update_rows=spec_dict.get("batch_size", 256))
-            if "horizon" not in spec_dict:  # written before the memory cap: keep no cap
-                spec_dict = dict(spec_dict, horizon=0)
+            # A state written before the memory cap takes the default ``horizon`` (the
+            # spec fills it in), so an upgrade keeps its model: sums already past the cap
+            # stop growing, so its steps stop shrinking where they stand.
             spec = ModelSpec.from_dict(spec_dict)
             model = cls(spec, device=device or "cpu")
             bk = model.backend

@@ -217,14 +217,24 @@ def test_the_default_horizon_keeps_up_with_a_concept_that_turns():
     assert auc[default.horizon] > auc[0] + 0.005, auc
 
 
-def test_a_state_from_before_the_horizon_keeps_the_uncapped_rule():
-    spec = SPECS["binary"]
-    model = OnlineModel(spec, device="cpu")
-    _run(model, _events("binary", 2000))
+def test_a_state_from_before_the_horizon_is_restored_and_its_steps_stop_shrinking():
+    # An upgrade keeps the model: the spec of a state written without ``horizon`` takes the
+    # default (so the worker's configured spec still matches), the weights are kept, and
+    # sums already past the cap neither grow nor shrink.
+    old_spec = ModelSpec.from_dict({**SPECS["binary"].to_dict(), "horizon": 0})
+    model = OnlineModel(old_spec, device="cpu")
+    _run(model, _events("binary", 20000))
     state = model.to_state()
-    old = dict(state, spec={k: v for k, v in state["spec"].items() if k != "horizon"})
-    assert OnlineModel.from_state(old).spec.horizon == 0
-    assert OnlineModel.from_state(state).spec.horizon == spec.horizon
+    state["spec"] = {k: v for k, v in state["spec"].items() if k != "horizon"}
+    restored = OnlineModel.from_state(state)
+    assert restored.spec == SPECS["binary"]
+    np.testing.assert_array_equal(restored.w, model.w)
+    cap = SPECS["binary"].gradient_cap
+    before = restored.s2.copy()
+    assert before.max() > cap  # learned uncapped past it
+    _run(restored, _events("binary", 2000, seed=5))
+    past = before > cap
+    np.testing.assert_array_equal(restored.s2[past], before[past])
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "ftrl"])
