@@ -77,6 +77,13 @@ def _opt_scalars(hyper, step):
     return lr, hyper[H_L1], hyper[H_L2], hyper[H_FTRL_BETA], hyper[H_CAP], eta
 
 
+@njit(inline="always")
+def capped(grown, old, cap):  # pragma: no cover - compiled
+    """A squared-gradient sum after a step: ``grown``, but never past ``max(cap, old)``
+    (the memory cap, ``ModelSpec.horizon``: it stops growing, and never shrinks)."""
+    return min(grown, max(cap, old))
+
+
 @njit(cache=True)
 def _update(wi, s1i, s2i, g, opt, lr, l1, l2, beta, cap, eta_sgd):
     """One coordinate step in float64; returns the new ``(w, s1, s2)``.
@@ -85,7 +92,7 @@ def _update(wi, s1i, s2i, g, opt, lr, l1, l2, beta, cap, eta_sgd):
     """
     if opt == OPT_FTRL:
         # One division: ``sigma`` and the denominator share ``1 / lr`` and ``sqrt(n_new)``.
-        n_new = min(s2i + g * g, max(cap, s2i))  # the memory cap (ModelSpec.horizon)
+        n_new = capped(s2i + g * g, s2i, cap)
         sq_new = math.sqrt(n_new)
         inv_lr = 1.0 / lr
         z = s1i + g - (sq_new - math.sqrt(s2i)) * inv_lr * wi
@@ -94,7 +101,7 @@ def _update(wi, s1i, s2i, g, opt, lr, l1, l2, beta, cap, eta_sgd):
         return -(z - math.copysign(l1, z)) / ((beta + sq_new) * inv_lr + l2), z, n_new
     g = g + l2 * wi
     if opt == OPT_ADAGRAD:
-        s1i = min(s1i + g * g, max(cap, s1i))
+        s1i = capped(s1i + g * g, s1i, cap)
         eta = lr / (math.sqrt(s1i) + ADAGRAD_EPS)
     else:
         eta = eta_sgd

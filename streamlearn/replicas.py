@@ -113,38 +113,6 @@ def _lr(spec: Mapping[str, Any]) -> float:
     return float(s.step_size / s.step_norm)
 
 
-def _cap_sums(weights: dict[str, np.ndarray], spec: Mapping[str, Any], cap: float) -> None:
-    """Bring the summed squared-gradient sums back under ``cap``, in place.
-
-    Each replica capped its own; the sum of their deltas can pass it. FTRL's weights stay
-    as merged: ``z`` is re-derived from ``w`` under the capped ``n``.
-    """
-    opt = spec.get("optimizer")
-    if opt == "adagrad":
-        for k in ("s1", "s1v"):
-            if k in weights:
-                np.minimum(weights[k], cap, out=weights[k])
-    if opt != "ftrl":
-        return
-    lr = _lr(spec)
-    l1, l2 = float(spec.get("l1", 0.0)), float(spec.get("l2", 0.0))
-    beta = float(spec.get("ftrl_beta", 1.0))
-    for wk, zk, nk, bias in (("w", "s1", "s2", True), ("V", "s1v", "s2v", False)):
-        if wk not in weights:
-            continue
-        w, z, n = weights[wk], weights[zk], weights[nk]
-        over = n > cap
-        if bias and over.flat[-1]:  # no L1/L2 on the bias
-            z.flat[-1] = -w.flat[-1] * (beta + math.sqrt(cap)) / lr
-            over.flat[-1] = False
-        moved = over & (w != 0.0)  # w = 0 (|z| <= l1) stays so under any n
-        denom = (beta + math.sqrt(cap)) / lr + l2
-        z[moved] = -w[moved] * denom - np.sign(w[moved]) * l1
-        n[over] = cap
-        if bias:
-            n.flat[-1] = min(n.flat[-1], cap)
-
-
 def _has_prior_offset(spec: Mapping[str, Any]) -> bool:
     return spec.get("task") != "regression" and bool(spec.get("label_prior", True))
 
@@ -242,6 +210,20 @@ def _ftrl_weights(z: np.ndarray, n: np.ndarray, lr: float, l1: float, l2: float,
     return np.where(n > 0, w, base)  # never touched: keep the base (FM factors start random)
 
 
+def _ftrl_cap(w: np.ndarray, z: np.ndarray, n: np.ndarray, cap: float, lr: float, l1: float,
+              l2: float, beta: float, bias: bool) -> None:
+    """Bring ``n`` back under ``cap`` in place, ``z`` re-derived so that ``w`` (as
+    :func:`_ftrl_weights` gave it) stays: each replica capped its own sums, and the sum of
+    their deltas can pass the cap.  ``w = 0`` (``|z| <= l1``) stays so under any ``n``."""
+    moved = (n > cap) & (w != 0.0)
+    l1s = np.full(n.shape, l1)
+    l2s = np.full(n.shape, l2)
+    if bias:  # the bias has no L1/L2
+        l1s[-1] = l2s[-1] = 0.0
+    z[moved] = (-w * ((beta + math.sqrt(cap)) / lr + l2s) - np.sign(w) * l1s)[moved]
+    np.minimum(n, cap, out=n)
+
+
 def apply(base: Mapping[str, Any], deltas: Sequence[Delta],
           alphas: Sequence[float] | None = None) -> dict[str, Any]:
     """``base`` plus ``deltas``: sums for additive statistics, ``alphas``-weighted sums
@@ -263,18 +245,20 @@ def apply(base: Mapping[str, Any], deltas: Sequence[Delta],
             for d in deltas:
                 acc += d.arrays[k]
         weights[k] = acc
+    cap = ModelSpec.from_dict(dict(spec)).gradient_cap  # the memory cap (inf: none)
     if spec.get("optimizer") == "ftrl":
         lr = _lr(spec)
         l1, l2 = float(spec.get("l1", 0.0)), float(spec.get("l2", 0.0))
         beta = float(spec.get("ftrl_beta", 1.0))
-        weights["w"] = _ftrl_weights(weights["s1"], weights["s2"], lr, l1, l2, beta,
-                                     np.asarray(base["weights"]["w"], np.float64), True)
-        if "V" in weights:
-            weights["V"] = _ftrl_weights(weights["s1v"], weights["s2v"], lr, l1, l2, beta,
-                                         np.asarray(base["weights"]["V"], np.float64), False)
-    cap = ModelSpec.from_dict(dict(spec)).gradient_cap
-    if math.isfinite(cap):
-        _cap_sums(weights, spec, cap)
+        for wk, zk, nk, bias in (("w", "s1", "s2", True), ("V", "s1v", "s2v", False)):
+            if wk in weights:
+                weights[wk] = _ftrl_weights(weights[zk], weights[nk], lr, l1, l2, beta,
+                                            np.asarray(base["weights"][wk], np.float64), bias)
+                _ftrl_cap(weights[wk], weights[zk], weights[nk], cap, lr, l1, l2, beta, bias)
+    elif spec.get("optimizer") == "adagrad":
+        for k in ("s1", "s1v"):
+            if k in weights:
+                np.minimum(weights[k], cap, out=weights[k])
     bs = base["scaler"]
     count, mean, m2 = combine_stats([(bs["count"], bs["mean"], bs["m2"])]
                                     + [d.scaler for d in deltas])

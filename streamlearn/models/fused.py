@@ -32,6 +32,7 @@ from streamlearn.kernels.cpu import (
     _loss_dloss,
     _opt_scalars,
     _update,
+    capped,
     fm_learn_csr,
     fm_predict_csr,
     linear_learn_csr,
@@ -80,7 +81,7 @@ def _ftrl_coordinate(g, j, w, s1, s2, inv_lr, l1, l2, beta, cap):  # pragma: no 
     out for the per-event loop: the same arithmetic as ``kernels.cpu``'s update."""
     wj = np.float64(w[j])
     s2j = np.float64(s2[j])
-    n_new = min(s2j + g * g, max(cap, s2j))
+    n_new = capped(s2j + g * g, s2j, cap)
     sq_new = math.sqrt(n_new)
     zj = np.float64(s1[j]) + g - (sq_new - math.sqrt(s2j)) * inv_lr * wj
     wn = -(zj - math.copysign(l1, zj)) / ((beta + sq_new) * inv_lr + l2)
