@@ -300,6 +300,12 @@ def pool_metrics(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def moved(state: Mapping[str, Any], ref: Mapping[str, Any]) -> bool:
+    """Whether ``state`` holds learning that ``ref`` lacks: events seen (the scaler moves
+    on unlabelled ones too) or labels learned (delayed labels join without a new event)."""
+    return any(int(state[k]) > int(ref[k]) for k in ("n_seen", "n_learned"))
+
+
 def eligible(base: Mapping[str, Any], shards: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Replicas whose shard's delta is relative to ``base`` (sorted)."""
     bid = merged_id(base) if meta(base) else ROOT_ID

@@ -362,7 +362,7 @@ class MergeLoop:
             if state is not None:
                 shards[r] = state
         names = replicas.eligible(base, shards)
-        if not any(int(shards[r]["n_learned"]) > int(base["n_learned"]) for r in names):
+        if not any(replicas.moved(shards[r], base) for r in names):
             return
         t0 = time.perf_counter()
         new = await asyncio.to_thread(replicas.merge, base, shards, merged_by=rt.replica,
@@ -384,7 +384,7 @@ class MergeLoop:
 
     async def retire(self, timeout_s: float) -> None:
         """At a clean stop, after the last snapshot: wait (bounded) until a merge counts
-        this replica's last shard, merging it ourselves when we are the merger."""
+        what this replica learned, merging it ourselves when we are the merger."""
         rt = self.runtime
         deadline = time.monotonic() + timeout_s
         for spec in rt.settings.specs:
@@ -395,22 +395,34 @@ class MergeLoop:
                                                      time.time()) if r != rt.replica]
                 if merged is None and not others:
                     break  # alone: nothing to hand over
-                inc = dict(replicas.meta(merged or {}).get("included", {})).get(rt.replica)
-                if inc is not None and str(inc.get("base_id")) == lineage.base_id and int(
-                        inc.get("ship", -1)) >= lineage.ship:
-                    log.info("last shard of %s counted by merge v%d", name,
+                last = lineage.shipped.get(lineage.ship)
+                if last is None or replicas.base_id(last) != lineage.base_id:
+                    # Adopted a merge since the last ship (here or in run()): what is not
+                    # counted yet must be shipped on the new base, or no merge can take it.
+                    await rt.publish_snapshots(force=True)
+                    last = lineage.shipped.get(lineage.ship)
+                if last is not None and self._handed_over(merged, lineage, last, rt.replica):
+                    log.info("last shard of %s handed over (merged v%d)", name,
                              replicas.merged_version(merged))
                     break
-                before = lineage.base_id
                 await self.tick(name)
-                if lineage.base_id != before:  # adopted a newer merge: ship on it
-                    await rt.publish_snapshots(force=True)
                 await asyncio.sleep(0.2)
             else:
                 if self.feed.caught_up:  # the deadline: what no merge counted is lost
                     log.warning("last shard of %s not counted by a merge within %.1f s: its "
                                 "learning since the last merge leaves with this replica",
                                 name, timeout_s)
+
+    @staticmethod
+    def _handed_over(merged: dict[str, Any] | None, lineage: Lineage, last: dict[str, Any],
+                     replica: str) -> bool:
+        """Whether no learning of this replica is left uncounted: a merge counted its last
+        ship, or nothing was learned since its base (whose own part a merge counted)."""
+        inc = dict(replicas.meta(merged or {}).get("included", {})).get(replica)
+        if inc is not None and str(inc.get("base_id")) == lineage.base_id and int(
+                inc.get("ship", -1)) >= lineage.ship:
+            return True
+        return lineage.base is not None and not replicas.moved(last, lineage.base)
 
     @staticmethod
     def _newer(merged: dict[str, Any], lineage: Lineage) -> bool:

@@ -10,7 +10,7 @@ import numpy as np
 from streamlearn import replicas
 from streamlearn.config import ModelSpec
 from streamlearn.models import OnlineModel
-from streamlearn.services.worker.merging import SHIPS_KEPT, Lineage
+from streamlearn.services.worker.merging import SHIPS_KEPT, Lineage, MergeLoop
 from streamlearn.synthetic import FraudStream
 
 SPEC = ModelSpec(name="m", topic="t", label="is_fraud", numeric=("amount", "hour"),
@@ -78,3 +78,28 @@ def test_a_restarted_replica_rebases_exactly_with_the_ship_found_on_the_topic() 
     model, lin2 = restarted()
     assert lin2.adopt(model, "a", merged) == "oldest"  # ship 1 not found: the loss is bounded
     assert model.n_learned == 1000
+
+
+def test_a_retiring_replica_is_done_once_nothing_it_learned_is_uncounted() -> None:
+    """MergeLoop.retire waits for this: a merge counted the last ship, or the replica
+    learned nothing since the merge it adopted (a later ship on it holds no news)."""
+    done = MergeLoop._handed_over
+    fresh = OnlineModel(SPEC).to_state()
+    a, lin = OnlineModel(SPEC), Lineage(base=fresh)
+    learn(a, 1)
+    ship1 = snapshot(a, lin, "a")
+    assert not done(None, lin, ship1, "a")  # learned, nothing merged yet
+    m1 = replicas.merge(fresh, {"a": ship1}, merged_by="a", now=0.0)
+    assert done(m1, lin, ship1, "a")
+    lin.adopt(a, "a", m1)
+    idle = snapshot(a, lin, "a")  # shipped on m1 (the heartbeat) with nothing new
+    assert replicas.meta(m1)["included"]["a"]["ship"] < lin.ship
+    assert done(m1, lin, idle, "a")
+    unlabelled = FraudStream(seed=4).take(100)
+    for e in unlabelled:
+        e.pop("is_fraud")
+    a.process_many(a.vectorizer.transform_many(unlabelled)[0])
+    news = snapshot(a, lin, "a")  # no label learned, but the scaler moved: it waits
+    assert news["n_learned"] == m1["n_learned"] and not done(m1, lin, news, "a")
+    m2 = replicas.merge(m1, {"a": news}, merged_by="a", now=1.0)  # the merger takes it
+    assert m2["n_seen"] == 600 and done(m2, lin, news, "a")
