@@ -327,9 +327,9 @@ def _collect(meta: Any, limits: Limits) -> list[_ArraySpec]:
 
 
 class _Zstd:
-    """Format 2's body read like :class:`_Inflater`'s: the metadata, then the blob, each
-    decompressed only once its declared size is within the limits the caller checks
-    (``take`` refuses a size other than the one declared)."""
+    """Format 2's body: sizes up front, then the metadata and the blob compressed apart;
+    each part is decompressed only when asked for, once its declared size is known to be
+    within the limits the caller checks."""
 
     def __init__(self, body: bytes) -> None:
         if len(body) < _SIZES.size:
@@ -339,25 +339,26 @@ class _Zstd:
         self._zblob = body[_SIZES.size + zmeta_len :]
         if len(self._zmeta) < zmeta_len:
             raise SnapshotError("snapshot body is truncated", "truncated")
-        self._step = 0
 
-    def take(self, n: int) -> bytes:
-        step, self._step = self._step, self._step + 1
-        if step == 0:  # the 4-byte metadata length of format 1's layout
-            return struct.pack("<I", self._meta_len)
-        if step == 1:
-            return self._inflate(self._zmeta, n, self._meta_len)
-        if step == 2:
-            if n < self._blob_len:
-                raise SnapshotError("snapshot decompresses to more bytes than it declares",
-                                    "too_large")
-            return self._inflate(self._zblob, self._blob_len, self._blob_len)
-        return b""
+    def meta_len(self) -> int:
+        return self._meta_len
+
+    def meta(self, n: int) -> bytes:
+        return self._inflate(self._zmeta, self._meta_len)
+
+    def blob(self, n: int) -> bytes:
+        """The blob, of its declared size: more than ``n`` is refused unread, fewer
+        comes back short (the caller names it truncated)."""
+        if self._blob_len > n:
+            raise SnapshotError("snapshot decompresses to more bytes than it declares",
+                                "too_large")
+        return self._inflate(self._zblob, self._blob_len)
+
+    def finished(self) -> bool:
+        return True  # each part was decompressed to exactly its declared size
 
     @staticmethod
-    def _inflate(data: bytes, n: int, declared: int) -> bytes:
-        if n != declared:
-            raise SnapshotError("snapshot sizes disagree", "undecodable")
+    def _inflate(data: bytes, n: int) -> bytes:
         if not n:
             return b""
         try:
@@ -365,18 +366,31 @@ class _Zstd:
         except (OSError, ValueError, pa.ArrowException) as exc:
             raise SnapshotError(f"snapshot body unreadable: {exc}", "undecodable") from exc
 
-    def finished(self) -> bool:
-        return self._step >= 3
-
 
 class _Inflater:
-    """Incremental zlib decompression that never produces more than asked for."""
+    """Format 1's body, one zlib stream: a 4-byte metadata length, the metadata, the
+    blob; decompressed incrementally, never more than asked for."""
 
     def __init__(self, body: bytes) -> None:
         self._z = zlib.decompressobj()
         self._tail = body
 
-    def take(self, n: int) -> bytes:
+    def meta_len(self) -> int:
+        head = self._take(4)
+        if len(head) < 4:
+            raise SnapshotError("snapshot body is truncated", "truncated")
+        return int(struct.unpack("<I", head)[0])
+
+    def meta(self, n: int) -> bytes:
+        return self._take(n)
+
+    def blob(self, n: int) -> bytes:
+        return self._take(n)
+
+    def finished(self) -> bool:
+        return not self._take(1) and self._z.eof and not self._z.unused_data
+
+    def _take(self, n: int) -> bytes:
         out = bytearray()
         try:
             while len(out) < n and (self._tail or not self._z.eof):
@@ -389,9 +403,6 @@ class _Inflater:
         except zlib.error as exc:
             raise SnapshotError(f"snapshot body unreadable: {exc}", "undecodable") from exc
         return bytes(out)
-
-    def finished(self) -> bool:
-        return not self.take(1) and self._z.eof and not self._z.unused_data
 
 
 def decode(
@@ -451,16 +462,13 @@ def decode(
     return _decode_body(reader, limits, vet)
 
 
-def _decode_body(inflater: _Inflater | _Zstd, limits: Limits,
+def _decode_body(body: _Inflater | _Zstd, limits: Limits,
                  vet: Callable[[dict[str, Any]], Limits | None] | None) -> dict[str, Any]:
-    head = inflater.take(4)
-    if len(head) < 4:
-        raise SnapshotError("snapshot body is truncated", "truncated")
-    (meta_len,) = struct.unpack("<I", head)
+    meta_len = body.meta_len()
     if meta_len > min(limits.max_meta_bytes, limits.max_decoded_bytes):
         raise SnapshotError(f"snapshot metadata of {meta_len} bytes is over the limit of "
                             f"{limits.max_meta_bytes}", "too_large")
-    meta_raw = inflater.take(meta_len)
+    meta_raw = body.meta(meta_len)
     if len(meta_raw) < meta_len:
         raise SnapshotError("snapshot metadata is truncated", "truncated")
     try:
@@ -477,10 +485,10 @@ def _decode_body(inflater: _Inflater | _Zstd, limits: Limits,
     if blob_len + meta_len > limits.max_decoded_bytes or dense > limits.max_decoded_bytes:
         raise SnapshotError(f"snapshot arrays need {max(blob_len, dense)} bytes, over the "
                             f"limit of {limits.max_decoded_bytes}", "too_large")
-    blob = inflater.take(blob_len)
+    blob = body.blob(blob_len)
     if len(blob) < blob_len:
         raise SnapshotError("snapshot arrays are truncated", "truncated")
-    if not inflater.finished():
+    if not body.finished():
         raise SnapshotError("snapshot decompresses to more bytes than it declares",
                             "too_large")
     view = memoryview(blob)
