@@ -1799,7 +1799,7 @@ def dense_real_stream(n: int, seed: int) -> RealStream:
     s = make_dense(n, seed, lr=0.0)  # lr: unused here (streamlearn runs at spec defaults)
     ds = DataSet("synthetic_dense", "synthetic:make_dense", "binary", "y", tuple(s.num_names), ())
     codes = np.empty((n, 0), dtype=np.int32)
-    return RealStream(ds, s.numeric, codes, [], s.y.astype(np.float64), s.num_names)
+    return RealStream(ds, s.numeric, codes, [], s.y.astype(np.float64), s.num_names, [])
 
 
 def drift_streams(n: int) -> dict[str, RealStream]:
@@ -1833,7 +1833,7 @@ def drift_streams(n: int) -> dict[str, RealStream]:
         names = [f"x{k}" for k in keys]
         ds = DataSet(name, f"river:synth.{type(gen).__name__}", task, "y",  # type: ignore[arg-type]
                      tuple(names), (), note="synthetic, concept drift")
-        out[name] = RealStream(ds, X, np.empty((n, 0), dtype=np.int32), [], y, names)
+        out[name] = RealStream(ds, X, np.empty((n, 0), dtype=np.int32), [], y, names, [])
     return out
 
 

