@@ -409,9 +409,10 @@ class MergeLoop:
                 await asyncio.sleep(0.2)
             else:
                 if self.feed.caught_up:  # the deadline: what no merge counted is lost
-                    log.warning("last shard of %s not counted by a merge within %.1f s: its "
-                                "learning since the last merge leaves with this replica",
-                                name, timeout_s)
+                    log.warning("last shard of %s not counted by a merge within %.1f s (no "
+                                "merger left?): its learning since the last merge is missing "
+                                "from the merged model until this replica, restarted with its "
+                                "checkpoint, ships it again", name, timeout_s)
 
     @staticmethod
     def _handed_over(merged: dict[str, Any] | None, lineage: Lineage, last: dict[str, Any],
