@@ -410,9 +410,9 @@ class MergeLoop:
             else:
                 if self.feed.caught_up:  # the deadline: what no merge counted is lost
                     log.warning("last shard of %s not counted by a merge within %.1f s (no "
-                                "merger left?): its learning since the last merge is missing "
-                                "from the merged model until this replica, restarted with its "
-                                "checkpoint, ships it again", name, timeout_s)
+                                "merger left?): its learning since the last merge is not in "
+                                "the merged model; this replica's checkpoint keeps it for a "
+                                "restart", name, timeout_s)
 
     @staticmethod
     def _handed_over(merged: dict[str, Any] | None, lineage: Lineage, last: dict[str, Any],
