@@ -153,7 +153,7 @@ class ModelSpec:
         data sets (README, Learning quality): 1 (Vowpal Wabbit's rule) crawled on short
         streams of many fields (attrition, 31 fields: 0.038 AUC behind Vowpal Wabbit),
         0.5 overshot elsewhere (hotel_rates RMSE 31.8 against 19.8); 0.75 lost neither way,
-        and then met 11 of 11 targets on data sets it was not chosen on (1: 8 of 11).
+        and then met 10 of 11 targets on data sets it was not chosen on (1: 7 of 11).
     fm_init_std
         Standard deviation of the factorization machine's initial factors.
     drift_detector, drift_params
