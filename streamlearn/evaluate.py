@@ -704,6 +704,31 @@ class TableFile:
         if not first.strip():
             raise EvaluateError(f"{self.path}: empty CSV file (no header line)")
 
+    def kinds(self) -> dict[str, str]:
+        """Each column's kind by its type, ``numeric`` or ``categorical`` (text, booleans,
+        and columns empty in the rows read): Parquet's schema, or the types pyarrow infers
+        from the first block of a CSV (so a column numeric there that later holds text
+        is reported when it is read, naming the column and the row)."""
+        import pyarrow as pa
+
+        if self.kind == "parquet":
+            schema = self._pq.schema_arrow
+        else:
+            import pyarrow.csv as pacsv
+
+            try:
+                schema = pacsv.open_csv(
+                    self._input(), read_options=pacsv.ReadOptions(block_size=self.csv_block_bytes),
+                    parse_options=pacsv.ParseOptions(delimiter=self._delimiter)).schema
+            except pa.ArrowInvalid as exc:
+                raise self._csv_error(str(exc)) from None
+            finally:
+                if self._raw is not None:
+                    self._raw.close()
+        numeric = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal)
+        return {f.name: "numeric" if any(t(f.type) for t in numeric) else "categorical"
+                for f in schema}
+
     def progress(self) -> tuple[float, float | None, str]:
         """``(done, total, unit)`` for a progress bar: bytes for CSV, rows for Parquet.
 

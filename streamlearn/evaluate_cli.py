@@ -7,6 +7,7 @@ command runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -47,8 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                            "one reading --topic)")
     spec.add_argument("--numeric", default=None, metavar="A,B",
                       help="numeric fields; with --categorical, the spec comes from flags "
-                           "alone (the config is not read)")
-    spec.add_argument("--categorical", default=None, metavar="C,D", help="categorical fields")
+                           "alone (the config is not read); '*': every other column of a "
+                           "numeric type in the file")
+    spec.add_argument("--categorical", default=None, metavar="C,D",
+                      help="categorical fields; '*': every other column of another type")
+    spec.add_argument("--exclude", default="", metavar="A,B",
+                      help="columns that '*' leaves out (ids, fields that give the label away)")
     spec.add_argument("--label", default="", help="label column")
     spec.add_argument("--task", default="", choices=("", "binary", "regression", "ranking"))
     spec.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -89,9 +94,8 @@ def _spec(args: argparse.Namespace) -> Any:
     from streamlearn.settings import load_settings
 
     changes = [f"{k}={v}" for k, v in (("task", args.task), ("label", args.label)) if v]
-    for key in ("numeric", "categorical"):
-        if getattr(args, key) is not None:
-            changes.append(f"{key}={getattr(args, key)}")
+    for key, value in _fields(args).items():
+        changes.append(f"{key}={value}")
     changes += args.set
     from_flags = args.numeric is not None or args.categorical is not None
     specs = [] if from_flags else load_settings(args.config).specs
@@ -115,6 +119,37 @@ def _spec(args: argparse.Namespace) -> Any:
     else:
         chosen = [s for s in specs if args.topic and s.topic == args.topic] or specs
     return spec_with(chosen[0].to_dict(), changes)
+
+
+def _fields(args: argparse.Namespace) -> dict[str, str]:
+    """``--numeric``/``--categorical`` as given, ``*`` replaced by the file's other columns
+    of that kind (not the label, not ``--exclude``, not the other flag's columns)."""
+    from streamlearn.config import ModelSpec
+    from streamlearn.evaluate import EvaluateError, TableFile
+
+    given = {k: getattr(args, k) for k in ("numeric", "categorical")
+             if getattr(args, k) is not None}
+    if "*" not in given.values():
+        if args.exclude:
+            raise EvaluateError("--exclude applies to --numeric '*' or --categorical '*'")
+        return given
+    if not args.file:
+        raise EvaluateError("'*' takes the columns of a file: give a CSV or Parquet file")
+    kinds = TableFile(args.file, {}).kinds()
+    excluded = {c.strip() for c in args.exclude.split(",") if c.strip()}
+    unknown = sorted(excluded - set(kinds))
+    if unknown:
+        raise EvaluateError(f"--exclude {unknown[0]}: no such column in {args.file}")
+    named = {c.strip() for v in given.values() if v != "*" for c in v.split(",")}
+    sets = dict(a.split("=", 1) for a in args.set if "=" in a)
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelSpec)}
+    taken = excluded | named | {args.label or defaults["label"],
+                                sets.get("id_field", defaults["id_field"])}
+    for key, value in given.items():
+        if value == "*":
+            given[key] = ",".join(c for c, kind in kinds.items()
+                                  if kind == key and c not in taken)
+    return given
 
 
 def _bar(args: argparse.Namespace, desc: str, unit: str, total: float | None) -> Any:

@@ -283,6 +283,47 @@ def test_cli_spec_from_config(files: dict[str, Path], tmp_path: Path,
     assert rc == 2 and "column 'label' (label in the model spec) is not in" in err
 
 
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_cli_star_takes_every_other_column_of_its_kind(fmt: str, files: dict[str, Path],
+                                                       tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    """``*`` reads the file's types: the label, the spec's id field and ``--exclude`` are
+    left out; the replay is the one the columns named one by one give."""
+    star, named = tmp_path / "star.json", tmp_path / "named.json"
+    rest = FLAGS[4:]  # --label, the --set flags, -q
+    rc, _, err = _run(["evaluate", str(files[fmt]), "--numeric", "*", "--categorical", "*",
+                       "--exclude", "card_id,merchant_id,ts", *rest, "--json", str(star)],
+                      capsys)
+    assert rc == 0, err
+    rc, _, err = _run(["evaluate", str(files[fmt]), *FLAGS, "--json", str(named)], capsys)
+    assert rc == 0, err
+    got, want = (json.loads(p.read_text())["variants"][0] for p in (star, named))
+    assert (got["spec"]["numeric"], got["spec"]["categorical"]) == (
+        list(NUMERIC), list(CATEGORICAL))
+    assert got["overall"] == want["overall"]
+    # A '*' next to named columns takes the rest; ids and text never land in numeric.
+    rc, _, err = _run(["evaluate", str(files[fmt]), "--numeric", "amount,hour",
+                       "--categorical", "*", "--exclude", "card_id,merchant_id", *rest,
+                       "--json", str(star)], capsys)
+    assert rc == 0, err
+    spec = json.loads(star.read_text())["variants"][0]["spec"]
+    assert spec["numeric"] == ["amount", "hour"] and spec["categorical"] == list(CATEGORICAL)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--numeric", "*", "--exclude", "nope"], "--exclude nope: no such column in"),
+    (["--numeric", "amount", "--exclude", "ts"], "--exclude applies to --numeric '*'"),
+])
+def test_cli_star_errors(args: list[str], message: str, files: dict[str, Path],
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _, err = _run(["evaluate", str(files["csv"]), *args, "--label", "is_fraud", "-q"],
+                      capsys)
+    assert rc == 2 and message in err, err
+    rc, _, err = _run(["evaluate", "--topic", "t", "--numeric", "*", "-q"], capsys)
+    assert rc == 2 and "'*' takes the columns of a file" in err
+
+
 def _write(path: Path, text: str | bytes) -> Path:
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return path
