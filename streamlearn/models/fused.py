@@ -160,10 +160,8 @@ def per_event_linear(  # pragma: no cover - compiled
         if math.isnan(yv):
             continue
         yy = np.float64(yv)
-        if prior:  # target_update on one label
-            mb = (0.0 + yy) / 1
-            dy = yy - mb
-            t_count, t_mean, t_m2 = merge_moments(t_count, t_mean, t_m2, 1, mb, 0.0 + dy * dy)
+        if prior:  # target_update on one label: its mean is the label, no spread
+            t_count, t_mean, t_m2 = merge_moments(t_count, t_mean, t_m2, 1, yy, 0.0)
             moved = True
             if not logistic:
                 t_std = label_std(t_count, t_m2)

@@ -24,3 +24,15 @@ def test_a_horizon_of_one_is_refused_with_the_reason() -> None:
     with pytest.raises(ValueError, match="horizon"):
         ModelSettings(name="m", topic="t", numeric=["x"], horizon=1).to_spec()
     assert ModelSettings(name="m", topic="t", numeric=["x"], horizon=0).to_spec().horizon == 0
+
+
+def test_norm_power_sets_the_step_normalization_and_is_bounded() -> None:
+    # 16 fields: the default divides the step by 16 ** 0.75 = 8, 1 by the field count.
+    fields = [f"x{i}" for i in range(16)]
+    for power, norm in ((0.75, 8.0), (1.0, 16.0), (0.0, 1.0)):
+        spec = ModelSettings(name="m", topic="t", numeric=fields, norm_power=power).to_spec()
+        assert spec.step_norm == norm
+    with pytest.raises(ValueError, match="norm_power"):
+        ModelSpec(name="m", topic="t", numeric=("x",), norm_power=1.5)
+    with pytest.raises(ValueError, match="norm_power"):
+        ModelSettings(name="m", topic="t", numeric=["x"], norm_power=-0.1)
