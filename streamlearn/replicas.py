@@ -108,9 +108,9 @@ def _spec(state: Mapping[str, Any]) -> dict[str, Any]:
     return dict(state["spec"])
 
 
-def _lr(spec: Mapping[str, Any]) -> float:
-    s = ModelSpec.from_dict(dict(spec))
-    return float(s.step_size / s.step_norm)
+def _lr(spec: ModelSpec) -> float:
+    """The per-coordinate learning rate the kernels use: the step over its normalization."""
+    return float(spec.step_size / spec.step_norm)
 
 
 def _has_prior_offset(spec: Mapping[str, Any]) -> bool:
@@ -180,7 +180,7 @@ def _bias_to_offset(state: Mapping[str, Any], arrays: dict[str, np.ndarray], off
 
 def delta(state: Mapping[str, Any], ref: Mapping[str, Any]) -> Delta:
     """``state - ref``: weights, optimizer state, statistics and counters."""
-    lr = _lr(_spec(state))
+    lr = _lr(ModelSpec.from_dict(_spec(state)))
     offset = float(np.asarray(ref["target"], dtype=np.float64)[3])
     mine = {k: np.asarray(v, dtype=np.float64).copy() for k, v in state["weights"].items()}
     _bias_to_offset(state, mine, offset, lr)
@@ -245,11 +245,10 @@ def apply(base: Mapping[str, Any], deltas: Sequence[Delta],
             for d in deltas:
                 acc += d.arrays[k]
         weights[k] = acc
-    cap = ModelSpec.from_dict(dict(spec)).gradient_cap  # the memory cap (inf: none)
+    parsed = ModelSpec.from_dict(spec)  # once per merge: the step, its cap, FTRL's terms
+    lr, cap = _lr(parsed), parsed.gradient_cap  # cap: the memory cap (inf: none)
     if spec.get("optimizer") == "ftrl":
-        lr = _lr(spec)
-        l1, l2 = float(spec.get("l1", 0.0)), float(spec.get("l2", 0.0))
-        beta = float(spec.get("ftrl_beta", 1.0))
+        l1, l2, beta = float(parsed.l1), float(parsed.l2), float(parsed.ftrl_beta)
         for wk, zk, nk, bias in (("w", "s1", "s2", True), ("V", "s1v", "s2v", False)):
             if wk in weights:
                 weights[wk] = _ftrl_weights(weights[zk], weights[nk], lr, l1, l2, beta,
@@ -268,7 +267,7 @@ def apply(base: Mapping[str, Any], deltas: Sequence[Delta],
     if _has_prior_offset(spec):  # follow the merged base rate, as the learner would
         p = (target[1] * target[0] + 0.5) / (target[0] + 1.0)
         _bias_to_offset({"spec": spec, "target": [0, 0, 0, tb[3]]}, weights,
-                        math.log(p / (1.0 - p)), _lr(spec))
+                        math.log(p / (1.0 - p)), lr)
         target[3] = math.log(p / (1.0 - p))
     for k in _COUNTERS:
         out[k] = int(base[k]) + sum(d.counters[k] for d in deltas)
