@@ -247,14 +247,14 @@ def apply(base: Mapping[str, Any], deltas: Sequence[Delta],
         weights[k] = acc
     parsed = ModelSpec.from_dict(spec)  # once per merge: the step, its cap, FTRL's terms
     lr, cap = _lr(parsed), parsed.gradient_cap  # cap: the memory cap (inf: none)
-    if spec.get("optimizer") == "ftrl":
+    if parsed.optimizer == "ftrl":
         l1, l2, beta = float(parsed.l1), float(parsed.l2), float(parsed.ftrl_beta)
         for wk, zk, nk, bias in (("w", "s1", "s2", True), ("V", "s1v", "s2v", False)):
             if wk in weights:
                 weights[wk] = _ftrl_weights(weights[zk], weights[nk], lr, l1, l2, beta,
                                             np.asarray(base["weights"][wk], np.float64), bias)
                 _ftrl_cap(weights[wk], weights[zk], weights[nk], cap, lr, l1, l2, beta, bias)
-    elif spec.get("optimizer") == "adagrad":
+    elif parsed.optimizer == "adagrad":
         for k in ("s1", "s1v"):
             if k in weights:
                 np.minimum(weights[k], cap, out=weights[k])
