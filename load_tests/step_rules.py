@@ -13,7 +13,14 @@ closely (not bit for bit: one-hot in place of hashing, no float32). The others:
 - ``cocob``: parameter-free coin betting per weight (COCOB-Backprop, Orabona and Tommasi
   2017), ``--cocob-alpha`` its damping of the first steps;
 - ``ftrl-q``: FTRL with ``n ** q`` in place of ``sqrt(n)`` (``--q``), so that the step of a
-  weight whose gradients stay noisy (``n`` growing with every event) shrinks faster.
+  weight whose gradients stay noisy (``n`` growing with every event) shrinks faster;
+- ``ftrl+avg``: FTRL learns as ``ftrl``, but each event is scored by a mixture of two experts:
+  the current weights and their running average (a tail average: rate ``max(2 / t,
+  1 / 2000)``, so the average forgets as the memory cap does). The experts are weighed by
+  exponential weights on their log losses, discounted by ``--discount`` per event. The
+  average is the low-noise estimate that weak-signal streams want; the current weights
+  track what is still being learned. (Prototype shortcut: a categorical value's average
+  moves only when the value is seen.)
 
 Usage::
 
@@ -35,7 +42,8 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_data  # noqa: E402
 
-RULE_FTRL, RULE_COCOB = 0, 1
+RULE_FTRL, RULE_COCOB, RULE_MIX = 0, 1, 2
+AVG_HORIZON = 2000.0  # the tail average's longest memory, in events: the cap's horizon
 NORM_POWER = 0.75  # ModelSpec.norm_power's default
 N_CAP = 500.0  # ModelSpec.gradient_cap at the default horizon (2,000 updates of 1/4)
 
@@ -68,7 +76,7 @@ def design(rs: real_data.RealStream) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 @njit(cache=True)
-def prequential(z, c, y, n_weights, rule, lr, q, cocob_alpha):  # pragma: no cover
+def prequential(z, c, y, n_weights, rule, lr, q, cocob_alpha, discount):  # pragma: no cover
     """Score each row, then learn it; returns the scores."""
     n, d = z.shape
     k = c.shape[1]
@@ -78,6 +86,8 @@ def prequential(z, c, y, n_weights, rule, lr, q, cocob_alpha):  # pragma: no cov
     s2 = np.zeros(n_weights + 1)  # FTRL: n; COCOB: the sum of |gradient|
     big_l = np.zeros(n_weights + 1)  # COCOB: the largest |gradient|
     reward = np.zeros(n_weights + 1)  # COCOB: the wealth won
+    avg = np.zeros(n_weights + 1)  # ftrl+avg: the running average of the weights
+    loss_w, loss_avg = 0.0, 0.0  # ftrl+avg: the experts' discounted log losses
     idx = np.empty(d + k + 1, np.int64)
     val = np.empty(d + k + 1)
     seen, positives = 0.0, 0.0
@@ -93,22 +103,33 @@ def prequential(z, c, y, n_weights, rule, lr, q, cocob_alpha):  # pragma: no cov
         val[d + k] = 1.0
         rate = (positives + 0.5) / (seen + 1.0)
         m = math.log(rate / (1.0 - rate))
+        m_avg = m
         for t in range(d + k + 1):
             m += w[idx[t]] * val[t]
+            m_avg += avg[idx[t]] * val[t]
         p = 1.0 / (1.0 + math.exp(-min(50.0, max(-50.0, m))))
         out[i] = p
+        if rule == RULE_MIX:
+            p_avg = 1.0 / (1.0 + math.exp(-min(50.0, max(-50.0, m_avg))))
+            share = 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, loss_avg - loss_w))))
+            out[i] = share * p + (1.0 - share) * p_avg
+            hit, hit_avg = (p, p_avg) if y[i] > 0.5 else (1.0 - p, 1.0 - p_avg)
+            loss_w = discount * loss_w - math.log(max(hit, 1e-12))
+            loss_avg = discount * loss_avg - math.log(max(hit_avg, 1e-12))
         coef = p - y[i]
         seen += 1.0
         positives += y[i]
+        rho = min(1.0, max(2.0 / seen, 1.0 / AVG_HORIZON))
         for t in range(d + k + 1):
             j = idx[t]
             g = coef * val[t]
-            if rule == RULE_FTRL:
+            if rule != RULE_COCOB:
                 n_new = min(s2[j] + g * g, max(s2[j], N_CAP))
                 root = n_new**q
                 s1[j] += g - (root - s2[j] ** q) / lr * w[j]
                 s2[j] = n_new
                 w[j] = -s1[j] / ((1.0 + root) / lr + 1e-6)
+                avg[j] += rho * (w[j] - avg[j])
             else:
                 big_l[j] = max(big_l[j], abs(g))
                 s2[j] += abs(g)
@@ -126,11 +147,14 @@ def main() -> None:
     ap.add_argument("--q", type=float, default=0.75, help="ftrl-q: the power of n")
     ap.add_argument("--scale", type=float, default=1.0, help="ftrl-q: times the default step")
     ap.add_argument("--cocob-alpha", type=float, default=100.0)
+    ap.add_argument("--discount", type=float, default=0.999,
+                    help="ftrl+avg: per-event discount of the experts' log losses")
     args = ap.parse_args()
     names = [n for n in args.datasets.split(",") if n] or [
         ds.name for ds in real_data.TABLE if ds.task == "binary"]
     rules = [("ftrl", RULE_FTRL, 1.0, 0.5), (f"ftrl-q{args.q:g}x{args.scale:g}", RULE_FTRL,
-             args.scale, args.q), (f"cocob{args.cocob_alpha:g}", RULE_COCOB, 1.0, 0.5)]
+             args.scale, args.q), (f"cocob{args.cocob_alpha:g}", RULE_COCOB, 1.0, 0.5),
+             ("ftrl+avg", RULE_MIX, 1.0, 0.5)]
     print("prequential AUC, one step per event (rules: see the docstring)")
     print(f"{'data set':<15}" + "".join(f"{r[0]:>16}" for r in rules), flush=True)
     for name in names:
@@ -140,7 +164,8 @@ def main() -> None:
         aucs = []
         for _, rule, scale, q in rules:
             lr = scale / fields**NORM_POWER
-            scores = prequential(z, c, rs.y, n_weights, rule, lr, q, args.cocob_alpha)
+            scores = prequential(z, c, rs.y, n_weights, rule, lr, q, args.cocob_alpha,
+                                 args.discount)
             aucs.append(roc_auc_score(rs.y, scores))
         print(f"{name:<15}" + "".join(f"{a:16.4f}" for a in aucs), flush=True)
 
