@@ -19,8 +19,8 @@ closely (not bit for bit: one-hot in place of hashing, no float32). The others:
   1 / 2000)``, so the average forgets as the memory cap does). The experts are weighed by
   exponential weights on their log losses, discounted by ``--discount`` per event. The
   average is the low-noise estimate that weak-signal streams want; the current weights
-  track what is still being learned. (Prototype shortcut: a categorical value's average
-  moves only when the value is seen.)
+  track what is still being learned. A categorical value's average moves only when the
+  value is seen. ``--margin-mix`` mixes the two margins instead of the two probabilities.
 
 Usage::
 
@@ -76,7 +76,8 @@ def design(rs: real_data.RealStream) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 @njit(cache=True)
-def prequential(z, c, y, n_weights, rule, lr, q, cocob_alpha, discount):  # pragma: no cover
+def prequential(z, c, y, n_weights, rule, lr, q, cocob_alpha, discount,  # pragma: no cover
+                 margin_mix=False):
     """Score each row, then learn it; returns the scores."""
     n, d = z.shape
     k = c.shape[1]
@@ -112,7 +113,11 @@ def prequential(z, c, y, n_weights, rule, lr, q, cocob_alpha, discount):  # prag
         if rule == RULE_MIX:
             p_avg = 1.0 / (1.0 + math.exp(-min(50.0, max(-50.0, m_avg))))
             share = 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, loss_avg - loss_w))))
-            out[i] = share * p + (1.0 - share) * p_avg
+            if margin_mix:  # one linear model: the weights share * w + (1 - share) * avg
+                mm = share * m + (1.0 - share) * m_avg
+                out[i] = 1.0 / (1.0 + math.exp(-min(50.0, max(-50.0, mm))))
+            else:
+                out[i] = share * p + (1.0 - share) * p_avg
             hit, hit_avg = (p, p_avg) if y[i] > 0.5 else (1.0 - p, 1.0 - p_avg)
             loss_w = discount * loss_w - math.log(max(hit, 1e-12))
             loss_avg = discount * loss_avg - math.log(max(hit_avg, 1e-12))
@@ -149,26 +154,42 @@ def main() -> None:
     ap.add_argument("--cocob-alpha", type=float, default=100.0)
     ap.add_argument("--discount", type=float, default=0.999,
                     help="ftrl+avg: per-event discount of the experts' log losses")
+    ap.add_argument("--margin-mix", action="store_true",
+                    help="ftrl+avg: mix the experts' margins, not their probabilities (the "
+                         "score is then one linear model's: share * w + (1 - share) * avg)")
+    ap.add_argument("--orders", type=int, default=1,
+                    help="also K - 1 seeded shuffles of each data set; prints each rule's mean "
+                         "AUC and its paired difference to ftrl (+- one standard error)")
     args = ap.parse_args()
     names = [n for n in args.datasets.split(",") if n] or [
         ds.name for ds in real_data.TABLE if ds.task == "binary"]
     rules = [("ftrl", RULE_FTRL, 1.0, 0.5), (f"ftrl-q{args.q:g}x{args.scale:g}", RULE_FTRL,
              args.scale, args.q), (f"cocob{args.cocob_alpha:g}", RULE_COCOB, 1.0, 0.5),
              ("ftrl+avg", RULE_MIX, 1.0, 0.5)]
-    print("prequential AUC, one step per event (rules: see the docstring)")
-    print(f"{'data set':<15}" + "".join(f"{r[0]:>16}" for r in rules), flush=True)
+    k = max(args.orders, 1)
+    print(f"prequential AUC, one step per event (rules: see the docstring); {k} row order(s)"
+          + (": mean, then the paired difference to ftrl" if k > 1 else ""))
+    print(f"{'data set':<15}" + "".join(f"{r[0]:>22}" for r in rules), flush=True)
     for name in names:
-        rs = real_data.load(real_data.BY_NAME[name])
-        z, c, n_weights = design(rs)
-        fields = rs.numeric.shape[1] + len(rs.vocab)
-        aucs = []
-        for _, rule, scale, q in rules:
-            lr = scale / fields**NORM_POWER
-            scores = prequential(z, c, rs.y, n_weights, rule, lr, q, args.cocob_alpha,
-                                 args.discount)
-            aucs.append(roc_auc_score(rs.y, scores))
-        print(f"{name:<15}" + "".join(f"{a:16.4f}" for a in aucs), flush=True)
-
+        own = real_data.load(real_data.BY_NAME[name])
+        fields = own.numeric.shape[1] + len(own.vocab)
+        aucs = np.empty((k, len(rules)))
+        for seed in range(k):
+            rs = own if seed == 0 else own.reordered(seed)
+            z, c, n_weights = design(rs)
+            for r, (_, rule, scale, q) in enumerate(rules):
+                scores = prequential(z, c, rs.y, n_weights, rule, scale / fields**NORM_POWER,
+                                     q, args.cocob_alpha, args.discount, args.margin_mix)
+                aucs[seed, r] = roc_auc_score(rs.y, scores)
+        cells = []
+        for r in range(len(rules)):
+            if k == 1:
+                cells.append(f"{aucs[0, r]:22.4f}")
+                continue
+            diff = aucs[:, r] - aucs[:, 0]
+            se = diff.std(ddof=1) / math.sqrt(k)
+            cells.append(f"{aucs[:, r].mean():8.4f} {diff.mean():+.4f}±{se:.4f}")
+        print(f"{name:<15}" + "".join(f"{x:>22}" for x in cells), flush=True)
 
 if __name__ == "__main__":
     main()
