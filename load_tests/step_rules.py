@@ -2,13 +2,15 @@
 
 Asks whether a step rule tells weak-signal streams (bananas, cowles, smarket: every system
 at 0.51-0.56 AUC, where a smaller step wins) from streams with more signal (attrition, hmda,
-oj: a larger step wins) without a per-data-set setting. Each rule runs on the same inputs:
-running z-scores of the numeric columns (clipped at 10), one weight per categorical value,
-the label prior (the logit of the running base rate, add-half smoothed) plus a learned
-residual bias, and one step per event, scored before it learns. ``ftrl`` is the default
-rule of ``OnlineModel`` (per-weight FTRL-Proximal, ``learning_rate / d ** norm_power``, the
-memory cap at 500 = 2,000 updates of 1/4); it reproduces the benchmark's streamlearn AUCs
-closely (not bit for bit: one-hot in place of hashing, no float32). The others:
+oj: a larger step wins) without a per-data-set setting. Each rule runs on the product's
+inputs and settings: the running scaler (:class:`RunningStandardScaler`, folded and applied
+per ``batch_size`` rows as the fused loop does), the :class:`Vectorizer`'s hashed slots
+(``bench_learning.sl_slots``), the label prior (:func:`~streamlearn.models.target.base_logit`
+of the running labels, a residual bias learned on top), the ``ModelSpec`` defaults' step,
+normalization and memory cap, and one step per event, scored before it learns. ``ftrl`` is
+``OnlineModel``'s rule, through the kernels' own coordinate update (``kernels.cpu._update``);
+it differs from the product's scores only in float32 rounding and the bias being added in
+float64 (the table's figures are reproduced closely, not bit for bit). The others:
 
 - ``cocob``: parameter-free coin betting per weight (COCOB-Backprop, Orabona and Tommasi
   2017), ``--cocob-alpha`` its damping of the first steps;
@@ -16,16 +18,17 @@ closely (not bit for bit: one-hot in place of hashing, no float32). The others:
   weight whose gradients stay noisy (``n`` growing with every event) shrinks faster;
 - ``ftrl+avg``: FTRL learns as ``ftrl``, but each event is scored by a mixture of two experts:
   the current weights and their running average (a tail average: rate ``max(2 / t,
-  1 / 2000)``, so the average forgets as the memory cap does). The experts are weighed by
+  1 / horizon)``, so the average forgets as the memory cap does). The experts are weighed by
   exponential weights on their log losses, discounted by ``--discount`` per event. The
   average is the low-noise estimate that weak-signal streams want; the current weights
-  track what is still being learned. A categorical value's average moves only when the
-  value is seen. ``--margin-mix`` mixes the two margins instead of the two probabilities.
+  track what is still being learned. A weight's average moves only when the weight is
+  updated. ``--margin-mix`` mixes the two margins instead of the two probabilities.
 
 Usage::
 
-    .venv/bin/python load_tests/step_rules.py                      # ~1 min, 30 data sets
+    .venv/bin/python load_tests/step_rules.py                      # 30 data sets
     .venv/bin/python load_tests/step_rules.py --datasets bananas,attrition --q 0.75 --scale 2
+    .venv/bin/python load_tests/step_rules.py --orders 8           # paired, over row orders
 """
 
 from __future__ import annotations
@@ -40,47 +43,36 @@ from numba import njit
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_learning  # noqa: E402
 import real_data  # noqa: E402
 
+from streamlearn.config import ModelSpec  # noqa: E402
+from streamlearn.features import csr_rows  # noqa: E402
+from streamlearn.kernels.codes import OPT_FTRL  # noqa: E402
+from streamlearn.kernels.cpu import _update  # noqa: E402
+from streamlearn.models.target import base_logit  # noqa: E402
+from streamlearn.scaler import RunningStandardScaler  # noqa: E402
+
 RULE_FTRL, RULE_COCOB, RULE_MIX = 0, 1, 2
-AVG_HORIZON = 2000.0  # the tail average's longest memory, in events: the cap's horizon
-NORM_POWER = 0.75  # ModelSpec.norm_power's default
-N_CAP = 500.0  # ModelSpec.gradient_cap at the default horizon (2,000 updates of 1/4)
 
 
-def design(rs: real_data.RealStream) -> tuple[np.ndarray, np.ndarray, int]:
-    """Prequential z-scores (each row folded into the running statistics, then scaled)
-    and the weight index of each categorical value; returns ``(Z, C, n_weights)``."""
-    x = rs.numeric
-    n, d = x.shape
-    z = np.zeros((n, d))
-    count, mean, m2 = np.zeros(d), np.zeros(d), np.zeros(d)
-    for i in range(n):
-        for j in range(d):
-            v = x[i, j]
-            if v != v:  # missing: 0, the mean
-                continue
-            count[j] += 1
-            delta = v - mean[j]
-            mean[j] += delta / count[j]
-            m2[j] += delta * (v - mean[j])
-            sd = math.sqrt(m2[j] / count[j]) if count[j] > 1 else 0.0
-            z[i, j] = max(-10.0, min(10.0, (v - mean[j]) / sd)) if sd > 0 else 0.0
-    offsets = np.cumsum([d] + [len(v) + 1 for v in rs.vocab])
-    c = np.empty((n, len(rs.vocab)), dtype=np.int64)
-    for j, vocab in enumerate(rs.vocab):
-        codes = rs.codes[:, j].astype(np.int64)
-        codes[codes < 0] = len(vocab)  # missing: a value of its own
-        c[:, j] = offsets[j] + codes
-    return z, c, int(offsets[-1])
+def design(rs: real_data.RealStream) -> tuple[tuple[np.ndarray, ...], ModelSpec]:
+    """The rows as the product sees them: CSR ``(indptr, indices, values)`` of the z-scores
+    and hashed slots (:func:`csr_rows`), and the data set's default spec."""
+    spec = bench_learning.real_spec(rs)
+    scaler = RunningStandardScaler(spec.n_numeric)
+    z = np.empty(rs.numeric.shape, dtype=np.float32)
+    for a, b in rs.slices(spec.batch_size):  # fold a chunk, then z-score it, as fused does
+        scaler.learn_many(rs.numeric[a:b])
+        z[a:b] = scaler.transform_many(rs.numeric[a:b])
+    return csr_rows(z, bench_learning.sl_slots(rs, spec)), spec
 
 
 @njit(cache=True)
-def prequential(z, c, y, n_weights, rule, lr, q, cocob_alpha, discount,  # pragma: no cover
-                 margin_mix=False):
+def prequential(indptr, indices, values, y, n_weights, rule, lr, l1, l2, beta, cap,
+                horizon, q, cocob_alpha, discount, margin_mix):  # pragma: no cover
     """Score each row, then learn it; returns the scores."""
-    n, d = z.shape
-    k = c.shape[1]
+    n = len(indptr) - 1
     bias = n_weights  # the residual bias: the last weight
     w = np.zeros(n_weights + 1)
     s1 = np.zeros(n_weights + 1)  # FTRL: z; COCOB: the sum of negative gradients
@@ -89,25 +81,15 @@ def prequential(z, c, y, n_weights, rule, lr, q, cocob_alpha, discount,  # pragm
     reward = np.zeros(n_weights + 1)  # COCOB: the wealth won
     avg = np.zeros(n_weights + 1)  # ftrl+avg: the running average of the weights
     loss_w, loss_avg = 0.0, 0.0  # ftrl+avg: the experts' discounted log losses
-    idx = np.empty(d + k + 1, np.int64)
-    val = np.empty(d + k + 1)
-    seen, positives = 0.0, 0.0
+    count, mean = 0.0, 0.0  # the labels seen: the prior's statistics
     out = np.empty(n)
     for i in range(n):
-        for j in range(d):
-            idx[j] = j
-            val[j] = z[i, j]
-        for j in range(k):
-            idx[d + j] = c[i, j]
-            val[d + j] = 1.0
-        idx[d + k] = bias
-        val[d + k] = 1.0
-        rate = (positives + 0.5) / (seen + 1.0)
-        m = math.log(rate / (1.0 - rate))
-        m_avg = m
-        for t in range(d + k + 1):
-            m += w[idx[t]] * val[t]
-            m_avg += avg[idx[t]] * val[t]
+        lo, hi = indptr[i], indptr[i + 1]
+        m = base_logit(count, mean) + w[bias]
+        m_avg = base_logit(count, mean) + avg[bias]
+        for t in range(lo, hi):
+            m += w[indices[t]] * values[t]
+            m_avg += avg[indices[t]] * values[t]
         p = 1.0 / (1.0 + math.exp(-min(50.0, max(-50.0, m))))
         out[i] = p
         if rule == RULE_MIX:
@@ -122,20 +104,13 @@ def prequential(z, c, y, n_weights, rule, lr, q, cocob_alpha, discount,  # pragm
             loss_w = discount * loss_w - math.log(max(hit, 1e-12))
             loss_avg = discount * loss_avg - math.log(max(hit_avg, 1e-12))
         coef = p - y[i]
-        seen += 1.0
-        positives += y[i]
-        rho = min(1.0, max(2.0 / seen, 1.0 / AVG_HORIZON))
-        for t in range(d + k + 1):
-            j = idx[t]
-            g = coef * val[t]
-            if rule != RULE_COCOB:
-                n_new = min(s2[j] + g * g, max(s2[j], N_CAP))
-                root = n_new**q
-                s1[j] += g - (root - s2[j] ** q) / lr * w[j]
-                s2[j] = n_new
-                w[j] = -s1[j] / ((1.0 + root) / lr + 1e-6)
-                avg[j] += rho * (w[j] - avg[j])
-            else:
+        count += 1.0
+        mean += (y[i] - mean) / count
+        rho = min(1.0, max(2.0 / count, 1.0 / horizon)) if horizon > 0 else 2.0 / count
+        for t in range(lo, hi + 1):  # the row's weights, then the bias
+            j = indices[t] if t < hi else bias
+            g = coef * (values[t] if t < hi else 1.0)
+            if rule == RULE_COCOB:
                 big_l[j] = max(big_l[j], abs(g))
                 s2[j] += abs(g)
                 reward[j] = max(reward[j] - w[j] * g, 0.0)
@@ -143,7 +118,28 @@ def prequential(z, c, y, n_weights, rule, lr, q, cocob_alpha, discount,  # pragm
                 lj = big_l[j]
                 if lj > 0.0:
                     w[j] = s1[j] / (lj * max(s2[j] + lj, cocob_alpha * lj)) * (lj + reward[j])
+                continue
+            l1j, l2j = (0.0, 0.0) if j == bias else (l1, l2)  # no L1/L2 on the bias
+            if q == 0.5:  # the product's rule, the kernels' own code
+                w[j], s1[j], s2[j] = _update(w[j], s1[j], s2[j], g, OPT_FTRL, lr, l1j, l2j,
+                                             beta, cap, 0.0)
+            else:  # FTRL with n ** q (no L1 here)
+                n_new = min(s2[j] + g * g, max(s2[j], cap))
+                root = n_new**q
+                s1[j] += g - (root - s2[j] ** q) / lr * w[j]
+                s2[j] = n_new
+                w[j] = -s1[j] / ((beta + root) / lr + l2j)
+            avg[j] += rho * (w[j] - avg[j])
     return out
+
+
+def run_rule(csr: tuple[np.ndarray, ...], y: np.ndarray, spec: ModelSpec, rule: int,
+             scale: float, q: float, args: argparse.Namespace) -> np.ndarray:
+    """One rule at the spec's settings, its step ``scale`` times the default."""
+    lr = scale * spec.step_size / spec.step_norm
+    return prequential(*csr, y, spec.n_weights, rule, lr, spec.l1, spec.l2, spec.ftrl_beta,
+                       spec.gradient_cap, float(spec.horizon), q, args.cocob_alpha,
+                       args.discount, args.margin_mix)
 
 
 def main() -> None:
@@ -172,14 +168,12 @@ def main() -> None:
     print(f"{'data set':<15}" + "".join(f"{r[0]:>22}" for r in rules), flush=True)
     for name in names:
         own = real_data.load(real_data.BY_NAME[name])
-        fields = own.numeric.shape[1] + len(own.vocab)
         aucs = np.empty((k, len(rules)))
         for seed in range(k):
             rs = own if seed == 0 else own.reordered(seed)
-            z, c, n_weights = design(rs)
+            csr, spec = design(rs)
             for r, (_, rule, scale, q) in enumerate(rules):
-                scores = prequential(z, c, rs.y, n_weights, rule, scale / fields**NORM_POWER,
-                                     q, args.cocob_alpha, args.discount, args.margin_mix)
+                scores = run_rule(csr, rs.y, spec, rule, scale, q, args)
                 aucs[seed, r] = roc_auc_score(rs.y, scores)
         cells = []
         for r in range(len(rules)):

@@ -215,12 +215,12 @@ def _ftrl_cap(w: np.ndarray, z: np.ndarray, n: np.ndarray, cap: float, lr: float
     """Bring ``n`` back under ``cap`` in place, ``z`` re-derived so that ``w`` (as
     :func:`_ftrl_weights` gave it) stays: each replica capped its own sums, and the sum of
     their deltas can pass the cap.  ``w = 0`` (``|z| <= l1``) stays so under any ``n``."""
-    moved = (n > cap) & (w != 0.0)
-    l1s = np.full(n.shape, l1)
-    l2s = np.full(n.shape, l2)
-    if bias:  # the bias has no L1/L2
-        l1s[-1] = l2s[-1] = 0.0
-    z[moved] = (-w * ((beta + math.sqrt(cap)) / lr + l2s) - np.sign(w) * l1s)[moved]
+    over = np.flatnonzero((n > cap) & (w != 0.0))  # only these move: few, past the cap
+    wo = w.flat[over]
+    l1s, l2s = np.full(over.size, l1), np.full(over.size, l2)
+    if bias:  # the bias (the last weight) has no L1/L2
+        l1s[over == n.size - 1] = l2s[over == n.size - 1] = 0.0
+    z.flat[over] = -wo * ((beta + math.sqrt(cap)) / lr + l2s) - np.sign(wo) * l1s
     np.minimum(n, cap, out=n)
 
 
