@@ -40,6 +40,7 @@ from streamlearn.kernels.codes import (
 )
 
 __all__ = [
+    "average_update",
     "fm_learn_csr",
     "fm_predict_csr",
     "linear_learn_csr",
@@ -412,6 +413,22 @@ def fm_learn_csr(
     s1w[D] = a
     s2w[D] = b
     return total
+
+
+@njit(inline="always")
+def average_coordinate(a, wi, rate):  # pragma: no cover - compiled
+    """One coordinate of the weights' running average, moved ``rate`` of the way to
+    ``wi``, in float64 (the fused per-event loop inlines the same expression)."""
+    a64 = np.float64(a)
+    return a64 + rate * (np.float64(wi) - a64)
+
+
+@njit(cache=True)
+def average_update(touched, w, avg, rate):
+    """``avg[i] += rate * (w[i] - avg[i])`` for each index in ``touched`` (unique)."""
+    for t in range(touched.shape[0]):
+        i = touched[t]
+        avg[i] = average_coordinate(avg[i], w[i], rate)
 
 
 @njit(cache=True)

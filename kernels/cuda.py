@@ -41,6 +41,7 @@ from streamlearn.kernels.codes import (
 __all__ = [
     "ROWS_PER_THREAD",
     "THREADS_PER_BLOCK",
+    "average_update",
     "fm_learn_csr",
     "fm_predict_csr",
     "is_available",
@@ -267,6 +268,16 @@ def linear_update_csr_kernel(touched, grad, w, s1, s2, opt, lr, l1, l2, beta, ca
 
 
 @cuda.jit
+def average_update_kernel(touched, w, avg, rate):
+    """One thread per unique touched coordinate: ``avg[i] += rate * (w[i] - avg[i])``."""
+    t = cuda.grid(1)
+    if t < touched.shape[0]:
+        i = touched[t]
+        a = float64(avg[i])
+        avg[i] = a + rate * (float64(w[i]) - a)
+
+
+@cuda.jit
 def fm_predict_csr_kernel(indptr, indices, values, w, V, out):
     """One thread per CSR row; sum-square trick, O(nnz * k)."""
     r = cuda.grid(1)
@@ -437,6 +448,14 @@ def _touched(indptr: Any, indices: Any, n: int, bias: int) -> np.ndarray:
 
 def _n_rows(indptr: Any) -> int:
     return int(indptr.shape[0]) - 1
+
+
+def average_update(touched: Any, w: Any, avg: Any, rate: float) -> None:
+    """The weights' running average at the unique coordinates ``touched`` (host or
+    device), moved ``rate`` of the way to the weights."""
+    with _Mutable(avg) as (d_avg,):
+        _launch(average_update_kernel, int(touched.shape[0]), _dev(touched), _dev(w), d_avg,
+                float(rate))
 
 
 def linear_predict_dense(X: Any, w: Any, out: Any) -> None:

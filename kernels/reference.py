@@ -79,6 +79,7 @@ from streamlearn.kernels.codes import (
 )
 
 __all__ = [
+    "average_update",
     "fm_learn_csr",
     "fm_predict_csr",
     "linear_learn_csr",
@@ -330,6 +331,17 @@ def fm_learn_csr(
             step_coordinate(V, s1v, s2v, (i, f), float(g_v[i, f]), opt, hyper, step, True)
     step_coordinate(w, s1w, s2w, D, float(g_w[D]), opt, hyper, step, False)
     return total
+
+
+def average_update(touched: np.ndarray, w: np.ndarray, avg: np.ndarray, rate: float) -> None:
+    """Move the weights' running average ``rate`` of the way to the weights, in place, at
+    the (unique) coordinates ``touched``: ``avg[i] += rate * (w[i] - avg[i])`` in float64.
+
+    The average scores alongside the weights (:mod:`streamlearn.models.average`); a
+    coordinate's average moves only when an optimizer step touches the coordinate.
+    """
+    a = avg[touched].astype(np.float64)
+    avg[touched] = a + rate * (w[touched].astype(np.float64) - a)
 
 
 def scaler_update(X: np.ndarray, count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> None:

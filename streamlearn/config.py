@@ -145,6 +145,12 @@ class ModelSpec:
         Anchor the model on its running label statistics
         (:mod:`streamlearn.models.target`): the bias follows the base-rate logit, and
         regression learns standardized targets.
+    average
+        Binary models: score each event with a mixture of the weights and their running
+        average, weighed by how well each has predicted lately (:mod:`streamlearn.models.
+        average`); the learner is unchanged. The average is the low-noise estimate that
+        weak-signal streams want; the weights track what is still being learned.
+        Ignored by regression and ranking (:attr:`averaged`).
     normalized, norm_power
         Divide the step size by :attr:`step_norm`, ``fields ** norm_power``. A step along
         a row of ``d`` z-scored fields moves that row's margin by ``d`` times as much, but
@@ -209,6 +215,7 @@ class ModelSpec:
     batch_size: int = 256
     update_rows: int = 1
     label_prior: bool = True
+    average: bool = True
     normalized: bool = True
     norm_power: float = 0.75
     device: Device = "auto"
@@ -306,6 +313,18 @@ class ModelSpec:
                              "categorical")
         if {a.field for a in self.aggregates} & set(self.categorical):
             raise ValueError(f"model {self.name!r}: an aggregated field is categorical")
+
+    @property
+    def averaged(self) -> bool:
+        """Whether the model scores with its weights' running average too (``average``,
+        binary models only: the mixture weighs the two log losses).
+
+        >>> ModelSpec(name="m", topic="t", numeric=("x",)).averaged
+        True
+        >>> ModelSpec(name="m", topic="t", numeric=("x",), task="regression").averaged
+        False
+        """
+        return self.average and self.task == "binary"
 
     @property
     def gradient_cap(self) -> float:

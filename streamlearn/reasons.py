@@ -117,7 +117,7 @@ def reason_codes(model: Any, batch: Any, k: int) -> list[list[dict[str, Any]]]:
     if spec.task == "regression" and spec.label_prior:
         scale = float(target_scale(model.target)[1])
     idx, val = top_contributions(z, np.ascontiguousarray(batch.hashed, dtype=np.int64),
-                                 _host(model, model.w), V, int(k), scale)
+                                 model.served_weights(), V, int(k), scale)
     names = (*spec.numeric_features, *spec.categorical)
     return [[{"feature": names[i], "contribution": v} for i, v in zip(ri, rv, strict=True)]
             for ri, rv in zip(idx.tolist(), val.tolist(), strict=True)]

@@ -14,8 +14,9 @@ exactly what it learned since it adopted ``B``, from events no other replica saw
 * **sums** the deltas of additive statistics: FTRL's ``z`` and ``n`` (``s1``, ``s2``),
   AdaGrad's squared-gradient sums, and (exactly, by Chan's formulas) the scaler's and
   the labels' count/mean/M2, and the counters;
-* **averages** the deltas of SGD/AdaGrad weights and of FM factors, weighted by the
-  labelled events each replica learned since its base (FedAvg);
+* **averages** the deltas of SGD/AdaGrad weights, of FM factors, of the weights'
+  running average and of the mixture losses (:mod:`streamlearn.models.average`),
+  weighted by the labelled events each replica learned since its base (FedAvg);
 * for FTRL **recomputes** ``w`` (and ``V``) from the merged ``z``, ``n``:
   ``w = -(z - sign(z) l1) / ((beta + sqrt(n)) / lr + l2)``, 0 when ``|z| <= l1``,
   no L1/L2 on the bias; coordinates nobody ever touched (``n = 0``) keep the base value
@@ -79,7 +80,7 @@ MERGED = "@merged"
 ROOT_ID = ""
 
 _ADDITIVE = ("s1", "s2", "s1v", "s2v")
-_AVERAGED = ("w", "V")
+_AVERAGED = ("w", "avg", "V")  # avg: the weights' running average (models.average)
 _COUNTERS = ("version", "step", "n_seen", "n_learned")
 
 
@@ -161,6 +162,7 @@ class Delta:
     counters: dict[str, int]
     n_imputed: np.ndarray
     events: int  # labelled events learned since the reference
+    mix: np.ndarray  # the averaged models' mixture losses (zeros for the others)
 
 
 def _bias_to_offset(state: Mapping[str, Any], arrays: dict[str, np.ndarray], offset: float,
@@ -176,6 +178,8 @@ def _bias_to_offset(state: Mapping[str, Any], arrays: dict[str, np.ndarray], off
         n = arrays["s2"][-1]
         arrays["s1"][-1] -= d * (float(spec.get("ftrl_beta", 1.0)) + math.sqrt(max(n, 0.0))) / lr
     arrays["w"][-1] += d
+    if "avg" in arrays:  # the averaged bias follows the prior as the bias does
+        arrays["avg"][-1] += d
 
 
 def delta(state: Mapping[str, Any], ref: Mapping[str, Any]) -> Delta:
@@ -198,7 +202,12 @@ def delta(state: Mapping[str, Any], ref: Mapping[str, Any]) -> Delta:
     counters = {k: int(state[k]) - int(ref[k]) for k in _COUNTERS}
     imputed = (np.asarray(state["n_imputed"], dtype=np.int64)
                - np.asarray(ref["n_imputed"], dtype=np.int64))
-    return Delta(arrays, scaler, target, counters, imputed, max(counters["n_learned"], 0))
+    mix = _mix(state) - _mix(ref)
+    return Delta(arrays, scaler, target, counters, imputed, max(counters["n_learned"], 0), mix)
+
+
+def _mix(state: Mapping[str, Any]) -> np.ndarray:
+    return np.asarray(state.get("mix", (0.0, 0.0)), dtype=np.float64)
 
 
 def _ftrl_weights(z: np.ndarray, n: np.ndarray, lr: float, l1: float, l2: float, beta: float,
@@ -277,6 +286,8 @@ def apply(base: Mapping[str, Any], deltas: Sequence[Delta],
                       for k, v in weights.items()}
     out["scaler"] = {"count": count, "mean": mean, "m2": m2}
     out["target"] = target
+    if "mix" in base:
+        out["mix"] = _mix(base) + sum(a * d.mix for a, d in zip(alphas, deltas, strict=True))
     return out
 
 

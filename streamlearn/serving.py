@@ -46,7 +46,6 @@ _COUNTERS = ("consumed", "scored", "learned", "deadlettered")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 _REPLICA = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, no spaces
 _MAX_COUNT = 2**53  # counters and versions beyond this are not from a real stream
-_WEIGHT_NAMES = ("w", "s1", "s2", "V", "s1v", "s2v")
 #: Builds (merges) cheaper than this are never deferred; costlier ones run at most once per
 #: MERGE_BUDGET times their cost, so merging takes at most 1/MERGE_BUDGET of a core.
 MERGE_DEFER_S = 0.02
@@ -128,8 +127,9 @@ def sum_telemetry(items: list[dict[str, Any]]) -> dict[str, Any]:
 def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     """Merge replica shards of one model into the state that is served.
 
-    Weights and optimizer state (``w``/``s1``/``s2``, plus ``V``/``s1v``/``s2v``
-    for factorization machines) are averaged, weighted by each shard's
+    Weights and optimizer state (``w``/``s1``/``s2``, the running average ``avg``,
+    plus ``V``/``s1v``/``s2v`` for factorization machines) and the mixture losses
+    (``mix``) are averaged, weighted by each shard's
     ``n_learned`` (equal weights while nobody has learned).  Scaler statistics
     merge exactly (Chan).  Counters add up; ``version``, ``step`` and
     ``updated_at`` take the maximum; offsets take the furthest per partition;
@@ -172,6 +172,7 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
         for a_i, arr in zip(alpha, arrays, strict=True):
             acc += a_i * arr
         weights[name] = acc.astype(arrays[0].dtype)
+    mixes = [np.asarray(s.get("mix", (0.0, 0.0)), dtype=np.float64) for s in states]
     scaler = RunningStandardScaler.from_state(first["scaler"])
     for s in states[1:]:
         scaler.merge(RunningStandardScaler.from_state(s["scaler"]))
@@ -192,6 +193,8 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
         scaler=scaler.to_state(),
         metrics=merging.pool_metrics([s["metrics"] for s in states]),
     )
+    if "mix" in first:  # the averaged models' mixture losses, weighted as the weights
+        merged["mix"] = np.sum([a * m for a, m in zip(alpha, mixes, strict=True)], axis=0)
     if any("telemetry" in s for s in states):
         merged["telemetry"] = sum_telemetry([clean_telemetry(s.get("telemetry")) for s in states])
     if any("replica" in s for s in states):
@@ -474,6 +477,8 @@ def validate_state(state: Any, *, now: float, max_clock_skew_s: float = 300.0) -
         _finite(f"scaler {name!r}", arr)
     if "target" in state:
         _finite("target statistics", state["target"])
+    if "mix" in state:
+        _finite("mixture losses", state["mix"])
     metrics = state.get("metrics")
     if isinstance(metrics, Mapping):
         for name in ("y", "p"):

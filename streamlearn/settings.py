@@ -202,6 +202,7 @@ class ModelSettings(_Section):
     batch_size: int = Field(256, ge=1, le=1_000_000)
     update_rows: int = Field(1, ge=1)
     label_prior: bool = True
+    average: bool = True  # binary: score with the weights' running average too
     normalized: bool = True
     norm_power: float = Field(0.75, ge=0, le=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"

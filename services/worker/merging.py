@@ -179,6 +179,8 @@ def load_into(model: OnlineModel, state: dict[str, Any]) -> None:
         setattr(model, name, bk.asarray(np.array(arr, dtype=np.float32, copy=True)))
     model.scaler = RunningStandardScaler.from_state(state["scaler"])
     model.target = np.array(state["target"], dtype=np.float64, copy=True)
+    if "mix" in state:
+        model.mix = np.array(state["mix"], dtype=np.float64, copy=True)
     model.version = int(state["version"])
     model.step = int(state["step"])
     model.n_seen = int(state["n_seen"])

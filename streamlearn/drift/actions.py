@@ -74,8 +74,8 @@ class Checkpoint:
         self.clean = clean
 
 
-def _weight_names(model: OnlineModel) -> tuple[str, ...]:
-    return ("w", "s1", "s2") + (("V", "s1v", "s2v") if model.is_fm else ())
+_HOST = ("target", "mix")  # host arrays restored with the weights: label statistics and
+# the averaged models' mixture losses
 
 
 class DriftActions:
@@ -186,7 +186,7 @@ class DriftActions:
     # -- actions ---------------------------------------------------------------------
     def _reset(self, model: OnlineModel) -> None:
         fresh = type(model)(model.spec, device=model.backend.name)
-        for name in (*_weight_names(model), "target"):
+        for name in (*model.weight_names, *_HOST):
             setattr(model, name, getattr(fresh, name))
         model.step = 0
         self.checkpoints.clear()  # they belong to the old concept: never return there
@@ -202,7 +202,7 @@ class DriftActions:
         bk = model.backend
         for name, arr in chosen.arrays.items():
             value = arr.copy()
-            setattr(model, name, value if name == "target" else bk.asarray(value))
+            setattr(model, name, value if name in _HOST else bk.asarray(value))
         model.step = chosen.step
         while self.checkpoints and self.checkpoints[-1] is not chosen:
             self.checkpoints.pop()
@@ -212,8 +212,8 @@ class DriftActions:
     def _checkpoint(self, model: OnlineModel) -> None:
         h = model.backend.to_host
         arrays = {name: np.array(h(getattr(model, name)), copy=True)
-                  for name in _weight_names(model)}
-        arrays["target"] = np.array(model.target, copy=True)
+                  for name in model.weight_names}
+        arrays |= {name: np.array(getattr(model, name), copy=True) for name in _HOST}
         total, count = model.concept_drift.loss_total, model.concept_drift.loss_count
         n = count - self._period_from[1]
         loss = (total - self._period_from[0]) / n if n > 0 else float("inf")
@@ -224,7 +224,7 @@ class DriftActions:
     def _restart_period(self, model: OnlineModel) -> None:
         cd = model.concept_drift
         self._period_from, self._period_drift = (cd.loss_total, cd.loss_count), False
-        copied = sum(getattr(model, name).size for name in _weight_names(model))
+        copied = sum(getattr(model, name).size for name in model.weight_names)
         every = max(self.checkpoint_every, copied // COPY_PER_EVENT)
         self._next_checkpoint = int(model.n_seen) + every
 

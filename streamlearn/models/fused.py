@@ -29,6 +29,8 @@ from streamlearn.kernels.codes import (
 )
 from streamlearn.kernels.cpu import (
     _dense_margin,
+    average_coordinate,
+    average_update,
     _loss_dloss,
     _opt_scalars,
     _update,
@@ -40,6 +42,16 @@ from streamlearn.kernels.cpu import (
     linear_predict_csr,
     linear_predict_dense,
     scaler_update,
+)
+from streamlearn.models.average import (
+    DISCOUNT,
+    avg_rate,
+    log_loss,
+    mix_learn,
+    mix_margin,
+    mix_margins,
+    share_of,
+    weight_share,
 )
 from streamlearn.models.target import (
     T_COUNT,
@@ -95,7 +107,7 @@ def _ftrl_coordinate(g, j, w, s1, s2, inv_lr, l1, l2, beta, cap):  # pragma: no 
 @njit(cache=True, nogil=True, error_model="numpy")
 def per_event_linear(  # pragma: no cover - compiled
     z, hashed, csr, labels, link, prior, target,
-    w, s1, s2, loss, opt, hyper, step, scores,
+    w, s1, s2, avg, mix, inv_horizon, loss, opt, hyper, step, scores,
 ):
     """``update_rows = 1`` for the linear kinds: each row scored, then learned, in turn.
 
@@ -113,6 +125,8 @@ def per_event_linear(  # pragma: no cover - compiled
     cost more than the arithmetic. FTRL's
     per-coordinate step on the numeric block is written out too (the operations of
     :func:`~streamlearn.kernels.cpu._update`), branch-free, so the compiler vectorizes it.
+    A non-empty ``avg`` scores with the weights' running average too (:mod:`.average`:
+    the rules on scalars, ``mix`` and the average updated in place).
     Returns ``(summed loss, labelled rows, next step)``.
     """
     k, d = z.shape
@@ -130,6 +144,9 @@ def per_event_linear(  # pragma: no cover - compiled
     t_mean = target[T_MEAN]
     t_m2 = target[T_M2]
     t_offset = target[T_OFFSET]
+    averaged = avg.shape[0] > 0
+    loss_w = mix[0]
+    loss_avg = mix[1]
     total = 0.0
     n_lab = 0
     moved = True  # the prior moves only with a new label
@@ -139,7 +156,7 @@ def per_event_linear(  # pragma: no cover - compiled
             delta = offset - t_offset
             t_offset = offset
             if delta != 0.0:
-                move_bias(w, s1, s2, delta, ftrl, h_lr, h_beta)
+                move_bias(w, s1, s2, avg, delta, ftrl, h_lr, h_beta)
             moved = False
         if csr:  # the CSR kernel's order: bias, numeric block, hashed slots
             m = np.float64(w[big_d])
@@ -150,7 +167,20 @@ def per_event_linear(  # pragma: no cover - compiled
         else:
             m = _dense_margin(z, r, w)
         m32 = np.float32(m)
-        if link:
+        ma32 = m32
+        if averaged:  # the running average's margin, summed as the weights' is
+            if csr:
+                ma = np.float64(avg[big_d])
+                for j in range(d):
+                    ma += np.float64(z[r, j]) * avg[j]
+                for c in range(n_cat):
+                    ma += np.float64(one) * avg[hashed[r, c]]
+            else:
+                ma = _dense_margin(z, r, avg)
+            ma32 = np.float32(ma)
+        if averaged:
+            scores[r] = _sigmoid(mix_margin(m32, ma32, weight_share(loss_w, loss_avg)))
+        elif link:
             scores[r] = _sigmoid(m32)
         elif prior:
             scores[r] = t_mean + label_std(t_count, t_m2) * np.float64(m32)
@@ -166,6 +196,9 @@ def per_event_linear(  # pragma: no cover - compiled
             if not logistic:
                 t_std = label_std(t_count, t_m2)
                 yy = np.float64(np.float32((yy - t_mean) * (1.0 / t_std)))
+        if averaged:  # the experts' discounted log losses (binary: yy is the label)
+            loss_w = DISCOUNT * loss_w + log_loss(m32, yy)
+            loss_avg = DISCOUNT * loss_avg + log_loss(ma32, yy)
         value, dm = _loss_dloss(m, yy, loss)
         total += value
         coef = dm * 1.0
@@ -188,6 +221,11 @@ def per_event_linear(  # pragma: no cover - compiled
                 w[j] = wj
                 s1[j] = a
                 s2[j] = b
+        rate = 0.0
+        if averaged:
+            rate = avg_rate(step, inv_horizon)
+            for j in range(d):
+                avg[j] = average_coordinate(avg[j], w[j], rate)
         for c in range(n_cat):
             i = hashed[r, c]
             seen = False
@@ -206,17 +244,23 @@ def per_event_linear(  # pragma: no cover - compiled
             w[i] = wi
             s1[i] = a
             s2[i] = b
+            if averaged:
+                avg[i] = average_coordinate(avg[i], w[i], rate)
         wb, a, b = _update(np.float64(w[big_d]), np.float64(s1[big_d]), np.float64(s2[big_d]),
                            0.0 + coef, opt, lr, 0.0, 0.0, beta, cap, eta)
         w[big_d] = wb
         s1[big_d] = a
         s2[big_d] = b
+        if averaged:
+            avg[big_d] = average_coordinate(avg[big_d], w[big_d], rate)
         n_lab += 1
         step += 1
     target[T_COUNT] = t_count
     target[T_MEAN] = t_mean
     target[T_M2] = t_m2
     target[T_OFFSET] = t_offset
+    mix[0] = loss_w
+    mix[1] = loss_avg
     return total, n_lab, step
 
 
@@ -224,7 +268,7 @@ def per_event_linear(  # pragma: no cover - compiled
 def prequential_chunks(  # pragma: no cover - compiled
     X, hashed, labels, size, rows_per_step, kind, link, prior,
     fold, count, mean, m2, target,
-    w, s1, s2, grad, V, s1v, s2v, gv,
+    w, s1, s2, grad, V, s1v, s2v, gv, avg, mix, inv_horizon,
     loss, opt, hyper, step,
     scores, chunk_loss, chunk_learned,
 ):
@@ -240,11 +284,16 @@ def prequential_chunks(  # pragma: no cover - compiled
     label statistics ``target`` (:mod:`.target`). Each chunk's summed pre-update loss and
     number of labelled rows go to ``chunk_loss[c]`` and ``chunk_learned[c]``. ``kind`` is
     ``KIND_DENSE`` (numeric only), ``KIND_CSR`` or ``KIND_FM``; the FM arrays may be empty
-    for the linear kinds.
+    for the linear kinds. A non-empty ``avg`` (linear kinds) scores each window with the
+    mixture of the weights and their running average (:mod:`.average`), the mixture's
+    share fixed within the window, and moves the average after each step.
     """
     n, d = X.shape
     n_chunks = (n + size - 1) // size
     margins = np.empty(min(size, rows_per_step), dtype=np.float32)
+    margins_avg = np.empty_like(margins)
+    mixed = np.empty_like(margins)
+    averaged = avg.shape[0] > 0
     logistic = loss == LOSS_LOGISTIC
     for c in range(n_chunks):
         lo = c * size
@@ -261,7 +310,8 @@ def prequential_chunks(  # pragma: no cover - compiled
         if rows_per_step == 1 and kind != KIND_FM:
             total, n_chunk, step = per_event_linear(
                 z, hc, kind == KIND_CSR, labels[lo:hi], link, prior,
-                target, w, s1, s2, loss, opt, hyper, step, scores[lo:hi],
+                target, w, s1, s2, avg, mix, inv_horizon, loss, opt, hyper, step,
+                scores[lo:hi],
             )
             chunk_learned[c] = n_chunk
             chunk_loss[c] = total
@@ -276,7 +326,7 @@ def prequential_chunks(  # pragma: no cover - compiled
             b = min(a + rows_per_step, k)
             m = margins[: b - a]
             if prior and logistic:
-                shift_bias_to_prior(target, w, s1, s2, opt, hyper)
+                shift_bias_to_prior(target, w, s1, s2, avg, opt, hyper)
             if kind == KIND_DENSE:
                 linear_predict_dense(z[a:b], w, m)
             elif kind == KIND_FM:
@@ -284,7 +334,16 @@ def prequential_chunks(  # pragma: no cover - compiled
             else:
                 linear_predict_csr(indptr[a : b + 1], indices, values, w, m)
             out = scores[lo + a : lo + b]
-            if link:
+            ma = margins_avg[: b - a]
+            if averaged:
+                if kind == KIND_DENSE:
+                    linear_predict_dense(z[a:b], avg, ma)
+                else:
+                    linear_predict_csr(indptr[a : b + 1], indices, values, avg, ma)
+                mm = mixed[: b - a]
+                mix_margins(m, ma, share_of(mix), mm)
+                sigmoid_into(mm, out)
+            elif link:
                 sigmoid_into(m, out)
             elif prior:
                 t_mean, t_std = target_scale(target)
@@ -298,6 +357,8 @@ def prequential_chunks(  # pragma: no cover - compiled
             if n_lab == 0:
                 continue
             y = yw[keep]
+            if averaged:
+                mix_learn(mix, m[keep], ma[keep], y)
             if prior:
                 target_update(target, y)
                 if not logistic:
@@ -306,6 +367,10 @@ def prequential_chunks(  # pragma: no cover - compiled
             if kind == KIND_DENSE:
                 zl = z[a:b] if n_lab == b - a else np.ascontiguousarray(z[a:b][keep])
                 total += linear_learn_dense(zl, y, w, s1, s2, loss, opt, hyper, step)
+                if averaged:  # every coordinate took a step
+                    rate = avg_rate(step, inv_horizon)
+                    for j in range(d + 1):
+                        avg[j] = average_coordinate(avg[j], w[j], rate)
             else:
                 ip, ix, vx = indptr[a : b + 1], indices, values
                 if n_lab < b - a:
@@ -316,6 +381,10 @@ def prequential_chunks(  # pragma: no cover - compiled
                 else:
                     total += linear_learn_csr(ip, ix, vx, y, w, s1, s2,
                                               loss, opt, hyper, step, grad)
+                    if averaged:  # the coordinates the step touched, and the bias
+                        rate = avg_rate(step, inv_horizon)
+                        touched = np.append(np.unique(ix[ip[0] : ip[n_lab]]), w.shape[0] - 1)
+                        average_update(touched, w, avg, rate)
             n_chunk += n_lab
             step += 1
         chunk_learned[c] = n_chunk

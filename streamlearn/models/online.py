@@ -20,6 +20,14 @@ from streamlearn.features import FeatureBatch, InvalidEvent, Vectorizer, csr_row
 from streamlearn.kernels import codes
 from streamlearn.labels import Joined, PendingLabels
 from streamlearn.models import fused
+from streamlearn.models.average import (
+    avg_rate,
+    mix_learn,
+    mix_margins,
+    new_mix,
+    served_weights,
+    share_of,
+)
 from streamlearn.models.target import (
     new_target,
     prior_delta,
@@ -44,6 +52,7 @@ _LOSS = {
 }
 _OPT = {"sgd": codes.OPT_SGD, "adagrad": codes.OPT_ADAGRAD, "ftrl": codes.OPT_FTRL}
 _NO_FACTORS = np.zeros((0, 0), dtype=np.float32)  # the FM arguments of a linear model
+_NO_AVERAGE = np.zeros(0, dtype=np.float32)  # the running average of a model without one
 
 
 class StateError(ValueError):
@@ -120,6 +129,13 @@ class OnlineModel:
         bk = self.backend
         self.w, self.s1, self.s2 = bk.zeros(d), bk.zeros(d), bk.zeros(d)
         self._grad = bk.zeros(d)
+        # The weights' running average and the two experts' losses (.average).
+        self.averaged = spec.averaged
+        self.avg: Any = bk.zeros(d) if self.averaged else _NO_AVERAGE
+        self.mix = new_mix()
+        self._inv_horizon = 1.0 / spec.horizon if spec.horizon else 0.0
+        self._served: tuple[tuple[float, ...], np.ndarray] | None = None
+        self._all_coords = bk.asarray(np.arange(d if self.averaged else 0, dtype=np.int64))
         self.is_fm = spec.task == "ranking"
         # Without categorical fields every row touches every weight: the dense kernels have
         # the CSR kernels' semantics then (lazy regularization visits all coordinates anyway)
@@ -141,20 +157,50 @@ class OnlineModel:
         self.offsets: dict[str, int] = {}
         self.updated_at = time.time()
 
+    @property
+    def weight_names(self) -> tuple[str, ...]:
+        """The model's weight-shaped arrays (attributes; keys of the state's ``weights``)."""
+        return (("w", "s1", "s2") + (("avg",) if self.averaged else ())
+                + (("V", "s1v", "s2v") if self.is_fm else ()))
+
     # -- scoring ---------------------------------------------------------------
-    def _margins(self, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
+    def _margins(self, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
+                 w: Any = None) -> np.ndarray:
+        """Raw margins of CSR rows with the weights ``w`` (default: the model's)."""
         out = np.empty(len(indptr) - 1, dtype=np.float32)
         k = self.backend.kernels
         if self.is_fm:
             k.fm_predict_csr(indptr, indices, values, self.w, self.V, out)
         else:
-            k.linear_predict_csr(indptr, indices, values, self.w, out)
+            k.linear_predict_csr(indptr, indices, values, self.w if w is None else w, out)
         return out
 
-    def _margins_dense(self, z: Any) -> np.ndarray:
+    def _margins_dense(self, z: Any, w: Any = None) -> np.ndarray:
         out = np.empty(z.shape[0], dtype=np.float32)
-        self.backend.kernels.linear_predict_dense(z, self.w, out)
+        self.backend.kernels.linear_predict_dense(z, self.w if w is None else w, out)
         return out
+
+    def _scores(self, margins: np.ndarray, margins_avg: np.ndarray | None) -> np.ndarray:
+        """Scores from the weights' margins, mixed with the average's when it has some."""
+        if margins_avg is None:
+            return self._link(margins)
+        mixed = np.empty_like(margins)
+        mix_margins(margins, margins_avg, share_of(self.mix), mixed)
+        return self._link(mixed)
+
+    def served_weights(self) -> np.ndarray:
+        """The one linear model that scores, on the host, read only: ``w``, or for an
+        averaged model ``share * w + (1 - share) * avg`` (:mod:`.average`); for reason
+        codes and explanations. Cached until the model learns (a serving model never
+        does), so a request does not pay a pass over every weight."""
+        w = self.w if isinstance(self.w, np.ndarray) else self.backend.to_host(self.w)
+        if not self.averaged:
+            return w
+        key = (self.step, self.version, self.n_learned, float(self.mix[0]),
+               float(self.mix[1]))
+        if self._served is None or self._served[0] != key:
+            self._served = (key, served_weights(w, self.backend.to_host(self.avg), self.mix))
+        return self._served[1]
 
     def _link(self, margins: np.ndarray) -> np.ndarray:
         if self.spec.task != "regression":
@@ -189,8 +235,12 @@ class OnlineModel:
         self.fill_aggregates(batch, update=False)
         z = self.scaler.transform_many(batch.numeric)
         if self.dense:
-            return self._link(self._margins_dense(self.backend.asarray(z)))
-        return self._link(self._margins(*csr_rows(z, batch.hashed)))
+            rows = self.backend.asarray(z)
+            return self._scores(self._margins_dense(rows),
+                                self._margins_dense(rows, self.avg) if self.averaged else None)
+        csr = csr_rows(z, batch.hashed)
+        return self._scores(self._margins(*csr),
+                            self._margins(*csr, w=self.avg) if self.averaged else None)
 
     def predict_events(self, events: list[dict[str, Any]]) -> np.ndarray:
         """Score event dicts; raise ``InvalidEvent`` naming the first bad field."""
@@ -238,17 +288,25 @@ class OnlineModel:
             b = min(a + self.spec.update_rows, n)
             if prior and logistic:
                 self._shift_bias_to_prior()
+            m_avg = None
             if self.dense:
                 window: Any = rows[a:b]
-                scores[a:b] = self._link(self._margins_dense(window))
+                m = self._margins_dense(window)
+                if self.averaged:
+                    m_avg = self._margins_dense(window, self.avg)
             else:
                 lo, hi = indptr[a], indptr[b]
                 window = (indptr[a : b + 1] - lo, indices[lo:hi], values[lo:hi])
-                scores[a:b] = self._link(self._margins(*window))
+                m = self._margins(*window)
+                if self.averaged:
+                    m_avg = self._margins(*window, w=self.avg)
+            scores[a:b] = self._scores(m, m_avg)
             keep = np.flatnonzero(~np.isnan(labels[a:b]))
             if len(keep) == 0:
                 continue
             y = np.ascontiguousarray(labels[a:b][keep])
+            if m_avg is not None:
+                mix_learn(self.mix, m[keep], m_avg[keep], y)
             if prior:
                 target_update(self.target, y)
                 if not logistic:
@@ -258,7 +316,12 @@ class OnlineModel:
                     self.backend.asarray(z[a:b][keep]) if self.dense
                     else csr_rows(z[a:b][keep], batch.hashed[a:b][keep])
                 )
+            rate = avg_rate(self.step, self._inv_horizon)
             total += self._learn_dense(window, y) if self.dense else self._learn_csr(window, y)
+            if self.averaged:  # the coordinates this step touched, and the bias
+                touched = (self._all_coords if self.dense else
+                           np.append(np.unique(window[1]), self.w.shape[0] - 1))
+                self.backend.kernels.average_update(touched, self.w, self.avg, rate)
             n_labelled += len(y)
         if not joined:
             self.n_seen += n
@@ -274,13 +337,17 @@ class OnlineModel:
 
     def _shift_bias_to_prior(self) -> None:
         if self.backend.name == "cpu":
-            shift_bias_to_prior(self.target, self.w, self.s1, self.s2, self._opt, self._hyper)
+            shift_bias_to_prior(self.target, self.w, self.s1, self.s2, self.avg, self._opt,
+                                self._hyper)
             return
         delta = prior_delta(self.target)
-        if delta:  # three 1-element copies: the bias and its optimizer state
+        if delta:  # 1-element copies: the bias, its optimizer state (and its average)
             tail = [a[-1:] for a in (self.w, self.s1, self.s2)]
+            if self.averaged:
+                tail.append(self.avg[-1:])
             host = [self.backend.to_host(t) for t in tail]
-            shift_bias(*host, delta, self._opt, self._hyper)
+            shift_bias(*host[:3], host[3] if self.averaged else _NO_AVERAGE, delta, self._opt,
+                       self._hyper)
             for t, h in zip(tail, host, strict=True):
                 t.copy_to_device(h)
 
@@ -318,7 +385,7 @@ class OnlineModel:
             X, np.ascontiguousarray(batch.hashed, dtype=np.int64), labels, size,
             self.spec.update_rows, kind, self.spec.task != "regression", self.spec.label_prior,
             not joined, scaler.count, scaler.mean, scaler.m2, self.target,
-            self.w, self.s1, self.s2, self._grad, *fm,
+            self.w, self.s1, self.s2, self._grad, *fm, self.avg, self.mix, self._inv_horizon,
             self._loss, self._opt, self._hyper, self.step,
             scores, chunk_loss, learned,
         )
@@ -418,7 +485,7 @@ class OnlineModel:
         self.fill_aggregates(batch, update=False)
         z = self.scaler.transform_many(batch.numeric)
         _, indices, values = csr_rows(z, batch.hashed)
-        w = self.backend.to_host(self.w)
+        w = self.served_weights()
         contrib = w[indices] * values
         if self.is_fm:
             v = self.backend.to_host(self.V)[indices] * values[:, None]
@@ -480,9 +547,7 @@ class OnlineModel:
     def to_state(self) -> dict[str, Any]:
         """Everything needed to resume: weights, optimizer state, scaler, counters, offsets."""
         h = self.backend.to_host
-        weights = {"w": h(self.w), "s1": h(self.s1), "s2": h(self.s2)}
-        if self.is_fm:
-            weights |= {"V": h(self.V), "s1v": h(self.s1v), "s2v": h(self.s2v)}
+        weights = {name: h(getattr(self, name)) for name in self.weight_names}
         return {
             "kind": STATE_KIND,
             "state_version": STATE_VERSION,
@@ -493,6 +558,7 @@ class OnlineModel:
             "n_learned": self.n_learned,
             "n_imputed": self.n_imputed.copy(),
             "target": self.target.copy(),
+            **({"mix": self.mix.copy()} if self.averaged else {}),
             "offsets": dict(self.offsets),
             "updated_at": self.updated_at,
             "weights": weights,
@@ -527,7 +593,9 @@ class OnlineModel:
             model = cls(spec, device=device or "cpu")
             bk = model.backend
             weights = state["weights"]
-            for name in ("w", "s1", "s2") + (("V", "s1v", "s2v") if model.is_fm else ()):
+            if model.averaged and "avg" not in weights:  # written before averaging
+                weights = dict(weights, avg=weights["w"])
+            for name in model.weight_names:
                 arr = np.asarray(weights[name], dtype=np.float32)
                 if arr.shape != bk.to_host(getattr(model, name)).shape:
                     raise StateError(f"weights {name!r} have shape {arr.shape}, spec disagrees")
@@ -549,6 +617,11 @@ class OnlineModel:
                 if target.shape != model.target.shape:
                     raise StateError(f"target statistics have shape {target.shape}")
                 model.target = target.copy()
+            if model.averaged and "mix" in state:
+                mix = np.asarray(state["mix"], dtype=np.float64)
+                if mix.shape != model.mix.shape:
+                    raise StateError(f"mixture losses have shape {mix.shape}")
+                model.mix = mix.copy()
             model.offsets = {str(k): int(v) for k, v in state.get("offsets", {}).items()}
             if state.get("pending") is not None:  # serving needs its counters only
                 model.pending.load(state["pending"], rows=not serving)

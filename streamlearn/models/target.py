@@ -68,12 +68,15 @@ def base_logit(count, mean):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
-def move_bias(w, s1, s2, delta, ftrl, lr, beta):  # pragma: no cover - compiled
-    """Add ``delta`` to the bias ``w[-1]``; FTRL's ``z`` (``s1``) moves with it."""
+def move_bias(w, s1, s2, avg, delta, ftrl, lr, beta):  # pragma: no cover - compiled
+    """Add ``delta`` to the bias ``w[-1]``; FTRL's ``z`` (``s1``) moves with it, and so
+    does the averaged bias ``avg[-1]`` (``avg`` empty: a model that does not average)."""
     d = w.shape[0] - 1
     if ftrl:
         s1[d] -= delta * (beta + math.sqrt(np.float64(s2[d]))) / lr
     w[d] += delta
+    if avg.shape[0] > 0:
+        avg[d] += delta
 
 
 @njit(cache=True, nogil=True)
@@ -116,22 +119,22 @@ def prior_delta(target):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def shift_bias(w, s1, s2, delta, opt, hyper):  # pragma: no cover - compiled
+def shift_bias(w, s1, s2, avg, delta, opt, hyper):  # pragma: no cover - compiled
     """Add ``delta`` to the bias weight ``w[-1]``, keeping the optimizer state consistent.
 
     SGD and AdaGrad keep ``w`` itself. FTRL derives the bias from ``z = s1`` and
     ``n = s2`` as ``w = -z * lr / (beta + sqrt(n))`` (the bias has no L1/L2), so ``z``
-    moves with it.
+    moves with it. ``avg``: the weights' running average (:mod:`.average`; may be empty).
     """
     if delta != 0.0:
-        move_bias(w, s1, s2, delta, opt == OPT_FTRL, hyper[H_LEARNING_RATE],
+        move_bias(w, s1, s2, avg, delta, opt == OPT_FTRL, hyper[H_LEARNING_RATE],
                   hyper[H_FTRL_BETA])
 
 
 @njit(cache=True, nogil=True)
-def shift_bias_to_prior(target, w, s1, s2, opt, hyper):  # pragma: no cover - compiled
+def shift_bias_to_prior(target, w, s1, s2, avg, opt, hyper):  # pragma: no cover - compiled
     """Move the bias by the change of the base-rate logit since the last call."""
-    shift_bias(w, s1, s2, prior_delta(target), opt, hyper)
+    shift_bias(w, s1, s2, avg, prior_delta(target), opt, hyper)
 
 
 @njit(cache=True, nogil=True)

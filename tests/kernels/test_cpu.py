@@ -425,6 +425,22 @@ def test_fm_learns_an_interaction_a_linear_model_cannot(rng: np.random.Generator
 # --------------------------------------------------------------------------- scaler
 
 
+def test_average_update_moves_only_the_touched_coordinates(rng: np.random.Generator) -> None:
+    w = rng.normal(size=9).astype(np.float32)
+    avg = rng.normal(size=9).astype(np.float32)
+    touched = np.array([0, 3, 8], dtype=np.int64)
+    expected, got = avg.copy(), avg.copy()
+    reference.average_update(touched, w, expected, 0.25)
+    cpu.average_update(touched, w, got, 0.25)
+    assert_array_equal(got, expected)
+    untouched = np.setdiff1d(np.arange(9), touched)
+    assert_array_equal(got[untouched], avg[untouched])
+    a, t = avg[touched].astype(np.float64), w[touched].astype(np.float64)
+    assert_allclose(got[touched], a + 0.25 * (t - a), rtol=1e-7)
+    cpu.average_update(touched, w, got, 1.0)  # rate 1: the average is the weights
+    assert_array_equal(got[touched], w[touched])
+
+
 def test_scaler_update_matches_reference_and_two_pass(rng: np.random.Generator) -> None:
     d = 6
     count, mean, m2 = (np.zeros(d) for _ in range(3))

@@ -281,6 +281,19 @@ def test_scaler_update_matches_cpu(rng: np.random.Generator) -> None:
     assert_allclose(m2, cm2, rtol=1e-9, atol=1e-12)
 
 
+def test_average_update_matches_cpu(rng: np.random.Generator) -> None:
+    w = rng.normal(size=11).astype(np.float32)
+    avg = rng.normal(size=11).astype(np.float32)
+    touched = np.array([1, 2, 5, 10], dtype=np.int64)
+    on_cpu, on_gpu = avg.copy(), avg.copy()
+    cpu.average_update(touched, w, on_cpu, 0.3)
+    kcuda.average_update(touched, w, on_gpu, 0.3)  # host arrays: copied there and back
+    assert_allclose(on_gpu, on_cpu, rtol=1e-7)
+    d_avg = nb_cuda.to_device(avg.copy())  # device-resident: updated in place
+    kcuda.average_update(nb_cuda.to_device(touched), nb_cuda.to_device(w), d_avg, 0.3)
+    assert_allclose(d_avg.copy_to_host(), on_cpu, rtol=1e-7)
+
+
 # --------------------------------------------------------------------------- real GPU only
 
 
