@@ -29,11 +29,11 @@ from streamlearn.kernels.codes import (
 )
 from streamlearn.kernels.cpu import (
     _dense_margin,
-    average_coordinate,
-    average_update,
     _loss_dloss,
     _opt_scalars,
     _update,
+    average_coordinate,
+    average_update,
     capped,
     fm_learn_csr,
     fm_predict_csr,
