@@ -72,6 +72,7 @@ from typing import Any
 import numpy as np
 
 from streamlearn.config import ModelSpec
+from streamlearn.models.average import new_mix
 from streamlearn.scaler import Stats, chan_merge
 
 #: Key suffix of the merged model on the models topic: ``<model>/@merged``.
@@ -207,7 +208,7 @@ def delta(state: Mapping[str, Any], ref: Mapping[str, Any]) -> Delta:
 
 
 def _mix(state: Mapping[str, Any]) -> np.ndarray:
-    return np.asarray(state.get("mix", (0.0, 0.0)), dtype=np.float64)
+    return np.asarray(state.get("mix", new_mix()), dtype=np.float64)
 
 
 def _ftrl_weights(z: np.ndarray, n: np.ndarray, lr: float, l1: float, l2: float, beta: float,

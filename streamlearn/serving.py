@@ -36,6 +36,7 @@ from streamlearn import replicas as merging
 from streamlearn.config import ModelSpec
 from streamlearn.logs import RateLimitedLog
 from streamlearn.models import OnlineModel, StateError
+from streamlearn.models.average import new_mix
 from streamlearn.scaler import RunningStandardScaler
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
         for a_i, arr in zip(alpha, arrays, strict=True):
             acc += a_i * arr
         weights[name] = acc.astype(arrays[0].dtype)
-    mixes = [np.asarray(s.get("mix", (0.0, 0.0)), dtype=np.float64) for s in states]
+    mixes = [np.asarray(s.get("mix", new_mix()), dtype=np.float64) for s in states]
     scaler = RunningStandardScaler.from_state(first["scaler"])
     for s in states[1:]:
         scaler.merge(RunningStandardScaler.from_state(s["scaler"]))

@@ -14,8 +14,9 @@ scored by both, mixed by how well each has been doing:
 * the score's margin is ``share * m_w + (1 - share) * m_avg``: one linear model, with the
   weights ``share * w + (1 - share) * avg`` (what serving and reason codes use). ``share``
   comes from exponential weights on the two experts' log losses, discounted by
-  :data:`DISCOUNT` per labelled event: ``share = sigmoid(loss_avg - loss_w)``, kept in
-  ``mix = [loss_w, loss_avg]`` and fixed within an optimizer window (one event by default);
+  :data:`DISCOUNT` per labelled event: ``share = sigmoid(gap)``, ``gap`` the discounted
+  sum of ``loss(avg) - loss(w)`` (to second order: :func:`loss_gap`), kept in
+  ``mix = [gap]`` and fixed for each mini-batch (``batch_size`` rows);
 * when the label prior moves the bias (:mod:`.target`), ``avg``'s bias moves with it.
 
 Measured first in ``load_tests/step_rules.py`` (``ftrl+avg``, paired over 8 row orders on
@@ -34,14 +35,17 @@ import math
 import numpy as np
 from numba import njit
 
-DISCOUNT = 0.999
-"""Per labelled event discount of the experts' log losses: a memory of ~1,000 events."""
+from streamlearn.kernels.codes import LOSS_LOGISTIC
+from streamlearn.kernels.cpu import _loss_dloss
 
-MIX_LEN = 2  # mix = [loss_w, loss_avg]
+DISCOUNT = 0.999
+"""Per labelled event discount of the log-loss gap: a memory of ~1,000 events."""
+
+MIX_LEN = 1  # mix = [gap]: the discounted sum of loss(avg) - loss(w)
 
 
 def new_mix() -> np.ndarray:
-    """The experts' discounted log losses before any label: ``[0, 0]`` (share 1/2)."""
+    """The log-loss gap before any label: 0 (share 1/2)."""
     return np.zeros(MIX_LEN)
 
 
@@ -53,48 +57,53 @@ def avg_rate(step, inv_horizon):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
-def weight_share(loss_w, loss_avg):  # pragma: no cover - compiled
-    """The current weights' share of the margin: ``sigmoid(loss_avg - loss_w)``."""
-    x = min(max(loss_avg - loss_w, -50.0), 50.0)
+def weight_share(gap):  # pragma: no cover - compiled
+    """The current weights' share of the margin: ``sigmoid(gap)``."""
+    x = min(max(gap, -50.0), 50.0)
     return 1.0 / (1.0 + math.exp(-x))
 
 
 @njit(inline="always")
 def mix_margin(m_w, m_avg, share):  # pragma: no cover - compiled
-    """The served margin from the two experts' float32 margins, rounded to float32."""
-    return np.float32(share * np.float64(m_w) + (1.0 - share) * np.float64(m_avg))
+    """The served margin from the two experts' margins, each first rounded to float32 as
+    a lone model's margin is, then mixed in float64 and rounded to float32."""
+    w32 = np.float64(np.float32(m_w))
+    return np.float32(share * w32 + (1.0 - share) * np.float64(np.float32(m_avg)))
 
 
 @njit(inline="always")
-def log_loss(m, y):  # pragma: no cover - compiled
-    """Log loss of the float32 margin ``m`` on the label ``y`` (0 or 1), in float64."""
-    x = np.float64(m)
-    return math.log1p(math.exp(-abs(x))) + max(x, 0.0) - y * x
+def loss_gap(g, y, m_w, m_avg):  # pragma: no cover - compiled
+    """``loss(m_avg) - loss(m_w)`` of the logistic loss, to second order around ``m_w``,
+    from the learner's gradient ``g = p - y`` there (curvature ``p (1 - p)``): no
+    transcendental call beyond the learner's own, so the mixture costs a few
+    multiply-adds per event."""
+    step = m_avg - m_w
+    p = g + y
+    return g * step + 0.5 * p * (1.0 - p) * step * step
 
 
 @njit(cache=True, nogil=True)
 def mix_margins(m_w, m_avg, share, out):  # pragma: no cover - compiled
-    """:func:`mix_margin` over a window's margins, into ``out`` (float32)."""
+    """:func:`mix_margin` over a window's float64 margins, into ``out`` (float32)."""
     for i in range(m_w.shape[0]):
         out[i] = mix_margin(m_w[i], m_avg[i], share)
 
 
 @njit(cache=True, nogil=True)
 def mix_learn(mix, m_w, m_avg, y):  # pragma: no cover - compiled
-    """Fold the labelled rows' log losses (in order) into ``mix`` in place."""
-    loss_w, loss_avg = mix[0], mix[1]
+    """Fold the labelled rows' loss gaps (float64 margins, in order) into ``mix``."""
+    gap = mix[0]
     for i in range(y.shape[0]):
         yy = np.float64(y[i])
-        loss_w = DISCOUNT * loss_w + log_loss(m_w[i], yy)
-        loss_avg = DISCOUNT * loss_avg + log_loss(m_avg[i], yy)
-    mix[0] = loss_w
-    mix[1] = loss_avg
+        _, g = _loss_dloss(m_w[i], yy, LOSS_LOGISTIC)
+        gap = DISCOUNT * gap + loss_gap(g, yy, m_w[i], m_avg[i])
+    mix[0] = gap
 
 
 @njit(cache=True, nogil=True)
 def share_of(mix):  # pragma: no cover - compiled
     """:func:`weight_share` of a ``mix`` array."""
-    return weight_share(mix[0], mix[1])
+    return weight_share(mix[0])
 
 
 def served_weights(w: np.ndarray, avg: np.ndarray, mix: np.ndarray) -> np.ndarray:

@@ -46,7 +46,7 @@ from streamlearn.kernels.cpu import (
 from streamlearn.models.average import (
     DISCOUNT,
     avg_rate,
-    log_loss,
+    loss_gap,
     mix_learn,
     mix_margin,
     mix_margins,
@@ -145,8 +145,8 @@ def per_event_linear(  # pragma: no cover - compiled
     t_m2 = target[T_M2]
     t_offset = target[T_OFFSET]
     averaged = avg.shape[0] > 0
-    loss_w = mix[0]
-    loss_avg = mix[1]
+    gap = mix[0]
+    share = weight_share(gap)  # fixed for the mini-batch
     total = 0.0
     n_lab = 0
     moved = True  # the prior moves only with a new label
@@ -167,7 +167,7 @@ def per_event_linear(  # pragma: no cover - compiled
         else:
             m = _dense_margin(z, r, w)
         m32 = np.float32(m)
-        ma32 = m32
+        ma = m
         if averaged:  # the running average's margin, summed as the weights' is
             if csr:
                 ma = np.float64(avg[big_d])
@@ -177,9 +177,7 @@ def per_event_linear(  # pragma: no cover - compiled
                     ma += np.float64(one) * avg[hashed[r, c]]
             else:
                 ma = _dense_margin(z, r, avg)
-            ma32 = np.float32(ma)
-        if averaged:
-            scores[r] = _sigmoid(mix_margin(m32, ma32, weight_share(loss_w, loss_avg)))
+            scores[r] = _sigmoid(mix_margin(m, ma, share))
         elif link:
             scores[r] = _sigmoid(m32)
         elif prior:
@@ -196,11 +194,10 @@ def per_event_linear(  # pragma: no cover - compiled
             if not logistic:
                 t_std = label_std(t_count, t_m2)
                 yy = np.float64(np.float32((yy - t_mean) * (1.0 / t_std)))
-        if averaged:  # the experts' discounted log losses (binary: yy is the label)
-            loss_w = DISCOUNT * loss_w + log_loss(m32, yy)
-            loss_avg = DISCOUNT * loss_avg + log_loss(ma32, yy)
         value, dm = _loss_dloss(m, yy, loss)
         total += value
+        if averaged:  # the experts' log-loss gap, from the learner's gradient
+            gap = DISCOUNT * gap + loss_gap(dm, yy, m, ma)
         coef = dm * 1.0
         if opt == OPT_SGD and power_t != 0.0:  # SGD's schedule moves with every step
             eta = lr / (1.0 + step) ** power_t
@@ -259,8 +256,7 @@ def per_event_linear(  # pragma: no cover - compiled
     target[T_MEAN] = t_mean
     target[T_M2] = t_m2
     target[T_OFFSET] = t_offset
-    mix[0] = loss_w
-    mix[1] = loss_avg
+    mix[0] = gap
     return total, n_lab, step
 
 
@@ -286,16 +282,20 @@ def prequential_chunks(  # pragma: no cover - compiled
     ``KIND_DENSE`` (numeric only), ``KIND_CSR`` or ``KIND_FM``; the FM arrays may be empty
     for the linear kinds. A non-empty ``avg`` (linear kinds) scores each window with the
     mixture of the weights and their running average (:mod:`.average`), the mixture's
-    share fixed within the window, and moves the average after each step.
+    share fixed within the chunk (a mini-batch), and moves the average after each step.
     """
     n, d = X.shape
     n_chunks = (n + size - 1) // size
     margins = np.empty(min(size, rows_per_step), dtype=np.float32)
-    margins_avg = np.empty_like(margins)
+    # An averaged model's margins stay float64 until scored: its mixture weighs the log
+    # losses of the float64 margins, as the per-event loop does (the learner's own loss).
+    margins64 = np.empty(margins.shape[0])
+    margins_avg = np.empty(margins.shape[0])
     mixed = np.empty_like(margins)
     averaged = avg.shape[0] > 0
     logistic = loss == LOSS_LOGISTIC
     for c in range(n_chunks):
+        share = share_of(mix)  # the mixture is fixed for the mini-batch
         lo = c * size
         hi = min(lo + size, n)
         k = hi - lo
@@ -325,23 +325,27 @@ def prequential_chunks(  # pragma: no cover - compiled
         for a in range(0, k, rows_per_step):
             b = min(a + rows_per_step, k)
             m = margins[: b - a]
+            m64 = margins64[: b - a]
             if prior and logistic:
                 shift_bias_to_prior(target, w, s1, s2, avg, opt, hyper)
-            if kind == KIND_DENSE:
+            ma = margins_avg[: b - a]
+            if averaged:
+                if kind == KIND_DENSE:
+                    linear_predict_dense(z[a:b], w, m64)
+                    linear_predict_dense(z[a:b], avg, ma)
+                else:
+                    linear_predict_csr(indptr[a : b + 1], indices, values, w, m64)
+                    linear_predict_csr(indptr[a : b + 1], indices, values, avg, ma)
+            elif kind == KIND_DENSE:
                 linear_predict_dense(z[a:b], w, m)
             elif kind == KIND_FM:
                 fm_predict_csr(indptr[a : b + 1], indices, values, w, V, m)
             else:
                 linear_predict_csr(indptr[a : b + 1], indices, values, w, m)
             out = scores[lo + a : lo + b]
-            ma = margins_avg[: b - a]
             if averaged:
-                if kind == KIND_DENSE:
-                    linear_predict_dense(z[a:b], avg, ma)
-                else:
-                    linear_predict_csr(indptr[a : b + 1], indices, values, avg, ma)
                 mm = mixed[: b - a]
-                mix_margins(m, ma, share_of(mix), mm)
+                mix_margins(m64, ma, share, mm)
                 sigmoid_into(mm, out)
             elif link:
                 sigmoid_into(m, out)
@@ -358,7 +362,7 @@ def prequential_chunks(  # pragma: no cover - compiled
                 continue
             y = yw[keep]
             if averaged:
-                mix_learn(mix, m[keep], ma[keep], y)
+                mix_learn(mix, m64[keep], ma[keep], y)
             if prior:
                 target_update(target, y)
                 if not logistic:

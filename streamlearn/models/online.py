@@ -165,9 +165,9 @@ class OnlineModel:
 
     # -- scoring ---------------------------------------------------------------
     def _margins(self, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
-                 w: Any = None) -> np.ndarray:
+                 w: Any = None, dtype: Any = np.float32) -> np.ndarray:
         """Raw margins of CSR rows with the weights ``w`` (default: the model's)."""
-        out = np.empty(len(indptr) - 1, dtype=np.float32)
+        out = np.empty(len(indptr) - 1, dtype=dtype)
         k = self.backend.kernels
         if self.is_fm:
             k.fm_predict_csr(indptr, indices, values, self.w, self.V, out)
@@ -175,17 +175,31 @@ class OnlineModel:
             k.linear_predict_csr(indptr, indices, values, self.w if w is None else w, out)
         return out
 
-    def _margins_dense(self, z: Any, w: Any = None) -> np.ndarray:
-        out = np.empty(z.shape[0], dtype=np.float32)
+    def _margins_dense(self, z: Any, w: Any = None, dtype: Any = np.float32) -> np.ndarray:
+        out = np.empty(z.shape[0], dtype=dtype)
         self.backend.kernels.linear_predict_dense(z, self.w if w is None else w, out)
         return out
 
-    def _scores(self, margins: np.ndarray, margins_avg: np.ndarray | None) -> np.ndarray:
-        """Scores from the weights' margins, mixed with the average's when it has some."""
+    def _expert_margins(self, rows: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """Margins of dense or CSR ``rows`` with the weights, and for an averaged model
+        with their average too, both float64 (its mixture weighs their log losses)."""
+        if not self.averaged:
+            return (self._margins_dense(rows) if self.dense else self._margins(*rows)), None
+        if self.dense:
+            return (self._margins_dense(rows, dtype=np.float64),
+                    self._margins_dense(rows, self.avg, dtype=np.float64))
+        return (self._margins(*rows, dtype=np.float64),
+                self._margins(*rows, w=self.avg, dtype=np.float64))
+
+    def _scores(self, margins: np.ndarray, margins_avg: np.ndarray | None,
+                share: float | None = None) -> np.ndarray:
+        """Scores from the weights' margins, mixed with the average's when it has some
+        (``share``: the weights' part; default: the current mixture's)."""
         if margins_avg is None:
             return self._link(margins)
-        mixed = np.empty_like(margins)
-        mix_margins(margins, margins_avg, share_of(self.mix), mixed)
+        mixed = np.empty(margins.shape[0], dtype=np.float32)
+        mix_margins(margins, margins_avg, share_of(self.mix) if share is None else share,
+                    mixed)
         return self._link(mixed)
 
     def served_weights(self) -> np.ndarray:
@@ -196,8 +210,7 @@ class OnlineModel:
         w = self.w if isinstance(self.w, np.ndarray) else self.backend.to_host(self.w)
         if not self.averaged:
             return w
-        key = (self.step, self.version, self.n_learned, float(self.mix[0]),
-               float(self.mix[1]))
+        key = (self.step, self.version, self.n_learned, *self.mix.tolist())
         if self._served is None or self._served[0] != key:
             self._served = (key, served_weights(w, self.backend.to_host(self.avg), self.mix))
         return self._served[1]
@@ -234,13 +247,8 @@ class OnlineModel:
             return np.empty(0, dtype=np.float32)
         self.fill_aggregates(batch, update=False)
         z = self.scaler.transform_many(batch.numeric)
-        if self.dense:
-            rows = self.backend.asarray(z)
-            return self._scores(self._margins_dense(rows),
-                                self._margins_dense(rows, self.avg) if self.averaged else None)
-        csr = csr_rows(z, batch.hashed)
-        return self._scores(self._margins(*csr),
-                            self._margins(*csr, w=self.avg) if self.averaged else None)
+        rows = self.backend.asarray(z) if self.dense else csr_rows(z, batch.hashed)
+        return self._scores(*self._expert_margins(rows))
 
     def predict_events(self, events: list[dict[str, Any]]) -> np.ndarray:
         """Score event dicts; raise ``InvalidEvent`` naming the first bad field."""
@@ -284,23 +292,18 @@ class OnlineModel:
         logistic = self._loss == codes.LOSS_LOGISTIC
         prior = self.spec.label_prior
         total, n_labelled = 0.0, 0
+        share = float(share_of(self.mix))  # the mixture is fixed for the mini-batch
         for a in range(0, n, self.spec.update_rows):
             b = min(a + self.spec.update_rows, n)
             if prior and logistic:
                 self._shift_bias_to_prior()
-            m_avg = None
             if self.dense:
                 window: Any = rows[a:b]
-                m = self._margins_dense(window)
-                if self.averaged:
-                    m_avg = self._margins_dense(window, self.avg)
             else:
                 lo, hi = indptr[a], indptr[b]
                 window = (indptr[a : b + 1] - lo, indices[lo:hi], values[lo:hi])
-                m = self._margins(*window)
-                if self.averaged:
-                    m_avg = self._margins(*window, w=self.avg)
-            scores[a:b] = self._scores(m, m_avg)
+            m, m_avg = self._expert_margins(window)
+            scores[a:b] = self._scores(m, m_avg, share)
             keep = np.flatnonzero(~np.isnan(labels[a:b]))
             if len(keep) == 0:
                 continue

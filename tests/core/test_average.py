@@ -71,7 +71,7 @@ def test_a_state_from_before_averaging_starts_its_average_at_the_weights():
     state.pop("mix")
     restored = OnlineModel.from_state(state)
     np.testing.assert_array_equal(restored.avg, restored.w)
-    assert restored.mix.tolist() == [0.0, 0.0]
+    assert restored.mix.tolist() == [0.0]
     plain = OnlineModel.from_state({**state, "spec": {**state["spec"], "average": False}})
     probe = events[:50]
     np.testing.assert_array_equal(restored.predict_events(probe), plain.predict_events(probe))
