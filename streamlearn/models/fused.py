@@ -236,18 +236,25 @@ def per_event_linear(  # pragma: no cover - compiled
             for f in range(c + 1, n_cat):
                 if hashed[r, f] == i:
                     g32 = np.float32(np.float64(g32) + coef * one)
-            wi, a, b = _update(np.float64(w[i]), np.float64(s1[i]), np.float64(s2[i]),
-                               np.float64(g32), opt, lr, l1, l2, beta, cap, eta)
-            w[i] = wi
-            s1[i] = a
-            s2[i] = b
+            if ftrl:  # inlined: the same arithmetic as _update's, without its dispatch
+                _ftrl_coordinate(np.float64(g32), i, w, s1, s2, inv_lr, l1, l2, beta, cap)
+            else:
+                wi, a, b = _update(np.float64(w[i]), np.float64(s1[i]), np.float64(s2[i]),
+                                   np.float64(g32), opt, lr, l1, l2, beta, cap, eta)
+                w[i] = wi
+                s1[i] = a
+                s2[i] = b
             if averaged:
                 avg[i] = average_coordinate(avg[i], w[i], rate)
-        wb, a, b = _update(np.float64(w[big_d]), np.float64(s1[big_d]), np.float64(s2[big_d]),
-                           0.0 + coef, opt, lr, 0.0, 0.0, beta, cap, eta)
-        w[big_d] = wb
-        s1[big_d] = a
-        s2[big_d] = b
+        if ftrl:  # the bias: no L1/L2
+            _ftrl_coordinate(0.0 + coef, big_d, w, s1, s2, inv_lr, 0.0, 0.0, beta, cap)
+        else:
+            wb, a, b = _update(np.float64(w[big_d]), np.float64(s1[big_d]),
+                               np.float64(s2[big_d]), 0.0 + coef, opt, lr, 0.0, 0.0, beta,
+                               cap, eta)
+            w[big_d] = wb
+            s1[big_d] = a
+            s2[big_d] = b
         if averaged:
             avg[big_d] = average_coordinate(avg[big_d], w[big_d], rate)
         n_lab += 1
