@@ -9,8 +9,9 @@ per ``batch_size`` rows as the fused loop does), the :class:`Vectorizer`'s hashe
 of the running labels, a residual bias learned on top), the ``ModelSpec`` defaults' step,
 normalization and memory cap, and one step per event, scored before it learns. ``ftrl`` is
 ``OnlineModel``'s rule, through the kernels' own coordinate update (``kernels.cpu._update``);
-it differs from the product's scores only in float32 rounding and the bias being added in
-float64 (the table's figures are reproduced closely, not bit for bit). The others:
+it differs from the product's scores (``average = false``) only in float32 rounding and the
+bias being added in float64 (the table's figures are reproduced closely, not bit for bit).
+The others:
 
 - ``cocob``: parameter-free coin betting per weight (COCOB-Backprop, Orabona and Tommasi
   2017), ``--cocob-alpha`` its damping of the first steps;
@@ -23,6 +24,10 @@ float64 (the table's figures are reproduced closely, not bit for bit). The other
   average is the low-noise estimate that weak-signal streams want; the current weights
   track what is still being learned. A weight's average moves only when the weight is
   updated. ``--margin-mix`` mixes the two margins instead of the two probabilities.
+  The product now scores binary models this way by default (``ModelSpec.average``,
+  :mod:`streamlearn.models.average`), with the margin mix, the loss gap taken to second
+  order and the share fixed per mini-batch; ``ftrl`` here is its learner with
+  ``average = false``.
 
 Usage::
 

@@ -292,6 +292,9 @@ class ModelSummary(BaseModel):
     labels: dict[str, Any] | None = Field(None, description="Delayed labels: joined, late, "
                                           "duplicate, unknown, expired, evicted, pending.")
     imputed: dict[str, int]
+    average_share: float | None = Field(None, description="Averaged scoring (binary models): "
+                                        "the current weights' share of the score, the rest "
+                                        "being their running average's; null: not averaged.")
     metrics: dict[str, Any]
     updated_at: float
     snapshot_age_s: float

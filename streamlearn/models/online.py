@@ -543,6 +543,7 @@ class OnlineModel:
             "labels": self.pending.report(),
             "imputed": dict(zip(self.spec.numeric_features, self.n_imputed.tolist(),
                                 strict=True)),
+            "average_share": float(share_of(self.mix)) if self.averaged else None,
             "metrics": self.metrics.report(),
             "updated_at": self.updated_at,
         }

@@ -45,6 +45,7 @@ def test_only_binary_models_average():
     assert not OnlineModel(_spec(average=False), device="cpu").averaged
     reg = OnlineModel(_spec(task="regression"), device="cpu")
     assert not reg.averaged and "mix" not in reg.to_state()
+    assert reg.info()["average_share"] is None
 
 
 def test_a_weak_signal_leans_on_the_average_and_scores_better():
@@ -82,6 +83,7 @@ def test_served_weights_give_the_served_scores_and_explanations():
     events, _ = _stream(5_000, 4, coef=1.0)
     _learn(model, events)
     assert 0.0 < float(share_of(model.mix)) < 1.0
+    assert model.info()["average_share"] == pytest.approx(float(share_of(model.mix)))
     assert not np.array_equal(model.avg, model.w)
     batch, _ = model.vectorizer.transform_many(events[:20])
     z = model.scaler.transform_many(batch.numeric).astype(np.float64)
