@@ -15,7 +15,7 @@ exactly what it learned since it adopted ``B``, from events no other replica saw
   AdaGrad's squared-gradient sums, and (exactly, by Chan's formulas) the scaler's and
   the labels' count/mean/M2, and the counters;
 * **averages** the deltas of SGD/AdaGrad weights, of FM factors, of the weights'
-  running average and of the mixture losses (:mod:`streamlearn.models.average`),
+  running average and of the mixture gap (:mod:`streamlearn.models.average`),
   weighted by the labelled events each replica learned since its base (FedAvg);
 * for FTRL **recomputes** ``w`` (and ``V``) from the merged ``z``, ``n``:
   ``w = -(z - sign(z) l1) / ((beta + sqrt(n)) / lr + l2)``, 0 when ``|z| <= l1``,
@@ -163,7 +163,7 @@ class Delta:
     counters: dict[str, int]
     n_imputed: np.ndarray
     events: int  # labelled events learned since the reference
-    mix: np.ndarray  # the averaged models' mixture losses (zeros for the others)
+    mix: np.ndarray  # the averaged models' mixture gap (zero for the others)
 
 
 def _bias_to_offset(state: Mapping[str, Any], arrays: dict[str, np.ndarray], offset: float,

@@ -129,7 +129,7 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     """Merge replica shards of one model into the state that is served.
 
     Weights and optimizer state (``w``/``s1``/``s2``, the running average ``avg``,
-    plus ``V``/``s1v``/``s2v`` for factorization machines) and the mixture losses
+    plus ``V``/``s1v``/``s2v`` for factorization machines) and the mixture gap
     (``mix``) are averaged, weighted by each shard's
     ``n_learned`` (equal weights while nobody has learned).  Scaler statistics
     merge exactly (Chan).  Counters add up; ``version``, ``step`` and
@@ -194,7 +194,7 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
         scaler=scaler.to_state(),
         metrics=merging.pool_metrics([s["metrics"] for s in states]),
     )
-    if "mix" in first:  # the averaged models' mixture losses, weighted as the weights
+    if "mix" in first:  # the averaged models' mixture gap, weighted as the weights
         merged["mix"] = np.sum([a * m for a, m in zip(alpha, mixes, strict=True)], axis=0)
     if any("telemetry" in s for s in states):
         merged["telemetry"] = sum_telemetry([clean_telemetry(s.get("telemetry")) for s in states])
@@ -479,7 +479,7 @@ def validate_state(state: Any, *, now: float, max_clock_skew_s: float = 300.0) -
     if "target" in state:
         _finite("target statistics", state["target"])
     if "mix" in state:
-        _finite("mixture losses", state["mix"])
+        _finite("mixture gap", state["mix"])
     metrics = state.get("metrics")
     if isinstance(metrics, Mapping):
         for name in ("y", "p"):

@@ -60,7 +60,7 @@ HISTORY_KEEP = 50
 
 
 class Checkpoint:
-    """Weights, optimizer state and label statistics at ``at_event``."""
+    """Weights, optimizer state, label statistics and mixture gap at ``at_event``."""
 
     __slots__ = ("arrays", "at_event", "clean", "loss", "step", "version")
 
@@ -74,8 +74,8 @@ class Checkpoint:
         self.clean = clean
 
 
-_HOST = ("target", "mix")  # host arrays restored with the weights: label statistics and
-# the averaged models' mixture losses
+# Host arrays restored with the weights: the label statistics and the mixture gap.
+_HOST = ("target", "mix")
 
 
 class DriftActions:

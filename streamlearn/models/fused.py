@@ -87,6 +87,19 @@ def _sigmoid(m):  # pragma: no cover - compiled
     return 1.0 / (1.0 + math.exp(-x))
 
 
+@njit(inline="always")
+def _csr_margin(z, hashed, r, w):  # pragma: no cover - compiled
+    """Row ``r``'s margin in the CSR kernel's order (bias, numeric block, hashed slots of
+    value 1), read from the z-scores and slots directly."""
+    m = np.float64(w[w.shape[0] - 1])
+    for j in range(z.shape[1]):
+        m += np.float64(z[r, j]) * w[j]
+    one = np.float64(np.float32(1.0))
+    for c in range(hashed.shape[1]):
+        m += one * w[hashed[r, c]]
+    return m
+
+
 @njit(inline="always", error_model="numpy")
 def _ftrl_coordinate(g, j, w, s1, s2, inv_lr, l1, l2, beta, cap):  # pragma: no cover
     """One FTRL-Proximal step of numeric weight ``j`` (``s1``: z, ``s2``: n), written
@@ -158,25 +171,11 @@ def per_event_linear(  # pragma: no cover - compiled
             if delta != 0.0:
                 move_bias(w, s1, s2, avg, delta, ftrl, h_lr, h_beta)
             moved = False
-        if csr:  # the CSR kernel's order: bias, numeric block, hashed slots
-            m = np.float64(w[big_d])
-            for j in range(d):
-                m += np.float64(z[r, j]) * w[j]
-            for c in range(n_cat):
-                m += np.float64(one) * w[hashed[r, c]]
-        else:
-            m = _dense_margin(z, r, w)
+        m = _csr_margin(z, hashed, r, w) if csr else _dense_margin(z, r, w)
         m32 = np.float32(m)
         ma = m
         if averaged:  # the running average's margin, summed as the weights' is
-            if csr:
-                ma = np.float64(avg[big_d])
-                for j in range(d):
-                    ma += np.float64(z[r, j]) * avg[j]
-                for c in range(n_cat):
-                    ma += np.float64(one) * avg[hashed[r, c]]
-            else:
-                ma = _dense_margin(z, r, avg)
+            ma = _csr_margin(z, hashed, r, avg) if csr else _dense_margin(z, r, avg)
             scores[r] = _sigmoid(mix_margin(m, ma, share))
         elif link:
             scores[r] = _sigmoid(m32)
@@ -294,8 +293,8 @@ def prequential_chunks(  # pragma: no cover - compiled
     n, d = X.shape
     n_chunks = (n + size - 1) // size
     margins = np.empty(min(size, rows_per_step), dtype=np.float32)
-    # An averaged model's margins stay float64 until scored: its mixture weighs the log
-    # losses of the float64 margins, as the per-event loop does (the learner's own loss).
+    # An averaged model's margins stay float64 until scored: its mixture weighs the loss
+    # gap at the float64 margins, as the per-event loop does (from the learner's gradient).
     margins64 = np.empty(margins.shape[0])
     margins_avg = np.empty(margins.shape[0])
     mixed = np.empty_like(margins)

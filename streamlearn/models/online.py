@@ -129,7 +129,7 @@ class OnlineModel:
         bk = self.backend
         self.w, self.s1, self.s2 = bk.zeros(d), bk.zeros(d), bk.zeros(d)
         self._grad = bk.zeros(d)
-        # The weights' running average and the two experts' losses (.average).
+        # The weights' running average and the experts' log-loss gap (.average).
         self.averaged = spec.averaged
         self.avg: Any = bk.zeros(d) if self.averaged else _NO_AVERAGE
         self.mix = new_mix()
@@ -624,7 +624,7 @@ class OnlineModel:
             if model.averaged and "mix" in state:
                 mix = np.asarray(state["mix"], dtype=np.float64)
                 if mix.shape != model.mix.shape:
-                    raise StateError(f"mixture losses have shape {mix.shape}")
+                    raise StateError(f"mixture gap has shape {mix.shape}")
                 model.mix = mix.copy()
             model.offsets = {str(k): int(v) for k, v in state.get("offsets", {}).items()}
             if state.get("pending") is not None:  # serving needs its counters only

@@ -328,7 +328,7 @@ def _state_arrays(model):
 @pytest.mark.parametrize("kind", ["dense", "binary", "regression", "ranking"])
 def test_process_many_equals_process_slice_by_slice(kind, optimizer, update_rows):
     """The fused CPU call is the composed step, bit for bit: scores, weights (the binary
-    models' running average and mixture losses too), scaler, metrics, drift and counters;
+    models' running average and mixture gap too), scaler, metrics, drift and counters;
     partly labelled and missing values included; per event and in windows of 7 rows."""
     base = SPECS["binary" if kind == "dense" else kind]
     spec = ModelSpec.from_dict({**base.to_dict(), "optimizer": optimizer, "l1": 1e-4,
