@@ -207,12 +207,12 @@ class OnlineModel:
         averaged model ``share * w + (1 - share) * avg`` (:mod:`.average`); for reason
         codes and explanations. Cached until the model learns (a serving model never
         does), so a request does not pay a pass over every weight."""
-        w = self.w if isinstance(self.w, np.ndarray) else self.backend.to_host(self.w)
+        host = self.backend.to_host
         if not self.averaged:
-            return w
+            return self.w if isinstance(self.w, np.ndarray) else host(self.w)
         key = (self.step, self.version, self.n_learned, *self.mix.tolist())
         if self._served is None or self._served[0] != key:
-            self._served = (key, served_weights(w, self.backend.to_host(self.avg), self.mix))
+            self._served = (key, served_weights(host(self.w), host(self.avg), self.mix))
         return self._served[1]
 
     def _link(self, margins: np.ndarray) -> np.ndarray:

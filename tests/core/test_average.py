@@ -94,3 +94,7 @@ def test_served_weights_give_the_served_scores_and_explanations():
     assert explained["score"] == pytest.approx(expected[0], rel=1e-5)
     assert explained["bias"] + sum(explained["contributions"].values()) == pytest.approx(
         explained["margin"], rel=1e-6)
+    before = model.served_weights().copy()
+    assert model.served_weights() is model.served_weights()  # cached while nothing learns
+    _learn(model, events[:500])
+    assert not np.array_equal(model.served_weights(), before)  # and rebuilt after learning
