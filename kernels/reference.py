@@ -335,7 +335,8 @@ def fm_learn_csr(
 
 def average_update(touched: np.ndarray, w: np.ndarray, avg: np.ndarray, rate: float) -> None:
     """Move the weights' running average ``rate`` of the way to the weights, in place, at
-    the (unique) coordinates ``touched``: ``avg[i] += rate * (w[i] - avg[i])`` in float64.
+    the (unique) coordinates ``touched``: ``avg[i] += rate * (w[i] - avg[i])`` in float64
+    (``avg`` is float64: a step of ``1 / horizon`` would round away in float32).
 
     The average scores alongside the weights (:mod:`streamlearn.models.average`); a
     coordinate's average moves only when an optimizer step touches the coordinate.

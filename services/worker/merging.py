@@ -176,7 +176,8 @@ def load_into(model: OnlineModel, state: dict[str, Any]) -> None:
 
     bk = model.backend
     for name, arr in state["weights"].items():
-        setattr(model, name, bk.asarray(np.array(arr, dtype=np.float32, copy=True)))
+        dtype = getattr(model, name).dtype  # float32, the running average float64
+        setattr(model, name, bk.asarray(np.array(arr, dtype=dtype, copy=True)))
     model.scaler = RunningStandardScaler.from_state(state["scaler"])
     model.target = np.array(state["target"], dtype=np.float64, copy=True)
     if "mix" in state:

@@ -52,7 +52,7 @@ _LOSS = {
 }
 _OPT = {"sgd": codes.OPT_SGD, "adagrad": codes.OPT_ADAGRAD, "ftrl": codes.OPT_FTRL}
 _NO_FACTORS = np.zeros((0, 0), dtype=np.float32)  # the FM arguments of a linear model
-_NO_AVERAGE = np.zeros(0, dtype=np.float32)  # the running average of a model without one
+_NO_AVERAGE = np.zeros(0)  # the running average of a model without one
 
 
 class StateError(ValueError):
@@ -131,7 +131,9 @@ class OnlineModel:
         self._grad = bk.zeros(d)
         # The weights' running average and the experts' log-loss gap (.average).
         self.averaged = spec.averaged
-        self.avg: Any = bk.zeros(d) if self.averaged else _NO_AVERAGE
+        # float64: an update of rate 1/horizon would round away in float32 (and the
+        # compiled loop skips the conversions).
+        self.avg: Any = bk.zeros(d, np.float64) if self.averaged else _NO_AVERAGE
         self.mix = new_mix()
         self._inv_horizon = 1.0 / spec.horizon if spec.horizon else 0.0
         self._served: tuple[tuple[float, ...], np.ndarray] | None = None
@@ -600,7 +602,7 @@ class OnlineModel:
             if model.averaged and "avg" not in weights:  # written before averaging
                 weights = dict(weights, avg=weights["w"])
             for name in model.weight_names:
-                arr = np.asarray(weights[name], dtype=np.float32)
+                arr = np.asarray(weights[name], dtype=np.float64 if name == "avg" else np.float32)
                 if arr.shape != bk.to_host(getattr(model, name)).shape:
                     raise StateError(f"weights {name!r} have shape {arr.shape}, spec disagrees")
                 setattr(model, name, bk.asarray(arr))

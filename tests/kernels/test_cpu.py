@@ -427,7 +427,7 @@ def test_fm_learns_an_interaction_a_linear_model_cannot(rng: np.random.Generator
 
 def test_average_update_moves_only_the_touched_coordinates(rng: np.random.Generator) -> None:
     w = rng.normal(size=9).astype(np.float32)
-    avg = rng.normal(size=9).astype(np.float32)
+    avg = rng.normal(size=9)  # float64, as the model keeps it
     touched = np.array([0, 3, 8], dtype=np.int64)
     expected, got = avg.copy(), avg.copy()
     reference.average_update(touched, w, expected, 0.25)
@@ -439,6 +439,11 @@ def test_average_update_moves_only_the_touched_coordinates(rng: np.random.Genera
     assert_allclose(got[touched], a + 0.25 * (t - a), rtol=1e-7)
     cpu.average_update(touched, w, got, 1.0)  # rate 1: the average is the weights
     assert_array_equal(got[touched], w[touched])
+    # A step of 1 / horizon (2,000) towards a weight 1e-4 away: 5e-8, below float32's
+    # half-ulp at 1.0, so it needs the float64 average to count.
+    one, near = np.ones(1), np.array([1.0001], dtype=np.float32)
+    cpu.average_update(np.zeros(1, dtype=np.int64), near, one, 1.0 / 2000)
+    assert one[0] > 1.0 and np.float32(one[0]) == np.float32(1.0)
 
 
 def test_scaler_update_matches_reference_and_two_pass(rng: np.random.Generator) -> None:

@@ -283,7 +283,7 @@ def test_scaler_update_matches_cpu(rng: np.random.Generator) -> None:
 
 def test_average_update_matches_cpu(rng: np.random.Generator) -> None:
     w = rng.normal(size=11).astype(np.float32)
-    avg = rng.normal(size=11).astype(np.float32)
+    avg = rng.normal(size=11)  # float64, as the model keeps it
     touched = np.array([1, 2, 5, 10], dtype=np.int64)
     on_cpu, on_gpu = avg.copy(), avg.copy()
     cpu.average_update(touched, w, on_cpu, 0.3)

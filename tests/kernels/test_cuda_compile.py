@@ -49,7 +49,7 @@ SIGNATURES = {
     "fm_rows_csr_kernel": (I64, I32, F32, F32, F32, F32_2, INT, FLT, F64, F32, F32_2),
     "fm_update_csr_kernel": (I64, F32, F32_2, F32, F32_2, F32, F32, F32_2, F32_2, *OPT_ARGS),
     "scaler_update_kernel": (F64_2, F64, F64, F64),
-    "average_update_kernel": (I64, F32, F32, FLT),
+    "average_update_kernel": (I64, F32, F64, FLT),
 }
 
 
