@@ -191,7 +191,10 @@ def delta(state: Mapping[str, Any], ref: Mapping[str, Any]) -> Delta:
     _bias_to_offset(state, mine, offset, lr)
     arrays = {}
     for k, v in mine.items():
-        r = np.asarray(ref["weights"][k], dtype=np.float64)
+        # A reference written before averaged scoring has no ``avg``: its average is its
+        # weights, as OnlineModel.from_state restores it.
+        r = np.asarray(ref["weights"].get(k, ref["weights"]["w"]) if k == "avg"
+                       else ref["weights"][k], dtype=np.float64)
         if r.shape != v.shape:
             raise ValueError(f"weights {k!r}: shapes {v.shape} and {r.shape} differ")
         arrays[k] = v - r
@@ -245,8 +248,11 @@ def apply(base: Mapping[str, Any], deltas: Sequence[Delta],
         alphas = (ev / ev.sum()).tolist() if ev.sum() > 0 else [1.0 / max(len(deltas), 1)] * len(
             deltas)
     out = dict(base)
+    base_weights = dict(base["weights"])
+    if "avg" not in base_weights and all("avg" in d.arrays for d in deltas) and deltas:
+        base_weights["avg"] = base_weights["w"]  # a base written before averaged scoring
     weights: dict[str, np.ndarray] = {}
-    for k, b in base["weights"].items():
+    for k, b in base_weights.items():
         acc = np.array(b, dtype=np.float64, copy=True)
         if k in _AVERAGED:
             for a, d in zip(alphas, deltas, strict=True):
@@ -283,11 +289,11 @@ def apply(base: Mapping[str, Any], deltas: Sequence[Delta],
         out[k] = int(base[k]) + sum(d.counters[k] for d in deltas)
     out["n_imputed"] = np.asarray(base["n_imputed"], dtype=np.int64) + sum(
         (d.n_imputed for d in deltas), np.zeros_like(np.asarray(base["n_imputed"], np.int64)))
-    out["weights"] = {k: v.astype(np.asarray(base["weights"][k]).dtype)
-                      for k, v in weights.items()}
+    out["weights"] = {k: v.astype(np.asarray(base_weights[k]).dtype if k != "avg"
+                                  else np.float64) for k, v in weights.items()}
     out["scaler"] = {"count": count, "mean": mean, "m2": m2}
     out["target"] = target
-    if "mix" in base:
+    if "avg" in weights:
         out["mix"] = _mix(base) + sum(a * d.mix for a, d in zip(alphas, deltas, strict=True))
     return out
 

@@ -176,6 +176,28 @@ def test_adoption_counts_nothing_twice() -> None:
                                        "b": {"base_id": "1@a", "ship": 2}}
 
 
+def test_a_base_from_before_averaged_scoring_merges_with_averaged_shards() -> None:
+    """A rolling upgrade: the merged model on the topic predates ``avg`` and ``mix``."""
+    s = spec("ftrl")
+    old_base = fresh(s)
+    old_base["weights"].pop("avg")
+    old_base.pop("mix")
+    ra, rb = OnlineModel(s), OnlineModel(s)
+    learn(ra, events(31, 600))
+    learn(rb, events(32, 600))
+    ships = {r: m.to_state() | {"merge": {"base_id": "", "ship": 1}}
+             for r, m in (("a", ra), ("b", rb))}
+    merged = replicas.merge(old_base, ships, merged_by="a", now=1.0)
+    assert merged["weights"]["avg"].dtype == np.float64 and merged["mix"].shape == (1,)
+    # the base's average was its weights (zero): the merged average is the FedAvg of theirs
+    bias_free = np.mean([ships[r]["weights"]["avg"][:-1] for r in ships], axis=0)
+    np.testing.assert_allclose(merged["weights"]["avg"][:-1], bias_free, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(merged["mix"], np.mean([ships[r]["mix"] for r in ships], axis=0))
+    model = OnlineModel.from_state(merged)
+    batch, _ = model.vectorizer.transform_many(events(33, 50))
+    assert np.isfinite(model.predict_many(batch)).all()
+
+
 def test_shards_on_another_base_wait_and_unknown_ref_drops() -> None:
     s = spec("ftrl")
     base = fresh(s)
