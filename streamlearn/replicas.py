@@ -249,8 +249,9 @@ def apply(base: Mapping[str, Any], deltas: Sequence[Delta],
             deltas)
     out = dict(base)
     base_weights = dict(base["weights"])
-    if "avg" not in base_weights and all("avg" in d.arrays for d in deltas) and deltas:
-        base_weights["avg"] = base_weights["w"]  # a base written before averaged scoring
+    if deltas and "avg" not in base_weights and all("avg" in d.arrays for d in deltas):
+        # a base written before averaged scoring: its average is its weights (float64)
+        base_weights["avg"] = np.asarray(base_weights["w"], dtype=np.float64)
     weights: dict[str, np.ndarray] = {}
     for k, b in base_weights.items():
         acc = np.array(b, dtype=np.float64, copy=True)
@@ -289,8 +290,8 @@ def apply(base: Mapping[str, Any], deltas: Sequence[Delta],
         out[k] = int(base[k]) + sum(d.counters[k] for d in deltas)
     out["n_imputed"] = np.asarray(base["n_imputed"], dtype=np.int64) + sum(
         (d.n_imputed for d in deltas), np.zeros_like(np.asarray(base["n_imputed"], np.int64)))
-    out["weights"] = {k: v.astype(np.asarray(base_weights[k]).dtype if k != "avg"
-                                  else np.float64) for k, v in weights.items()}
+    out["weights"] = {k: v.astype(np.asarray(base_weights[k]).dtype)
+                      for k, v in weights.items()}
     out["scaler"] = {"count": count, "mean": mean, "m2": m2}
     out["target"] = target
     if "avg" in weights:

@@ -321,7 +321,7 @@ class OnlineModel:
                     self.backend.asarray(z[a:b][keep]) if self.dense
                     else csr_rows(z[a:b][keep], batch.hashed[a:b][keep])
                 )
-            rate = avg_rate(self.step, self._inv_horizon)
+            rate = avg_rate(self.step, self._inv_horizon) if self.averaged else 0.0
             total += self._learn_dense(window, y) if self.dense else self._learn_csr(window, y)
             if self.averaged:  # the coordinates this step touched, and the bias
                 touched = (self._all_coords if self.dense else
