@@ -371,7 +371,7 @@ class DriftCollector(Collector):
             for feature, shift in zip(data.features, data.mean_shift().tolist(), strict=True):
                 if shift == shift:
                     by["streamlearn_drift_mean_shift"].add_metric([m, feature], shift)
-            if data.ready and data._started[0]:
+            if data.ready and data.started:
                 for feature, rate in zip(data.categorical, data.unseen_rate().tolist(),
                                          strict=True):
                     by["streamlearn_drift_unseen_rate"].add_metric([m, feature], rate)

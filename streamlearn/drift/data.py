@@ -32,15 +32,23 @@ it, the new world is the reference.  A snapshot keeps the frozen reference
 Cost
 ----
 The recent shares are exponentially weighted averages of per-mini-batch shares (half-life
-in events), folded in one compiled, GIL-free pass per call: vectorized counts of the values
-at or above each bin edge for the numerics, a hash-table probe per categorical value,
-nothing stored per event.  Until the reference is complete, rows are buffered
-(``reference_size`` rows); the reference is then frozen from one sort per column.
+in events), folded in one compiled, GIL-free pass: vectorized counts of the values at or
+above each bin edge for the numerics, a hash-table probe per categorical value.  The fold
+runs when the shares are read (a snapshot, a report), not per call: the rows since the
+last read are copied and held, at most the newest ``HOLD_HALFLIVES`` half-lives of them
+(older rows would weigh < 0.4% of the recent shares, and are skipped).  The shares are
+read every few seconds, so this folds a few thousand rows per read instead of every
+event: copying a row costs a fraction of folding it (measured: 11 against 46 ns per row
+at 32 features; 1.2 against 17 with 2 numeric and 5 categorical fields).  A read
+returns what folding every call would have given, bit for bit, while no row was skipped
+(tested).  Until the reference is complete, rows are buffered (``reference_size`` rows);
+the reference is then frozen from one sort per column.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,6 +60,10 @@ EPS = 1e-4
 #: Fraction of the threshold from which the level reads ``warning``.
 WARNING_FRACTION = 0.4
 STATE_FORMAT = 5
+#: Rows held for the next read: the newest ``HOLD_HALFLIVES`` half-lives (at least
+#: ``HOLD_MIN`` rows). A row older than 8 half-lives weighs < 0.4% of the recent shares.
+HOLD_HALFLIVES = 8
+HOLD_MIN = 16_384
 
 
 #: Empty slot of the lookup tables (hashed slots are >= 0).
@@ -360,25 +372,66 @@ class DataDriftMonitor:
         self.bins_of = np.zeros((c, 2), dtype=np.int64)
         self.ref_cat = np.zeros((c, k + 2))
         self.ref_novelty = np.zeros(c)
+        # Rows waiting to be folded, oldest first: (numeric, slots, batch size).
+        self._held: deque[tuple[np.ndarray, np.ndarray, int]] = deque()
+        self._held_rows = 0
         self._reset_recent()
         if not d and not c:
             self.ready = True
 
     def _reset_recent(self) -> None:
         d, c = len(self.features), len(self.categorical)
-        self.recent_num = np.zeros((d, self.bins + 1))
-        self.recent_cat = np.zeros((c, self.top_k + 2))
-        self.recent_mean = np.full(d, np.nan)
+        self._recent_num = np.zeros((d, self.bins + 1))
+        self._recent_cat = np.zeros((c, self.top_k + 2))
+        self._recent_mean = np.full(d, np.nan)
         self._started = np.zeros(1, dtype=np.int64)
+
+    # The recent statistics, folded up to the last update whenever they are read.
+    @property
+    def recent_num(self) -> np.ndarray:
+        """Recent shares per numeric feature: ``bins`` quantile bins, then missing."""
+        self._settle()
+        return self._recent_num
+
+    @recent_num.setter
+    def recent_num(self, value: np.ndarray) -> None:
+        self._recent_num = value
+
+    @property
+    def recent_cat(self) -> np.ndarray:
+        """Recent shares per categorical field: top-k slots, another seen slot, unseen."""
+        self._settle()
+        return self._recent_cat
+
+    @recent_cat.setter
+    def recent_cat(self, value: np.ndarray) -> None:
+        self._recent_cat = value
+
+    @property
+    def recent_mean(self) -> np.ndarray:
+        """Recent mean per numeric feature (NaN until one value is seen)."""
+        self._settle()
+        return self._recent_mean
+
+    @recent_mean.setter
+    def recent_mean(self, value: np.ndarray) -> None:
+        self._recent_mean = value
+
+    @property
+    def started(self) -> bool:
+        """Whether any recent batch (or the reference) stands in the recent shares."""
+        self._settle()
+        return bool(self._started[0])
 
     # -- folding -----------------------------------------------------------------
     def update(self, X: np.ndarray, batch_size: int | None = None,
                hashed: np.ndarray | None = None) -> None:
-        """Fold raw numeric features ``X`` (NaN = missing) and hashed slots, by batches.
+        """Take raw numeric features ``X`` (NaN = missing) and hashed slots, by batches.
 
         ``update(X, b, H)`` equals ``update`` on each ``b``-row slice in turn; the default
         is one batch.  ``hashed`` is ``FeatureBatch.hashed`` (one column per categorical
-        field); without it, categorical fields are not updated.
+        field); without it, categorical fields are not updated.  Past the reference
+        window the rows are held and folded at the next read (see the module's Cost).
         """
         n = X.shape[0]
         if n == 0 or (not self.features and not self.categorical):
@@ -401,13 +454,30 @@ class DataDriftMonitor:
             start += size
             if self._buffered >= self.reference_size:
                 self._freeze()
-        if start >= n:
-            return
-        _fold(np.ascontiguousarray(X[start:], dtype=np.float64),
-              np.ascontiguousarray(hashed[start:], dtype=np.int64), size,
-              self.edges, self.keys, self.bins_of,
-              self.halflife, self.recent_num, self.recent_cat, self.recent_mean,
-              self._started)
+        if start < n:
+            self._hold(X[start:], hashed[start:], size)
+
+    def _hold(self, X: np.ndarray, hashed: np.ndarray, size: int) -> None:
+        """Keep copies of the rows for the next read (the caller may reuse its arrays):
+        the fewest newest whole calls, or batches of one call, that cover the window."""
+        window = max(HOLD_MIN, math.ceil(HOLD_HALFLIVES * self.halflife))
+        n = X.shape[0]
+        if n > window:  # cut at a batch boundary: the kept batches are the same
+            cut = (n - window) // size * size
+            X, hashed, n = X[cut:], hashed[cut:], n - cut
+        self._held.append((np.array(X, dtype=np.float64, order="C"),
+                           np.array(hashed, dtype=np.int64, order="C"), size))
+        self._held_rows += n
+        while self._held_rows - self._held[0][0].shape[0] >= window:
+            self._held_rows -= self._held.popleft()[0].shape[0]
+
+    def _settle(self) -> None:
+        """Fold the held rows into the recent statistics, oldest first."""
+        while self._held:
+            X, hashed, size = self._held.popleft()
+            _fold(X, hashed, size, self.edges, self.keys, self.bins_of, self.halflife,
+                  self._recent_num, self._recent_cat, self._recent_mean, self._started)
+        self._held_rows = 0
 
     def _freeze(self) -> None:
         """Turn the buffered window into the frozen reference."""
@@ -502,7 +572,7 @@ class DataDriftMonitor:
 
     def scores(self) -> np.ndarray:
         """PSI per field (numeric, then categorical); NaN until a recent batch is folded."""
-        if not self.ready or not self._started[0]:
+        if not self.ready or not self.started:
             return np.full(len(self.names), np.nan)
         return np.concatenate([psi(self.ref_num, self.recent_num),
                                psi(self.ref_cat, self.recent_cat)])
@@ -545,12 +615,12 @@ class DataDriftMonitor:
                              reference_mean=float(self.ref_mean[j]),
                              reference_std=float(self.ref_std[j]),
                              recent_mean=_num(self.recent_mean[j]),
-                             missing_rate=_num(self.recent_num[j, -1]) if self._started[0]
+                             missing_rate=_num(self.recent_num[j, -1]) if self.started
                              else None)
             else:
                 j = self.categorical.index(name)
                 entry.update(kind="categorical",
-                             unseen_rate=_num(unseen[j]) if self._started[0] else None,
+                             unseen_rate=_num(unseen[j]) if self.started else None,
                              reference_unseen_rate=float(self.ref_novelty[j]))
             per[name] = entry
         return {
@@ -580,7 +650,7 @@ class DataDriftMonitor:
             "format": STATE_FORMAT, "features": list(self.features),
             "categorical": list(self.categorical), "reference_size": self.reference_size,
             "halflife": self.halflife, "threshold": self.threshold, "bins": self.bins,
-            "top_k": self.top_k, "ready": self.ready, "started": int(self._started[0]),
+            "top_k": self.top_k, "ready": self.ready, "started": int(self.started),
             "rebase_in": self._rebase_in,
         }
         if self.ready:

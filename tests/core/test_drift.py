@@ -76,6 +76,68 @@ def test_data_drift_update_in_batches_equals_batch_by_batch():
     np.testing.assert_array_equal(whole.recent_mean, stepwise.recent_mean)
 
 
+def _drifting_rows(n, seed=3):
+    """Two numerics (one shifting half-way, 5% missing) and two categorical slot columns
+    (one with slots the reference never saw)."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal([0, 10], [1, 2], size=(n, 2))
+    X[rng.random(X.shape) < 0.05] = np.nan
+    X[n // 2 :, 1] += 2.0
+    H = np.stack([rng.integers(0, 6, n), rng.integers(0, 40 + n // 50, n)], axis=1)
+    return X, H.astype(np.int64)
+
+
+def test_held_rows_fold_at_a_read_as_every_call_would_have():
+    """The fold runs when the shares are read: a monitor read after every call (an
+    eager fold) and one read once at the end agree bit for bit, and the held rows are
+    copies, so a caller reusing its arrays changes nothing."""
+    X, H = _drifting_rows(6000)
+    eager, lazy = (DataDriftMonitor(["a", "b"], ["c", "d"], reference_size=1000,
+                                    halflife=300) for _ in range(2))
+    for lo in range(0, len(X), 500):
+        x, h = X[lo : lo + 500].copy(), H[lo : lo + 500].copy()
+        eager.update(x, 128, h)
+        lazy.update(x, 128, h)
+        eager.scores()  # a read folds what is held
+        x[:] = 0.0  # the caller reuses its buffers
+        h[:] = 0
+    assert lazy._held_rows == 5000  # nothing folded yet past the reference
+    np.testing.assert_array_equal(lazy.scores(), eager.scores())
+    for name in ("recent_num", "recent_cat", "recent_mean"):
+        np.testing.assert_array_equal(getattr(lazy, name), getattr(eager, name))
+    assert lazy._held_rows == 0 and lazy.report()["drifting"] == ["b"]
+
+
+def test_held_rows_are_bounded_and_the_oldest_barely_matter():
+    """Unread, a monitor holds only the newest 8 half-lives of rows (at least HOLD_MIN);
+    the rows it skips weigh at most 0.5 ** 8 of the shares, so a read differs from an
+    eager fold by less than that (means: that many reference deviations)."""
+    from streamlearn.drift.data import HOLD_HALFLIVES, HOLD_MIN
+
+    X, H = _drifting_rows(40_000)
+    eager, lazy = (DataDriftMonitor(["a", "b"], ["c", "d"], reference_size=1000)
+                   for _ in range(2))  # the default half-life, 2,000 rows
+    held = []
+    for lo in range(0, len(X), 4096):
+        eager.update(X[lo : lo + 4096], 256, H[lo : lo + 4096])
+        lazy.update(X[lo : lo + 4096], 256, H[lo : lo + 4096])
+        eager.scores()
+        held.append(lazy._held_rows)
+    window = max(HOLD_MIN, HOLD_HALFLIVES * lazy.halflife)
+    assert max(held) < window + 4096
+    weight = 0.5 ** (window / lazy.halflife)
+    for name in ("recent_num", "recent_cat"):
+        assert 0.0 < np.abs(getattr(lazy, name) - getattr(eager, name)).max() < weight, name
+    shift = np.abs(lazy.recent_mean - eager.recent_mean) / lazy.ref_std
+    assert shift.max() < weight
+    assert lazy.level() == eager.level() == "drift"
+    # One call longer than the window keeps its newest whole batches only.
+    big = DataDriftMonitor(["a", "b"], ["c", "d"], reference_size=1000)
+    big.update(X[:1000], 256, H[:1000])
+    big.update(X[1000:], 256, H[1000:])
+    assert window <= big._held_rows < window + 256
+
+
 def test_numeric_shares_equal_a_per_value_binning():
     """The fold counts values at or above each edge; its shares must equal binning each
     value by ``searchsorted(edges, x, "right")`` (discrete values sit on the edges; NaN
