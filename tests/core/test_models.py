@@ -325,17 +325,23 @@ def _state_arrays(model):
 
 @pytest.mark.parametrize(("optimizer", "update_rows"),
                          [("sgd", 1), ("adagrad", 1), ("ftrl", 1), ("ftrl", 7)])
-@pytest.mark.parametrize("kind", ["dense", "binary", "regression", "ranking"])
+@pytest.mark.parametrize("kind", ["dense", "binary", "collisions", "regression", "ranking"])
 def test_process_many_equals_process_slice_by_slice(kind, optimizer, update_rows):
     """The fused CPU call is the composed step, bit for bit: scores, weights (the binary
     models' running average and mixture gap too), scaler, metrics, drift and counters;
-    partly labelled and missing values included; per event and in windows of 7 rows."""
-    base = SPECS["binary" if kind == "dense" else kind]
+    partly labelled and missing values included; per event and in windows of 7 rows.
+    ``collisions``: three categorical fields in 4 hashed slots, so most rows hold a slot
+    twice (its gradients summed, one update) and the rest take the per-event loop's
+    path for rows without a repeat."""
+    base = SPECS["binary" if kind in ("dense", "collisions") else kind]
     spec = ModelSpec.from_dict({**base.to_dict(), "optimizer": optimizer, "l1": 1e-4,
                                 "l2": 1e-3, "batch_size": 100, "horizon": 400,
                                 "update_rows": update_rows})
     if kind == "dense":
         spec = ModelSpec.from_dict({**spec.to_dict(), "categorical": []})
+    if kind == "collisions":
+        spec = ModelSpec.from_dict({**spec.to_dict(), "categorical": ["c", "user", "item"],
+                                    "hash_bits": 2})
     events = _events(base.task, 6000, seed=3)
     for e in events[::7]:
         del e["x1"]
