@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help demo test chromium test-fast test-cudasim test-gpu lint bench-kernels bench-worker bench-predict bench-serve load clean
+.PHONY: help demo test chromium test-fast test-cudasim test-gpu lint bench-kernels bench-worker bench-predict bench-serve load clean clean-numba
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -68,3 +68,6 @@ bench-serve: $(STAMP)  ## wrk: /predict vs a minimal FastAPI app, learn+serve, f
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .snapshots
+
+clean-numba:  ## drop numba's compiled-kernel cache (after editing an inlined rule)
+	find streamlearn kernels services -name '*.nbi' -delete -o -name '*.nbc' -delete
