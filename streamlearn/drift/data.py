@@ -305,6 +305,26 @@ def psi(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return ((q - p) * np.log(q / p)).sum(axis=1)
 
 
+class _Folded:
+    """A recent statistic of :class:`DataDriftMonitor`, stored as ``_<name>``: reading it
+    folds the held rows first, so every reader sees every update."""
+
+    def __init__(self, doc: str) -> None:
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, monitor: DataDriftMonitor | None, owner: type | None = None) -> Any:
+        if monitor is None:
+            return self
+        monitor._settle()
+        return getattr(monitor, self.slot)
+
+    def __set__(self, monitor: DataDriftMonitor, value: np.ndarray) -> None:
+        setattr(monitor, self.slot, value)
+
+
 class DataDriftMonitor:
     """PSI and mean shift per numeric feature, PSI and unseen rate per categorical field.
 
@@ -389,35 +409,11 @@ class DataDriftMonitor:
         self._started = np.zeros(1, dtype=np.int64)
 
     # The recent statistics, folded up to the last update whenever they are read.
-    @property
-    def recent_num(self) -> np.ndarray:
-        """Recent shares per numeric feature: ``bins`` quantile bins, then missing."""
-        self._settle()
-        return self._recent_num
-
-    @recent_num.setter
-    def recent_num(self, value: np.ndarray) -> None:
-        self._recent_num = value
-
-    @property
-    def recent_cat(self) -> np.ndarray:
-        """Recent shares per categorical field: top-k slots, another seen slot, unseen."""
-        self._settle()
-        return self._recent_cat
-
-    @recent_cat.setter
-    def recent_cat(self, value: np.ndarray) -> None:
-        self._recent_cat = value
-
-    @property
-    def recent_mean(self) -> np.ndarray:
-        """Recent mean per numeric feature (NaN until one value is seen)."""
-        self._settle()
-        return self._recent_mean
-
-    @recent_mean.setter
-    def recent_mean(self, value: np.ndarray) -> None:
-        self._recent_mean = value
+    recent_num = _Folded("Recent shares per numeric feature: ``bins`` quantile bins, then "
+                         "missing.")
+    recent_cat = _Folded("Recent shares per categorical field: top-k slots, another seen "
+                         "slot, unseen.")
+    recent_mean = _Folded("Recent mean per numeric feature (NaN until one value is seen).")
 
     @property
     def started(self) -> bool:
