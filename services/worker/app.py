@@ -141,14 +141,20 @@ def warm_up(runner: ModelRunner) -> None:
     """Load the model's compiled kernels now (~0.3 s from numba's cache), not on event one.
 
     A tiny twin of the model (same task, optimizer and device; 2 hashed slots) calls the
-    same kernel signatures without touching the real model or allocating its weights.
+    same kernel signatures without touching the real model or allocating its weights:
+    the learning step, and the data-drift monitor's (a one-row reference, frozen; a
+    second row, held and folded by a read). On an empty cache (a new image, or a cache
+    in ``/tmp``) these compile here, ~15 s, instead of stalling the stream later.
     """
     from streamlearn.models import OnlineModel
 
-    spec = dataclasses.replace(runner.model.spec, hash_bits=1)
+    rows = runner.model.spec.update_rows  # one mini-batch: the smallest the spec allows
+    spec = dataclasses.replace(runner.model.spec, hash_bits=1, batch_size=rows,
+                               drift_reference_size=1)
     scratch = OnlineModel(spec, device=runner.model.backend.name)
-    batch, _ = scratch.vectorizer.transform_many([{spec.label: 1}])
+    batch, _ = scratch.vectorizer.transform_many([{spec.label: i % 2} for i in range(rows + 1)])
     scratch.process_many(batch)
+    scratch.data_drift.scores()
 
 
 def as_block(event: EventT) -> Block:

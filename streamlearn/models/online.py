@@ -69,6 +69,18 @@ def _sigmoid(m: np.ndarray) -> np.ndarray:
     return out
 
 
+def _kernel_array(a: np.ndarray, dtype: Any) -> np.ndarray:
+    """``a`` as a C-contiguous, writable array of ``dtype``, copied only if it is not one.
+
+    Numba compiles a read-only array apart: the vectorizer's numeric columns, and a batch
+    record's labels, are views of decoded bytes, so each path had its own build of the
+    per-event loop (~6 s each on an empty kernel cache, in the middle of the stream), and
+    the worker's warm-up loaded one that the JSON path did not use (measured).
+    """
+    out = np.ascontiguousarray(a, dtype=dtype)
+    return out if out.flags.writeable else out.copy()
+
+
 class Steps(NamedTuple):
     """What :meth:`OnlineModel.process_many` did, chunk by chunk."""
 
@@ -380,14 +392,14 @@ class OnlineModel:
         learned = np.zeros(n_chunks, dtype=np.int64)
         if n == 0:
             return Steps(scores, np.zeros(0, dtype=np.int64), learned)
-        X = np.ascontiguousarray(batch.numeric, dtype=np.float64)
-        labels = np.ascontiguousarray(batch.labels, dtype=np.float32)
+        X = _kernel_array(batch.numeric, np.float64)
+        labels = _kernel_array(batch.labels, np.float32)
         scaler = self.scaler
         count0 = scaler.count.copy()
         kind = fused.KIND_FM if self.is_fm else fused.KIND_DENSE if self.dense else fused.KIND_CSR
         fm = (self.V, self.s1v, self.s2v, self._gv) if self.is_fm else (_NO_FACTORS,) * 4
         step = fused.prequential_chunks(
-            X, np.ascontiguousarray(batch.hashed, dtype=np.int64), labels, size,
+            X, _kernel_array(batch.hashed, np.int64), labels, size,
             self.spec.update_rows, kind, self.spec.task != "regression", self.spec.label_prior,
             not joined, scaler.count, scaler.mean, scaler.m2, self.target,
             self.w, self.s1, self.s2, self._grad, *fm, self.avg, self.mix, self._inv_horizon,

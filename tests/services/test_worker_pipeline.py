@@ -107,6 +107,52 @@ def test_json_and_batch_records_learn_the_same_model(fraud_spec):
     np.testing.assert_allclose(a.model.w, b.model.w, rtol=1e-6)
 
 
+@pytest.mark.parametrize("update_rows", [1, 8])
+def test_the_warm_up_builds_what_the_json_and_batch_paths_call(fraud_spec, monkeypatch,
+                                                                update_rows):
+    """Numba builds a kernel per argument types, and a read-only array is a type of its
+    own (the vectorizer's columns and a batch record's labels are views of bytes). The
+    warm-up must call each compiled function with the types the JSON and batch paths
+    then use, or an empty kernel cache compiles them in the middle of the stream (~6 s
+    per build, measured): the learning step, and the data-drift monitor's freeze and
+    fold (a snapshot reads it)."""
+    import dataclasses
+
+    import numba
+
+    from streamlearn.drift import data
+    from streamlearn.models import fused
+    from streamlearn.services.worker.app import warm_up
+
+    seen: dict[str, set[tuple[Any, ...]]] = defaultdict(set)
+    phase = ["warm-up"]
+
+    def spy(module: Any, name: str) -> None:
+        compiled = getattr(module, name)
+
+        def call(*args: Any) -> Any:
+            seen[phase[0]].add((name, tuple(numba.typeof(a) for a in args)))
+            return compiled(*args)
+
+        monkeypatch.setattr(module, name, call)
+
+    spy(fused, "prequential_chunks")
+    for name in ("_fold", "_rank_counts", "_fill_tables"):
+        spy(data, name)
+    spec = dataclasses.replace(fraud_spec, update_rows=update_rows, drift_reference_size=600)
+    runner = ModelRunner(OnlineModel(spec, device="cpu"))
+    warm_up(runner)
+    phase[0] = "stream"
+    events = FraudStream(seed=7).take(1024)
+    runner.handle_blocks([Block("t", 0, list(range(512)), _json(events[:512]))])
+    runner.handle_blocks([Block("t", 0, [600], [encode_batch(events[512:], spec)])])
+    runner.snapshot_state("r1")
+    assert runner.model.data_drift.ready and runner.model.version > 0
+    assert {name for name, _ in seen["stream"]} == {"prequential_chunks", "_fold",
+                                                     "_rank_counts", "_fill_tables"}
+    assert seen["stream"] <= seen["warm-up"]
+
+
 # -- bundling scheduler ---------------------------------------------------------------------
 
 
