@@ -281,9 +281,11 @@ class ModelSpec:
         if self.drift_detector not in DRIFT_DETECTORS or self.drift_action not in DRIFT_ACTIONS:
             raise ValueError(f"model {self.name!r}: drift_detector must be one of "
                              f"{DRIFT_DETECTORS}, drift_action one of {DRIFT_ACTIONS}")
-        if self.drift_cooldown < 0 or self.drift_reference_size < 1 or self.drift_threshold <= 0:
+        if (self.drift_cooldown < 0 or not 1 <= self.drift_reference_size <= 1_000_000
+                or not 0 < self.drift_threshold < math.inf):
             raise ValueError(f"model {self.name!r}: drift_cooldown must be >= 0, "
-                             "drift_reference_size >= 1, drift_threshold > 0")
+                             "drift_reference_size in 1..1,000,000 (rows buffered), "
+                             "drift_threshold > 0")
         bands = (self.decision_block, self.decision_review)
         if any(b is not None and not math.isfinite(b) for b in bands) or (
                 None not in bands and bands[0] < bands[1]):  # type: ignore[operator]

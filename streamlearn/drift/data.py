@@ -66,6 +66,11 @@ STATE_FORMAT = 5
 #: ``HOLD_MIN`` rows). A row older than 8 half-lives weighs < 0.4% of the recent shares.
 HOLD_HALFLIVES = 8
 HOLD_MIN = 16_384
+#: Bounds on what a snapshot may set: the half-life sizes the rows held between reads
+#: (8 half-lives: at most 131,072), the reference size the rows buffered before the
+#: freeze (``ModelSpec.drift_reference_size`` has the same bound).
+MAX_HALFLIFE = 16_384.0
+MAX_REFERENCE = 1_000_000
 
 
 #: Empty slot of the lookup tables (hashed slots are >= 0).
@@ -359,6 +364,15 @@ class DataDriftMonitor:
         self.threshold = float(threshold)
         self.bins = int(bins)
         self.top_k = int(top_k)
+        # A snapshot carries these: bound them, so a forged one is refused here and
+        # cannot hold rows without end or divide by zero in the fold.
+        if not 0.0 < self.halflife <= MAX_HALFLIFE:
+            raise ValueError(f"data drift half-life must be in (0, {MAX_HALFLIFE:g}] events")
+        if not 1 <= self.reference_size <= MAX_REFERENCE:
+            raise ValueError(f"data drift reference size must be in 1..{MAX_REFERENCE}")
+        if not (2 <= self.bins <= 100 and 1 <= self.top_k <= MAX_SLOTS
+                and 0.0 < self.threshold < math.inf):
+            raise ValueError("data drift bins, top_k or threshold out of range")
         self.restart()
 
     @classmethod
@@ -434,6 +448,9 @@ class DataDriftMonitor:
         n = X.shape[0]
         if n == 0 or (not self.features and not self.categorical):
             return
+        if X.ndim != 2 or X.shape[1] != len(self.features):  # the fold reads unchecked
+            raise ValueError(f"data drift monitor of {len(self.features)} features got "
+                             f"rows of shape {X.shape}")
         c = len(self.categorical)
         if hashed is None or hashed.shape[1] != c:  # no slots: fold the numerics only
             hashed = np.zeros((n, 0), dtype=np.int64)

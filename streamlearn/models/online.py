@@ -633,7 +633,11 @@ class OnlineModel:
             drift = state.get("drift")  # absent in states written before drift monitors
             if drift:
                 model.concept_drift = ConceptDriftMonitor.from_state(drift["concept"])
-                model.data_drift = DataDriftMonitor.from_state(drift["data"])
+                data = DataDriftMonitor.from_state(drift["data"])
+                if (data.features, data.categorical) != (list(spec.numeric),
+                                                         list(spec.categorical)):
+                    raise StateError("data drift state monitors other fields than the spec")
+                model.data_drift = data
                 model.drift_actions.restore(drift.get("actions", {}))
             model.version = int(state["version"])
             model.step = int(state["step"])

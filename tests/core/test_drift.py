@@ -250,6 +250,45 @@ def test_a_high_cardinality_field_is_stable_bounded_and_round_trips():
         DataDriftMonitor.from_state(bad)
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    ("halflife", 0.0), ("halflife", -5.0), ("halflife", float("inf")),
+    ("halflife", float("nan")), ("halflife", 1e12), ("reference_size", 10**12),
+    ("bins", 1), ("threshold", float("nan")),
+])
+def test_a_forged_data_drift_state_is_refused(field, value):
+    """A snapshot sets the monitor's parameters: a half-life of 0 divided by zero in the
+    fold, an infinite one crashed the hold and a huge one would hold rows without end,
+    a huge reference would buffer them without end."""
+    X, H = _drifting_rows(3000)
+    m = DataDriftMonitor(["a", "b"], ["c", "d"], reference_size=1000)
+    m.update(X, 256, H)
+    state = m.to_state()
+    assert DataDriftMonitor.from_state(dict(state)).scores().tolist() == m.scores().tolist()
+    with pytest.raises(ValueError, match="data drift"):
+        DataDriftMonitor.from_state(dict(state, **{field: value}))
+
+
+def test_a_snapshot_monitoring_other_fields_is_refused(fraud_spec):
+    """The fold reads the rows without bounds checks: a monitor of fewer features than
+    the model's rows (a forged snapshot) read past its arrays and crashed the worker.
+    Such a state is refused, and the monitor refuses rows of another width."""
+    from streamlearn.models.online import StateError
+
+    model = OnlineModel(dataclasses.replace(fraud_spec, drift_reference_size=300),
+                        device="cpu")
+    batch, _ = model.vectorizer.transform_many(FraudStream(seed=4).take(600))
+    model.process_many(batch)
+    state = model.to_state()
+    data = dict(state["drift"]["data"], features=["amount"])
+    for name in ("ref_mean", "ref_std", "edges", "ref_num", "recent_num", "recent_mean"):
+        data[name] = np.asarray(data[name])[:1]
+    DataDriftMonitor.from_state(data)  # consistent in itself
+    with pytest.raises(StateError, match="other fields"):
+        OnlineModel.from_state(dict(state, drift=dict(state["drift"], data=data)))
+    with pytest.raises(ValueError, match="rows of shape"):
+        DataDriftMonitor.from_state(data).update(batch.numeric, 256, batch.hashed)
+
+
 @pytest.mark.parametrize(("hash_bits", "expected"), [(10, [10_240, 20_480, 30_720, 40_960]),
                                                      (18, [10_240])])
 def test_rollback_checkpoints_are_spaced_by_the_models_size(fraud_spec, hash_bits, expected):
