@@ -155,6 +155,8 @@ class RunningStandardScaler:
         scaler.count = np.asarray(state["count"], dtype=np.float64).copy()
         scaler.mean = mean.copy()
         scaler.m2 = np.asarray(state["m2"], dtype=np.float64).copy()
+        if not scaler.count.shape == scaler.mean.shape == scaler.m2.shape == (len(mean),):
+            raise ValueError("scaler state: count, mean and m2 differ in shape")
         broken = ~(np.isfinite(scaler.count) & np.isfinite(scaler.mean) & np.isfinite(scaler.m2)
                    & (scaler.count >= 0) & (scaler.m2 >= 0))
         if broken.any():

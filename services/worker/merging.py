@@ -291,12 +291,16 @@ class ShardFeed:
         hit = self._decoded.get(key)
         if hit is not None and hit[0] == seen.crc:
             return hit[1]
+        from streamlearn.models import OnlineModel
         from streamlearn.services.worker.app import decode_snapshot
 
         spec = next(s for s in self.runtime.settings.specs if s.name == name)
         try:
             state = await asyncio.to_thread(decode_snapshot, self.runtime.settings, spec,
                                             seen.value, key)
+            # A state the model cannot use (NaN weights, statistics of another shape) is
+            # refused here, before a merge or an adoption spreads it into the live model.
+            await asyncio.to_thread(OnlineModel.from_state, state, serving=True)
         except (snapshots.SnapshotError, ValueError) as exc:
             limited.warning(("bad-shard", key), "ignoring shard %s: %s", key, exc)
             return None

@@ -29,6 +29,8 @@ from streamlearn.models.average import (
     share_of,
 )
 from streamlearn.models.target import (
+    T_COUNT,
+    T_M2,
     new_target,
     prior_delta,
     shift_bias,
@@ -623,12 +625,20 @@ class OnlineModel:
             weights = state["weights"]
             if model.averaged and "avg" not in weights:  # written before averaging
                 weights = dict(weights, avg=weights["w"])
+            # Sums of squared gradients: AdaGrad's in s1, FTRL's n in s2 (never negative).
+            squares = {"adagrad": ("s1", "s1v"), "ftrl": ("s2", "s2v")}.get(spec.optimizer, ())
             for name in model.weight_names:
                 arr = np.asarray(weights[name], dtype=np.float64 if name == "avg" else np.float32)
                 if arr.shape != bk.to_host(getattr(model, name)).shape:
                     raise StateError(f"weights {name!r} have shape {arr.shape}, spec disagrees")
+                if not np.isfinite(arr).all() or (name in squares and (arr < 0).any()):
+                    raise StateError(f"weights {name!r} hold NaN, infinite or negative values")
                 setattr(model, name, bk.asarray(arr))
-            model.scaler = RunningStandardScaler.from_state(state["scaler"])
+            scaler = RunningStandardScaler.from_state(state["scaler"])
+            width = model.scaler.mean.shape  # the compiled step reads these unchecked
+            if not scaler.count.shape == scaler.mean.shape == scaler.m2.shape == width:
+                raise StateError(f"scaler statistics do not have the spec's shape {width}")
+            model.scaler = scaler
             model.metrics = PrequentialMetrics.from_state(state["metrics"])
             drift = state.get("drift")  # absent in states written before drift monitors
             if drift:
@@ -648,11 +658,14 @@ class OnlineModel:
                 target = np.asarray(state["target"], dtype=np.float64)
                 if target.shape != model.target.shape:
                     raise StateError(f"target statistics have shape {target.shape}")
+                if (not np.isfinite(target).all() or target[T_COUNT] < 0
+                        or target[T_M2] < 0):
+                    raise StateError("target statistics are not finite counts and moments")
                 model.target = target.copy()
             if model.averaged and "mix" in state:
                 mix = np.asarray(state["mix"], dtype=np.float64)
-                if mix.shape != model.mix.shape:
-                    raise StateError(f"mixture gap has shape {mix.shape}")
+                if mix.shape != model.mix.shape or not np.isfinite(mix).all():
+                    raise StateError(f"mixture gap is not {model.mix.shape[0]} finite value")
                 model.mix = mix.copy()
             model.offsets = {str(k): int(v) for k, v in state.get("offsets", {}).items()}
             if state.get("pending") is not None:  # serving needs its counters only

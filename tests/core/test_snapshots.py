@@ -98,6 +98,41 @@ def test_foreign_state_is_refused():
         OnlineModel.from_state({"kind": "streamlearn.model", "state_version": 1})
 
 
+def _forge(state, part, name, value):
+    """``state`` with ``state[part][name]`` (or ``state[part]``) replaced, deep enough."""
+    forged = dict(state)
+    if name is None:
+        forged[part] = value
+    else:
+        forged[part] = dict(state[part], **{name: value})
+    return forged
+
+
+@pytest.mark.parametrize(("part", "name", "mangle", "message"), [
+    ("weights", "w", lambda a: np.where(np.arange(a.size) == 3, np.nan, a), "NaN, infinite"),
+    ("weights", "s2", lambda a: a - 1.0, "negative"),
+    ("weights", "avg", lambda a: np.where(np.arange(a.size) == a.size - 1, np.inf, a),
+     "infinite"),
+    ("scaler", "mean", lambda a: a[:2], "differ in shape"),
+    ("scaler", None, lambda sc: {k: np.asarray(v)[:1] for k, v in sc.items()}, "spec's shape"),
+    ("target", None, lambda a: np.array([10.0, np.nan, 1.0, 0.0]), "not finite"),
+    ("target", None, lambda a: np.array([-5.0, 0.5, 1.0, 0.0]), "not finite"),
+    ("mix", None, lambda a: np.array([np.inf]), "finite"),
+])
+def test_a_snapshot_the_model_cannot_use_is_refused(fraud_spec, part, name, mangle, message):
+    """The worker restores snapshots from disk and the models topic: a state whose
+    statistics are not finite, or shorter than the spec's (the compiled step reads them
+    unchecked: a one-feature scaler corrupted the heap, seen), is refused, never
+    restored into a model that scores NaN or crashes."""
+    state = _trained(fraud_spec, 600).to_state()
+    value = state[part] if name is None else state[part][name]
+    forged = _forge(state, part, name, mangle(value if isinstance(value, dict)
+                                              else np.asarray(value)))
+    with pytest.raises(StateError, match=message):
+        OnlineModel.from_state(forged)
+    OnlineModel.from_state(_forge(state, part, name, value))  # the state as it was: fine
+
+
 def test_atomic_save_leaves_no_temp_files(tmp_path, fraud_spec):
     payload = snapshots.encode(_trained(fraud_spec, 300).to_state())
     path = tmp_path / "a" / "m.snap"

@@ -103,3 +103,32 @@ def test_a_retiring_replica_is_done_once_nothing_it_learned_is_uncounted() -> No
     assert news["n_learned"] == m1["n_learned"] and not done(m1, lin, news, "a")
     m2 = replicas.merge(m1, {"a": news}, merged_by="a", now=1.0)  # the merger takes it
     assert m2["n_seen"] == 600 and done(m2, lin, news, "a")
+
+
+async def test_a_shard_the_model_cannot_use_is_ignored() -> None:
+    """Shards and merged models come from the models topic: one whose weights are not
+    finite (or whose statistics have another shape) is ignored like an undecodable one,
+    before a merge or an adoption could spread it into the live model."""
+    import time
+    import zlib
+    from types import SimpleNamespace
+
+    from streamlearn import snapshots
+    from streamlearn.services.worker.merging import Seen, ShardFeed
+    from streamlearn.settings import load_settings
+
+    settings = load_settings(model=[{"name": SPEC.name, "topic": SPEC.topic, "label": SPEC.label,
+                                     "numeric": list(SPEC.numeric), "hash_bits": SPEC.hash_bits,
+                                     "categorical": list(SPEC.categorical)}])
+    feed = ShardFeed(SimpleNamespace(settings=settings))  # type: ignore[arg-type]
+    model = OnlineModel(SPEC, device="cpu")
+    learn(model, seed=1)
+    good = model.to_state()
+    w = np.array(good["weights"]["w"], copy=True)
+    w[0] = np.nan
+    bad = dict(good, weights=dict(good["weights"], w=w))
+    for replica, state in (("r1", good), ("r2", bad)):
+        payload = snapshots.encode(state)
+        feed.records[SPEC.name][replica] = Seen(payload, time.time(), zlib.crc32(payload))
+    assert (await feed.decoded(SPEC.name, "r1") or {}).get("version") == model.version
+    assert await feed.decoded(SPEC.name, "r2") is None
