@@ -206,11 +206,13 @@ def delta(state: Mapping[str, Any], ref: Mapping[str, Any]) -> Delta:
     counters = {k: int(state[k]) - int(ref[k]) for k in _COUNTERS}
     imputed = (np.asarray(state["n_imputed"], dtype=np.int64)
                - np.asarray(ref["n_imputed"], dtype=np.int64))
-    mix = _mix(state) - _mix(ref)
+    mix = mix_of(state) - mix_of(ref)
     return Delta(arrays, scaler, target, counters, imputed, max(counters["n_learned"], 0), mix)
 
 
-def _mix(state: Mapping[str, Any]) -> np.ndarray:
+def mix_of(state: Mapping[str, Any]) -> np.ndarray:
+    """A state's mixture gap (:mod:`streamlearn.models.average`); a state without one
+    (not averaged, or written before averaged scoring) has the fresh gap."""
     return np.asarray(state.get("mix", new_mix()), dtype=np.float64)
 
 
@@ -295,7 +297,7 @@ def apply(base: Mapping[str, Any], deltas: Sequence[Delta],
     out["scaler"] = {"count": count, "mean": mean, "m2": m2}
     out["target"] = target
     if "avg" in weights:
-        out["mix"] = _mix(base) + sum(a * d.mix for a, d in zip(alphas, deltas, strict=True))
+        out["mix"] = mix_of(base) + sum(a * d.mix for a, d in zip(alphas, deltas, strict=True))
     return out
 
 

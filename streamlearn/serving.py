@@ -36,7 +36,6 @@ from streamlearn import replicas as merging
 from streamlearn.config import ModelSpec
 from streamlearn.logs import RateLimitedLog
 from streamlearn.models import OnlineModel, StateError
-from streamlearn.models.average import new_mix
 from streamlearn.scaler import RunningStandardScaler
 
 log = logging.getLogger(__name__)
@@ -173,7 +172,6 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
         for a_i, arr in zip(alpha, arrays, strict=True):
             acc += a_i * arr
         weights[name] = acc.astype(arrays[0].dtype)
-    mixes = [np.asarray(s.get("mix", new_mix()), dtype=np.float64) for s in states]
     scaler = RunningStandardScaler.from_state(first["scaler"])
     for s in states[1:]:
         scaler.merge(RunningStandardScaler.from_state(s["scaler"]))
@@ -195,7 +193,8 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
         metrics=merging.pool_metrics([s["metrics"] for s in states]),
     )
     if "mix" in first:  # the averaged models' mixture gap, weighted as the weights
-        merged["mix"] = np.sum([a * m for a, m in zip(alpha, mixes, strict=True)], axis=0)
+        merged["mix"] = np.sum([a * merging.mix_of(s) for a, s in zip(alpha, states,
+                                                                      strict=True)], axis=0)
     if any("telemetry" in s for s in states):
         merged["telemetry"] = sum_telemetry([clean_telemetry(s.get("telemetry")) for s in states])
     if any("replica" in s for s in states):

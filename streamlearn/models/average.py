@@ -21,9 +21,9 @@ scored by both, mixed by how well each has been doing:
 
 Measured in the product against ``average = false``, paired over 8 row orders on the 30
 binary real sets (README, Learning quality): cowles +0.0166 and bananas +0.0112 AUC, the
-worst loss stackoverflow -0.0016. It costs 18-21 ns per event in the compiled loop (a
-second margin, an average update per touched weight). Binary models only (the mixture
-weighs log losses); :attr:`ModelSpec.averaged`.
+worst loss stackoverflow -0.0016. It cost 18-21 ns per event in the compiled loop when it
+landed (a second margin, an average update per touched weight). Binary models only (the
+mixture weighs log losses); :attr:`ModelSpec.averaged`.
 
 The rules live here once, on scalars and inlined, so the fused per-event loop
 (:func:`.fused.per_event_linear`), the fused window loop and the composed step

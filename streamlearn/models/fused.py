@@ -257,29 +257,23 @@ def per_event_linear(  # pragma: no cover - compiled
             eta = lr / (1.0 + step) ** power_t
         rate = avg_rate(step, inv_horizon) if averaged else 0.0
         # Each coordinate's step moves its running average in the same pass. FTRL's
-        # numeric block runs in branch-free loops, so that they vectorize: one version
-        # for a block all at its memory cap (one square root per coordinate, not two).
-        block_at_cap = ftrl and _at_cap(s2, d, cap)
-        if ftrl and not csr and block_at_cap:
+        # numeric block runs in branch-free loops, so that they vectorize: one for a block
+        # all at its memory cap (one square root per coordinate, not two). The CSR kernel
+        # accumulates gradients in a float32 scratch, hence the rounding.
+        if ftrl and _at_cap(s2, d, cap):
             for j in range(d):
-                _ftrl_coordinate(0.0 + coef * z[r, j], j, w, s1, s2, avg, rate, inv_lr, l1,
-                                 l2, beta, cap, True)
-        elif ftrl and not csr:
-            for j in range(d):
-                _ftrl_coordinate(0.0 + coef * z[r, j], j, w, s1, s2, avg, rate, inv_lr, l1,
-                                 l2, beta, cap, False)
-        elif ftrl and block_at_cap:  # the CSR kernel accumulates gradients in float32
-            for j in range(d):
-                _ftrl_coordinate(np.float64(np.float32(0.0 + coef * z[r, j])), j, w, s1, s2,
-                                 avg, rate, inv_lr, l1, l2, beta, cap, True)
+                g = 0.0 + coef * z[r, j]
+                _ftrl_coordinate(np.float64(np.float32(g)) if csr else g, j, w, s1, s2, avg,
+                                 rate, inv_lr, l1, l2, beta, cap, True)
         elif ftrl:
             for j in range(d):
-                _ftrl_coordinate(np.float64(np.float32(0.0 + coef * z[r, j])), j, w, s1, s2,
-                                 avg, rate, inv_lr, l1, l2, beta, cap, False)
+                g = 0.0 + coef * z[r, j]
+                _ftrl_coordinate(np.float64(np.float32(g)) if csr else g, j, w, s1, s2, avg,
+                                 rate, inv_lr, l1, l2, beta, cap, False)
         else:
             for j in range(d):
                 g = 0.0 + coef * z[r, j]
-                if csr:  # the CSR kernel accumulates gradients in a float32 scratch
+                if csr:
                     g = np.float64(np.float32(g))
                 wj, a, b = _update(np.float64(w[j]), np.float64(s1[j]), np.float64(s2[j]),
                                    g, opt, lr, l1, l2, beta, cap, eta)
@@ -300,7 +294,7 @@ def per_event_linear(  # pragma: no cover - compiled
             if ftrl:
                 _ftrl_coordinate(g, i, w, s1, s2, avg, rate, inv_lr, l1, l2, beta, cap,
                                  np.float64(s2[i]) >= cap)
-            else:  # written out: a shared inlined helper here cost fertility 40% (measured)
+            else:  # written out: a helper here, inlined or called, slowed FTRL's path 40%
                 wi, a, b = _update(np.float64(w[i]), np.float64(s1[i]), np.float64(s2[i]),
                                    g, opt, lr, l1, l2, beta, cap, eta)
                 w[i] = wi

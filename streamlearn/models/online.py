@@ -55,6 +55,7 @@ _LOSS = {
 _OPT = {"sgd": codes.OPT_SGD, "adagrad": codes.OPT_ADAGRAD, "ftrl": codes.OPT_FTRL}
 _NO_FACTORS = np.zeros((0, 0), dtype=np.float32)  # the FM arguments of a linear model
 _NO_AVERAGE = np.zeros(0)  # the running average of a model without one
+_KERNEL = ("C", "W")  # np.require: the arrays the compiled step takes
 
 
 class StateError(ValueError):
@@ -69,18 +70,6 @@ def _sigmoid(m: np.ndarray) -> np.ndarray:
     out = np.empty_like(m)
     fused.sigmoid_into(m, out)  # 1-D margins
     return out
-
-
-def _kernel_array(a: np.ndarray, dtype: Any) -> np.ndarray:
-    """``a`` as a C-contiguous, writable array of ``dtype``, copied only if it is not one.
-
-    Numba compiles a read-only array apart: the vectorizer's numeric columns, and a batch
-    record's labels, are views of decoded bytes, so each path had its own build of the
-    per-event loop (~6 s each on an empty kernel cache, in the middle of the stream), and
-    the worker's warm-up loaded one that the JSON path did not use (measured).
-    """
-    out = np.ascontiguousarray(a, dtype=dtype)
-    return out if out.flags.writeable else out.copy()
 
 
 class Steps(NamedTuple):
@@ -394,14 +383,18 @@ class OnlineModel:
         learned = np.zeros(n_chunks, dtype=np.int64)
         if n == 0:
             return Steps(scores, np.zeros(0, dtype=np.int64), learned)
-        X = _kernel_array(batch.numeric, np.float64)
-        labels = _kernel_array(batch.labels, np.float32)
+        # C-contiguous and writable (copied only if not): numba builds a read-only array
+        # apart, and the vectorizer's columns and a batch record's labels are views of
+        # bytes, so each path had its own build of the per-event loop (~6 s each on an
+        # empty kernel cache, mid-stream), not the one the worker's warm-up loaded.
+        X = np.require(batch.numeric, np.float64, _KERNEL)
+        labels = np.require(batch.labels, np.float32, _KERNEL)
         scaler = self.scaler
         count0 = scaler.count.copy()
         kind = fused.KIND_FM if self.is_fm else fused.KIND_DENSE if self.dense else fused.KIND_CSR
         fm = (self.V, self.s1v, self.s2v, self._gv) if self.is_fm else (_NO_FACTORS,) * 4
         step = fused.prequential_chunks(
-            X, _kernel_array(batch.hashed, np.int64), labels, size,
+            X, np.require(batch.hashed, np.int64, _KERNEL), labels, size,
             self.spec.update_rows, kind, self.spec.task != "regression", self.spec.label_prior,
             not joined, scaler.count, scaler.mean, scaler.m2, self.target,
             self.w, self.s1, self.s2, self._grad, *fm, self.avg, self.mix, self._inv_horizon,
@@ -636,7 +629,7 @@ class OnlineModel:
                 setattr(model, name, bk.asarray(arr))
             scaler = RunningStandardScaler.from_state(state["scaler"])
             width = model.scaler.mean.shape  # the compiled step reads these unchecked
-            if not scaler.count.shape == scaler.mean.shape == scaler.m2.shape == width:
+            if scaler.mean.shape != width:  # (count and m2: the scaler checks they match)
                 raise StateError(f"scaler statistics do not have the spec's shape {width}")
             model.scaler = scaler
             model.metrics = PrequentialMetrics.from_state(state["metrics"])
