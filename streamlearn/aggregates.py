@@ -409,13 +409,15 @@ class EntityAggregates:
         groups = state.get("groups")
         if not isinstance(groups, list) or len(groups) != len(self.groups):
             raise ValueError("aggregate state has another set of entity fields")
-        if replace:
-            self.expired = int(state.get("expired", 0))
-            self.evicted = int(state.get("evicted", 0))
-            self.misrouted = int(state.get("misrouted", 0))
+        counters = [int(state.get(k, 0)) for k in ("expired", "evicted", "misrouted")]
         mt = state.get("max_time")
+        mt = None if mt is None else float(mt)
+        if min(counters) < 0 or (mt is not None and not math.isfinite(mt)):
+            raise ValueError("aggregate state: negative counters, or a non-finite max_time")
+        if replace:
+            self.expired, self.evicted, self.misrouted = counters
         if mt is not None:
-            self.max_time = max(self.max_time, float(mt))
+            self.max_time = max(self.max_time, mt)
         for group, g in zip(self.groups, groups, strict=True):
             if g.get("field") != group.field:
                 raise ValueError(f"aggregate state is for entity field {g.get('field')!r}")
@@ -430,9 +432,18 @@ class EntityAggregates:
             if (head.shape != (n, k, w) or counts.shape != (n, k, w, self.tiles)
                     or sums.shape != counts.shape or last.shape != (n,) or part.shape != (n,)):
                 raise ValueError(f"aggregate state of {group.field!r} has the wrong shapes")
-            if not (np.isfinite(counts).all() and np.isfinite(sums).all()):
-                raise ValueError(f"aggregate state of {group.field!r} is not finite")
+            if not (np.isfinite(counts).all() and np.isfinite(sums).all()) or (counts < 0).any():
+                raise ValueError(f"aggregate state of {group.field!r} is not finite, or has "
+                                 "negative counts")
+            # window_stats subtracts a head from a tile number without overflow checks: a
+            # head near -2**63 (a NaN cast to int64) wrapped, and the process crashed (seen).
+            if ((head < _EMPTY_HEAD) | (head > -_EMPTY_HEAD)).any():
+                raise ValueError(f"aggregate state of {group.field!r}: a newest tile out of "
+                                 "+-2**62")
             held = [r for r, key in enumerate(keys) if key is not None]
+            if not np.isfinite(last[held]).all():
+                raise ValueError(f"aggregate state of {group.field!r}: an entity's last-seen "
+                                 "time is not finite")
             if len(held) > self.capacity or len({keys[r] for r in held}) < len(held):
                 raise ValueError(f"aggregate state of {group.field!r}: over max_entities, "
                                  "or a repeated key")

@@ -22,6 +22,9 @@ OPTIMIZERS: tuple[str, ...] = ("sgd", "adagrad", "ftrl")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 DRIFT_DETECTORS: tuple[str, ...] = ("adwin", "page_hinkley", "kswin")
 DRIFT_ACTIONS: tuple[str, ...] = ("alert", "reset", "rollback")
+#: Largest prequential window (rows): a model allocates it up front, so a spec or a
+#: snapshot asking for 10**12 rows must be refused, not allocated (~90 MB at the cap).
+MAX_ROLLING_WINDOW = 10_000_000
 
 #: Default step size per optimizer: their steps have different units (SGD moves by
 #: ``lr * gradient``, AdaGrad by about ``lr`` per coordinate, FTRL's ``alpha`` scales a
@@ -276,11 +279,21 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: update_rows must be in 1..batch_size")
         if self.top_k_per_day < 1:
             raise ValueError(f"model {self.name!r}: top_k_per_day must be >= 1")
+        if not 1 <= self.rolling_window <= MAX_ROLLING_WINDOW:
+            raise ValueError(f"model {self.name!r}: rolling_window must be in "
+                             f"1..{MAX_ROLLING_WINDOW:,}")
         if self.fm_init_std < 0:
             raise ValueError(f"model {self.name!r}: fm_init_std must be >= 0")
         if self.drift_detector not in DRIFT_DETECTORS or self.drift_action not in DRIFT_ACTIONS:
             raise ValueError(f"model {self.name!r}: drift_detector must be one of "
                              f"{DRIFT_DETECTORS}, drift_action one of {DRIFT_ACTIONS}")
+        if self.drift_params:  # river's detectors check them only on their first value
+            from streamlearn.drift.concept import ConceptDriftMonitor
+
+            try:
+                ConceptDriftMonitor.for_spec(self)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"model {self.name!r}: drift_params: {exc}") from None
         if (self.drift_cooldown < 0 or not 1 <= self.drift_reference_size <= 1_000_000
                 or not 0 < self.drift_threshold < math.inf):
             raise ValueError(f"model {self.name!r}: drift_cooldown must be >= 0, "

@@ -90,6 +90,7 @@ class PendingLabels:
         self.ttl = spec.label_ttl_s
         self.cap = spec.max_pending
         self.width = (spec.n_numeric, len(spec.categorical))
+        self.n_weights = spec.n_weights  # hashed slots index the weights: below this
         self.enabled = self.ttl > 0 and self.cap > 0
         self._reset()
 
@@ -229,9 +230,11 @@ class PendingLabels:
         ``replace``, the rows join those waiting here (a partition handed over)."""
         if replace:
             self._reset()
-            for k, v in dict(state.get("counts", {})).items():
-                if k in self.counts:
-                    self.counts[k] = int(v)
+            counts = {k: int(v) for k, v in dict(state.get("counts", {})).items()
+                      if k in self.counts}
+            if any(v < 0 for v in counts.values()):
+                raise ValueError("pending labels: negative counters")
+            self.counts.update(counts)
         if not rows:
             self.waiting = len(np.asarray(state["scores"]))
             return
@@ -248,6 +251,13 @@ class PendingLabels:
             raise ValueError("pending labels have the wrong shapes for this spec")
         if n > max(self.cap, 0) or not np.isfinite(arrived).all():
             raise ValueError("pending labels: too many rows, or a non-finite arrival time")
+        # A joined row is learned by the compiled step, which indexes the weights with
+        # its hashed slots unchecked (one out of range crashed the process, seen); its
+        # score goes into the prequential window (NaN there is NaN in every report).
+        if hashed.size and not 0 <= hashed.min() <= hashed.max() < self.n_weights:
+            raise ValueError(f"pending labels: hashed slots outside 0..{self.n_weights - 1}")
+        if not np.isfinite(scores).all() or np.isinf(numeric).any():  # numeric: NaN = missing
+            raise ValueError("pending labels: NaN or infinite scores, or infinite features")
         cuts = (np.flatnonzero(np.diff(arrived)) + 1).tolist()  # a block per arrival time
         for a, b in zip([0, *cuts], [*cuts, n], strict=True) if n else ():
             self.add(ids[a:b], numeric[a:b], hashed[a:b], scores[a:b],

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from streamlearn.config import MAX_ROLLING_WINDOW, TASKS
+
 _EPS = 1e-7
 _DAY_S = 86_400
 UNKNOWN_DAY = -1  # a window entry whose day is not known (a state written without days)
@@ -274,12 +276,28 @@ class PrequentialMetrics:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> PrequentialMetrics:
-        """Rebuild from :meth:`to_state` output."""
-        m = cls(state["task"], int(state["window"]), int(state.get("top_k", TOP_K_PER_DAY)))
-        m.n = int(state["n"])
-        k = len(state["y"])
-        m._y[:k] = state["y"]
-        m._p[:k] = state["p"]
+        """Rebuild from :meth:`to_state` output; ``ValueError`` for a state no window
+        could have written."""
+        task, window, n = state["task"], int(state["window"]), int(state["n"])
+        top_k = int(state.get("top_k", TOP_K_PER_DAY))
+        if task not in TASKS or not 1 <= window <= MAX_ROLLING_WINDOW or top_k < 1:
+            # the window is allocated here (10**12 rows: unbounded), a 0 divides by zero
+            raise ValueError(f"metrics state: task {task!r}, window {window} (1.."
+                             f"{MAX_ROLLING_WINDOW:,}) or top_k {top_k} out of range")
+        y = np.asarray(state["y"], dtype=np.float32)
+        p = np.asarray(state["p"], dtype=np.float32)
+        k = y.size
+        # At most min(n, window) pairs (fewer after a pooled merge): n below that read the
+        # ring from a negative end.
+        if y.shape != (k,) or p.shape != (k,) or not 0 <= k <= min(n, window):
+            raise ValueError(f"metrics state: {k} labels and {p.shape} scores for n={n}, "
+                             f"window={window}")
+        if not (np.isfinite(y).all() and np.isfinite(p).all()):  # NaN in every report
+            raise ValueError("metrics state: labels or scores hold NaN or infinite values")
+        m = cls(task, window, top_k)
+        m.n = n
+        m._y[:k] = y
+        m._p[:k] = p
         day = state.get("day")
         if day is not None and len(day) == k:  # else unknown: pooled or older states
             m._day[:k] = day

@@ -246,10 +246,17 @@ class DriftActions:
                 "history": list(self.history), "last_action_at": self.last_action_at}
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Take the counts and history of :meth:`to_state` (the policy stays the spec's)."""
-        for key, value in dict(state.get("counts", {})).items():
-            if key in self.counts:
-                self.counts[key] = int(value)
-        self.history = list(state.get("history", []))[-HISTORY_KEEP:]
+        """Take the counts and history of :meth:`to_state` (the policy stays the spec's);
+        ``ValueError`` for negative counts or a history that is not a list of entries."""
+        counts = {k: int(v) for k, v in dict(state.get("counts", {})).items()
+                  if k in self.counts}
         last = state.get("last_action_at")
-        self.last_action_at = None if last is None else int(last)
+        last = None if last is None else int(last)
+        history = state.get("history", [])
+        if any(v < 0 for v in counts.values()) or (last is not None and last < 0):
+            raise ValueError("drift actions state: counts and last_action_at must be >= 0")
+        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+            raise ValueError("drift actions state: history is not a list of entries")
+        self.counts.update(counts)
+        self.history = history[-HISTORY_KEEP:]
+        self.last_action_at = last

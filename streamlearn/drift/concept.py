@@ -44,6 +44,55 @@ SLOW_ALPHA = 0.05
 RECENT_BATCHES = 4
 #: Values a monitor queues while river loads; past this, ``update`` waits for the import.
 MAX_PENDING = 100_000
+#: Drift points, times and directions kept (in memory and in snapshots).
+RECENT_DRIFTS = 20
+
+
+def _int_in(lo: int, hi: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _real_in(lo: float, hi: float, *, open_lo: bool = False) -> Callable[[Any], bool]:
+    def ok(v: Any) -> bool:
+        return (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                and (lo < v if open_lo else lo <= v) and v <= hi)
+    return ok
+
+
+#: The river parameters a snapshot may set, and their usable values.  river builds the
+#: detector on the first update, past any caller's check: a value out of these ranges
+#: panicked in ADWIN's Rust core (clock 0, max_buckets 0), aborted the process
+#: (max_buckets 10**9: an allocation of its buckets), or raised a TypeError (an unknown
+#: name) in the learning call.
+DETECTOR_PARAMS: dict[str, dict[str, Callable[[Any], bool]]] = {
+    "adwin": {"delta": _real_in(0.0, 1.0, open_lo=True), "clock": _int_in(1, 1_000_000),
+              "max_buckets": _int_in(1, 1_000), "min_window_length": _int_in(0, 1_000_000),
+              "grace_period": _int_in(0, 1_000_000)},
+    "page_hinkley": {"min_instances": _real_in(0.0, 1e9), "delta": _real_in(0.0, math.inf),
+                     "threshold": _real_in(0.0, math.inf, open_lo=True),
+                     "alpha": _real_in(0.0, 1.0, open_lo=True),
+                     "mode": lambda v: v in ("up", "down", "both")},
+    "kswin": {"alpha": _real_in(0.0, 1.0, open_lo=True), "window_size": _int_in(2, 100_000),
+              "stat_size": _int_in(1, 100_000),
+              "seed": lambda v: v is None or _int_in(-(2**63), 2**63 - 1)(v)},
+}
+
+
+def check_params(detector: str, params: dict[str, Any]) -> None:
+    """``ValueError`` naming what river could not run: an unknown detector, parameters
+    unknown or out of :data:`DETECTOR_PARAMS`' ranges, a KSWIN sample over half its
+    window (its sample of the older half then raised in the learning call)."""
+    if detector not in DETECTORS:
+        raise ValueError(f"unknown drift detector {detector!r}; choose from {sorted(DETECTORS)}")
+    rules = DETECTOR_PARAMS[detector]
+    bad = sorted(str(k) for k, v in params.items() if k not in rules or not rules[k](v))
+    if bad:
+        raise ValueError(f"parameters {bad} of drift detector {detector!r} are unknown or "
+                         f"out of range (known: {sorted(rules)})")
+    merged = {**DEFAULT_PARAMS[detector], **params}
+    if detector == "kswin" and 2 * merged.get("stat_size", 30) > merged.get("window_size", 100):
+        raise ValueError("drift detector 'kswin': stat_size must be at most half its "
+                         "window_size (river's defaults: 30 of 100)")
 
 
 def detector_class(name: str) -> type:
@@ -135,13 +184,13 @@ class ConceptDriftMonitor:
 
     def __init__(self, detector: str = "adwin", warmup: int = 0, batch: int = 0,
                  **params: Any) -> None:
-        if detector not in DETECTORS:
-            raise ValueError(
-                f"unknown drift detector {detector!r}; choose from {sorted(DETECTORS)}"
-            )
+        # river checks nothing until its detector sees a value, inside the learning call
+        check_params(detector, params)
         self.detector_name = detector
         self.warmup = int(warmup)
         self.batch = int(batch)  # labelled rows per detector value (0: one per update)
+        if self.warmup < 0 or self.batch < 0:  # a negative batch never filled its pool
+            raise ValueError(f"drift warmup and batch must be >= 0, got {warmup}, {batch}")
         self._pool_sum, self._pool_n = 0.0, 0
         self.params = {**DEFAULT_PARAMS.get(detector, {}), **params}
         self.detector: Any = None  # river's detector, built by the first update
@@ -279,10 +328,11 @@ class ConceptDriftMonitor:
         self._slow = slow + SLOW_ALPHA * (loss - slow)
         if self.detector.drift_detected:
             self.n_drifts += 1
-            self.drift_points = [*self.drift_points[-19:], events_seen]
-            self.drift_times = [*self.drift_times[-19:], at]
+            keep = RECENT_DRIFTS - 1
+            self.drift_points = [*self.drift_points[-keep:], events_seen]
+            self.drift_times = [*self.drift_times[-keep:], at]
             rise = sum(self._recent) / len(self._recent) > slow
-            self.directions = [*self.directions[-19:], "up" if rise else "down"]
+            self.directions = [*self.directions[-keep:], "up" if rise else "down"]
             return True
         return False
 
@@ -352,17 +402,45 @@ class ConceptDriftMonitor:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> ConceptDriftMonitor:
-        """Rebuild with a fresh detector and the saved counts."""
-        m = cls(state.get("detector", "adwin"), warmup=int(state.get("warmup", 0)),
-                batch=int(state.get("batch", 0)),
-                **state.get("params", {}))
-        m.directions = [str(d) for d in state.get("directions", [])]
-        m.n_updates = int(state.get("updates", 0))
-        m._restored_queued = int(state.get("queued", 0))
-        m._restored_state = {str(k): float(v) for k, v in
+        """Rebuild with a fresh detector and the saved counts; ``ValueError`` for a state
+        no monitor could have written (it would crash, hang or poison a later update)."""
+        counts = {name: int(state.get(name, 0))
+                  for name in ("warmup", "batch", "updates", "queued", "n_drifts")}
+        negative = [name for name, v in counts.items() if v < 0]
+        if negative:
+            raise ValueError(f"concept drift state: {negative} must be >= 0")
+        params = state.get("params", {})
+        if not isinstance(params, dict):
+            raise ValueError("concept drift state 'params' is not an object")
+        detector = state.get("detector", "adwin")
+        m = cls(detector, warmup=counts["warmup"], batch=counts["batch"], **params)
+        directions = [str(d) for d in _recent(state, "directions")]
+        if not set(directions) <= {"up", "down"}:
+            raise ValueError("concept drift state: directions must be 'up' or 'down'")
+        m.directions = directions
+        m.n_updates = counts["updates"]
+        m._restored_queued = counts["queued"]
+        m._restored_state = {str(k): _finite(v, "detector_state") for k, v in
                              dict(state.get("detector_state", {})).items()}
-        m.n_drifts = int(state.get("n_drifts", 0))
-        m.drift_points = [int(p) for p in state.get("drift_points", [])]
-        m.drift_times = [float(t) for t in state.get("drift_times", [])]
-        m.last_loss = state.get("last_loss")
+        m.n_drifts = counts["n_drifts"]
+        m.drift_points = [int(p) for p in _recent(state, "drift_points")]
+        m.drift_times = [_finite(t, "drift_times") for t in _recent(state, "drift_times")]
+        last = state.get("last_loss")
+        m.last_loss = None if last is None else _finite(last, "last_loss")
         return m
+
+
+def _recent(state: dict[str, Any], name: str) -> list[Any]:
+    """The newest :data:`RECENT_DRIFTS` entries of list ``name`` (as the monitor keeps)."""
+    value = state.get(name, [])
+    if not isinstance(value, list):
+        raise ValueError(f"concept drift state {name!r} is not a list")
+    return value[-RECENT_DRIFTS:]
+
+
+def _finite(value: Any, name: str) -> float:
+    """``value`` as a finite float (reports and snapshots carry it on: NaN is no JSON)."""
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValueError(f"concept drift state {name!r} holds NaN or infinite values")
+    return x

@@ -305,6 +305,37 @@ def test_load_rejects_state_that_does_not_fit(mangle):
         EntityAggregates(SPEC).load(state)
 
 
+def _set(part: str, name: str, value):
+    def forge(state):
+        target = state if part == "state" else state["groups"][0]
+        old = target[name]
+        target[name] = value(old) if callable(value) else value
+    return forge
+
+
+@pytest.mark.parametrize(("forge", "match"), [
+    # window_stats subtracts the head from a tile number unchecked: one near -2**63 (a
+    # NaN cast to int64) wrapped around, and the process crashed (segfault, seen).
+    (_set("group", "head", lambda a: np.full_like(a, np.iinfo(np.int64).min)), r"2\*\*62"),
+    pytest.param(_set("group", "head", lambda a: np.full(a.shape, np.nan)), r"2\*\*62",
+                 marks=pytest.mark.filterwarnings("ignore:invalid value encountered in cast")),
+    (_set("group", "counts", lambda a: -a), "negative counts"),
+    (_set("group", "last_seen", lambda a: np.full_like(a, np.nan)), "last-seen time"),
+    (_set("state", "max_time", math.inf), "max_time"),
+    (_set("state", "expired", -1), "negative counters"),
+], ids=["head_min", "head_nan", "negative_counts", "last_seen_nan", "max_time_inf",
+        "negative_expired"])
+def test_a_forged_aggregate_state_is_refused(forge, match):
+    agg = EntityAggregates(SPEC)
+    times, values, keys = _stream(50, seed=6)
+    agg.features(AggregateInputs(times, values, keys), update=True)
+    state = agg.to_state()
+    forge(state)
+    for replace in (True, False):  # a restore, and a partition handed over
+        with pytest.raises(ValueError, match=match):
+            EntityAggregates(SPEC).load(state, replace=replace)
+
+
 def test_load_rejects_more_entities_than_the_cap():
     agg = EntityAggregates(SPEC)
     times, values, keys = _stream(100, seed=7)

@@ -289,6 +289,77 @@ def test_a_snapshot_monitoring_other_fields_is_refused(fraud_spec):
         DataDriftMonitor.from_state(data).update(batch.numeric, 256, batch.hashed)
 
 
+def _concept_state(detector="page_hinkley", **params):
+    m = ConceptDriftMonitor(detector, batch=4, **params)
+    for i, x in enumerate(_losses()):
+        m.update(float(x), (i + 1) * 4, 4)
+    return m.to_state()
+
+
+@pytest.mark.parametrize("detector", ["adwin", "page_hinkley", "kswin"])
+def test_every_detectors_defaults_round_trip(detector):
+    state = _concept_state(detector)
+    assert ConceptDriftMonitor.from_state(state).to_state() == state
+
+
+@pytest.mark.parametrize(("detector", "params", "match"), [
+    ("page_hinkley", {"bogus": 1}, r"\['bogus'\] of drift detector 'page_hinkley'"),
+    ("page_hinkley", {"threshold": float("nan")}, r"\['threshold'\]"),
+    ("adwin", {"clock": 0}, r"\['clock'\] of drift detector 'adwin'"),
+    ("adwin", {"max_buckets": 10**9}, r"\['max_buckets'\]"),
+    ("kswin", {"window_size": 50, "stat_size": 30}, "stat_size"),
+])
+def test_detector_parameters_a_snapshot_sets_are_checked(detector, params, match):
+    """river builds the detector on the first update, in the learning call: a forged
+    parameter raised there (an unknown name: TypeError; KSWIN's sample of a window too
+    short: ValueError), panicked in ADWIN's Rust core (clock 0) or aborted the process
+    (max_buckets 10**9).  The snapshot is refused on load instead."""
+    state = dict(_concept_state(detector), params=params)
+    with pytest.raises(ValueError, match=match):
+        ConceptDriftMonitor.from_state(state)
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("batch", -1, r"\['batch'\] must be >= 0"),  # update looped for ever, growing a list
+    ("n_drifts", -3, r"\['n_drifts'\] must be >= 0"),
+    ("last_loss", float("nan"), "'last_loss' holds NaN"),
+    ("drift_times", [1.0, float("inf")], "'drift_times' holds NaN"),
+    ("detector_state", {"x_mean": float("nan")}, "'detector_state' holds NaN"),
+    ("directions", "updown", "'directions' is not a list"),
+    ("directions", ["up", "sideways"], "'up' or 'down'"),
+])
+def test_a_forged_concept_drift_state_is_refused(field, value, match):
+    state = _concept_state()
+    with pytest.raises(ValueError, match=match):
+        ConceptDriftMonitor.from_state(dict(state, **{field: value}))
+
+
+def test_a_restored_concept_state_keeps_only_the_recent_drifts():
+    """The monitor keeps 20 drift points; a snapshot holding more grew every later one."""
+    state = dict(_concept_state(), drift_points=list(range(1000)),
+                 drift_times=[float(t) for t in range(1000)], directions=["up"] * 1000)
+    m = ConceptDriftMonitor.from_state(state)
+    assert m.drift_points == list(range(980, 1000)) and len(m.to_state()["drift_times"]) == 20
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("counts", {"reset": -1}, ">= 0"),
+    ("last_action_at", -5, ">= 0"),
+    ("history", "abc", "not a list of entries"),
+    ("history", [1, 2], "not a list of entries"),
+])
+def test_a_forged_drift_actions_state_is_refused(fraud_spec, field, value, match):
+    model = OnlineModel(dataclasses.replace(fraud_spec, drift_action="reset"), device="cpu")
+    model.n_seen = 5000
+    model.drift_actions.after_step(model, drifted=True)
+    state = model.drift_actions.to_state()
+    restored = OnlineModel(fraud_spec, device="cpu").drift_actions
+    restored.restore(state)
+    assert restored.to_state()["history"] == state["history"] and restored.counts["reset"] == 1
+    with pytest.raises(ValueError, match=match):
+        restored.restore(dict(state, **{field: value}))
+
+
 @pytest.mark.parametrize(("hash_bits", "expected"), [(10, [10_240, 20_480, 30_720, 40_960]),
                                                      (18, [10_240])])
 def test_rollback_checkpoints_are_spaced_by_the_models_size(fraud_spec, hash_bits, expected):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from streamlearn.config import MAX_ROLLING_WINDOW
 from streamlearn.prequential import (
     PrequentialMetrics,
     precision_at_k_per_day,
@@ -97,3 +98,29 @@ def test_the_window_keeps_the_newest_rows_whatever_the_batch_sizes() -> None:
         ring = np.arange(m.n - kept, m.n) % m.window
         assert m._y[ring].tolist() == ys[m.n - kept :]
         assert m._day[ring].tolist() == days[m.n - kept :]
+
+
+def _state() -> dict:
+    rng = np.random.default_rng(2)
+    m = PrequentialMetrics("binary", window=100, top_k=10)
+    m.update((rng.random(70) < 0.2).astype(np.float32), rng.random(70).astype(np.float32))
+    return m.to_state()
+
+
+@pytest.mark.parametrize("forge", [
+    {"window": 0, "n": 0, "y": [], "p": [], "day": []},  # the first update divided by zero
+    {"window": MAX_ROLLING_WINDOW + 1},  # allocated up front: 10**12 is terabytes
+    {"task": "other"},
+    {"top_k": 0},
+    {"n": -5},  # the report read the ring from a negative end
+    {"n": 10},  # fewer events than the pairs it holds
+    {"p": np.zeros(3, dtype=np.float32)},
+    {"y": np.full(70, np.nan, dtype=np.float32)},  # NaN in every report
+    {"p": np.full(70, np.inf, dtype=np.float32)},
+], ids=["window_0", "window_huge", "task", "top_k", "n_negative", "n_short", "p_short",
+        "y_nan", "p_inf"])
+def test_a_forged_metrics_state_is_refused(forge) -> None:
+    state = _state()
+    PrequentialMetrics.from_state(dict(state, n=500))  # a pooled window: fewer pairs than n
+    with pytest.raises(ValueError, match="metrics state"):
+        PrequentialMetrics.from_state(dict(state, **forge))

@@ -173,6 +173,37 @@ def test_load_rejects_state_that_does_not_fit(mangle):
         PendingLabels(SPEC).load(state)
 
 
+@pytest.mark.parametrize(("name", "value", "match"), [
+    ("hashed", np.array([[10**9], [3]]), "hashed slots outside 0..65"),
+    ("hashed", np.array([[-1], [3]]), "hashed slots outside"),
+    ("scores", np.array([np.nan, 0.5], dtype=np.float32), "NaN or infinite scores"),
+    ("numeric", np.array([[1.0, np.inf], [2.0, 3.0]]), "infinite features"),
+    ("counts", {"joined": -5}, "negative counters"),
+])
+def test_a_forged_pending_state_is_refused(name, value, match):
+    """A joined row is learned by the compiled step, which indexes the weights with its
+    hashed slots unchecked: a forged slot crashed the process (segfault, seen); a NaN
+    arrival score is NaN in every metrics report."""
+    pending = PendingLabels(SPEC)
+    pending.add(*_rows(["a", "b"]), now=0.0)
+    state = pending.to_state()
+    PendingLabels(SPEC).load(dict(state, numeric=np.array([[np.nan, 1.0], [2.0, 3.0]])))
+    with pytest.raises(ValueError, match=match):
+        PendingLabels(SPEC).load(dict(state, **{name: value}))
+
+
+def test_a_model_snapshot_with_forged_pending_slots_is_refused():
+    from streamlearn.models import StateError
+
+    clock = [0.0]
+    runner = _runner(SPEC, clock)
+    runner.handle_blocks([Block("lab.t", 0, list(range(10)), [_event(i) for i in range(10)])])
+    state = runner.model.to_state()
+    hashed = np.full_like(state["pending"]["hashed"], 2**40)
+    with pytest.raises(StateError, match="hashed slots"):
+        OnlineModel.from_state(dict(state, pending=dict(state["pending"], hashed=hashed)))
+
+
 def test_load_rejects_more_rows_than_the_cap():
     pending = PendingLabels(SPEC)
     pending.add(*_rows(["a", "b", "c"]), now=0.0)

@@ -36,3 +36,28 @@ def test_norm_power_sets_the_step_normalization_and_is_bounded() -> None:
         ModelSpec(name="m", topic="t", numeric=("x",), norm_power=1.5)
     with pytest.raises(ValueError, match="norm_power"):
         ModelSettings(name="m", topic="t", numeric=["x"], norm_power=-0.1)
+
+
+@pytest.mark.parametrize("window", [0, 10**12])
+def test_the_rolling_window_is_bounded(window: int) -> None:
+    """A model allocates its window up front: a snapshot's spec asking for 10**12 rows
+    raised MemoryError in the restore (terabytes) instead of a clear refusal."""
+    with pytest.raises(ValueError, match="rolling_window"):
+        ModelSpec(name="m", topic="t", numeric=("x",), rolling_window=window)
+
+
+@pytest.mark.parametrize(("detector", "params", "match"), [
+    ("adwin", {"clock": 0}, r"\['clock'\] of drift detector 'adwin'"),
+    ("page_hinkley", {"treshold": 0.2}, r"\['treshold'\].*known: \[.*'threshold'"),
+    ("kswin", {"stat_size": 80}, "stat_size must be at most half"),
+    ("page_hinkley", {"warmup": -1}, "warmup and batch must be >= 0"),
+])
+def test_drift_params_are_checked_when_the_config_is_read(detector, params, match) -> None:
+    """river builds a detector on its first value, inside the learning call: a config's
+    misspelt parameter raised TypeError there, and ADWIN's clock 0 panicked in its Rust
+    core. The config is refused at start instead, naming the parameter."""
+    with pytest.raises(ValueError, match=r"model 'm': drift_params: .*" + match):
+        ModelSpec(name="m", topic="t", numeric=("x",), drift_detector=detector,
+                  drift_params=params)
+    ModelSpec(name="m", topic="t", numeric=("x",), drift_detector=detector,
+              drift_params={"warmup": 500})
