@@ -39,6 +39,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -140,8 +141,10 @@ def prequential(indptr, indices, values, y, n_weights, rule, lr, l1, l2, beta, c
 
 def run_rule(csr: tuple[np.ndarray, ...], y: np.ndarray, spec: ModelSpec, rule: int,
              scale: float, q: float, args: argparse.Namespace) -> np.ndarray:
-    """One rule at the spec's settings, its step ``scale`` times the default."""
-    lr = scale * spec.step_size / spec.step_norm
+    """One rule at the spec's settings, its step ``scale`` times the default: the product's
+    default step for a model that scores as the rule does (with the average or without)."""
+    scored_as = spec if rule == RULE_MIX else dataclasses.replace(spec, average=False)
+    lr = scale * scored_as.step_size / spec.step_norm
     return prequential(*csr, y, spec.n_weights, rule, lr, spec.l1, spec.l2, spec.ftrl_beta,
                        spec.gradient_cap, float(spec.horizon), q, args.cocob_alpha,
                        args.discount, args.margin_mix)

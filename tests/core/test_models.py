@@ -193,11 +193,14 @@ def test_regression_intercept_converges_to_a_target_mean_far_from_zero():
     assert rmse < 15.0, rmse  # noise sd is 10
 
 
-def test_the_default_horizon_keeps_up_with_a_concept_that_turns():
+@pytest.mark.parametrize(("average", "margin"), [(False, 0.005), (True, 0.0005)])
+def test_the_default_horizon_keeps_up_with_a_concept_that_turns(average, margin):
     """The concept turns twice round the circle over 120,000 events: with the classic FTRL
     rule (``horizon=0``) every weight's step shrinks as ``1/sqrt(updates)`` and the model
     lags ever further; with the default horizon the squared-gradient sums stop at the cap
-    and the step with them, and the model keeps up."""
+    and the step with them, and the model keeps up.  The learner alone (``average=False``)
+    shows it most (measured: +0.0063 AUC); scored with its average, at the averaged
+    model's larger step, the classic rule lags less over this stream (+0.0017)."""
     rng = np.random.default_rng(13)
     n = 120_000
     x, c = _stream(rng, n)
@@ -209,12 +212,13 @@ def test_the_default_horizon_keeps_up_with_a_concept_that_turns():
     auc, top = {}, {}
     for horizon in (default.horizon, 0):
         spec = ModelSpec(name="turn", topic="t", numeric=("x0", "x1", "x2"),
-                         categorical=("c",), label="y", hash_bits=8, horizon=horizon)
+                         categorical=("c",), label="y", hash_bits=8, horizon=horizon,
+                         average=average)
         model = OnlineModel(spec, device="cpu")
         p = _feed(model, x, c, y)
         auc[horizon], top[horizon] = roc_auc(y[-40000:], p[-40000:]), float(model.s2.max())
     assert top[default.horizon] == default.gradient_cap and top[0] > 10 * top[default.horizon]
-    assert auc[default.horizon] > auc[0] + 0.005, auc
+    assert auc[default.horizon] > auc[0] + margin, auc
 
 
 def test_a_state_from_before_the_horizon_is_restored_and_its_steps_stop_shrinking():
