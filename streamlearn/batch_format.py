@@ -91,6 +91,7 @@ import orjson
 from streamlearn.aggregates import AggregateInputs
 from streamlearn.config import ModelSpec
 from streamlearn.features import _MISSING, MAX_ABS_VALUE, FeatureBatch, Vectorizer, stable_hash
+from streamlearn.keys import MAX_KEY_CHARS
 
 MAGIC = b"\xffSLB"
 FORMAT_VERSION = 1
@@ -102,6 +103,10 @@ CODE_DTYPES = ("<i1", "<i2", "<i4")
 LABEL_DTYPES = ("<f4", "<f8")
 ID_DTYPES = ("<i8", "json")
 _TABLE_CACHE = 1024
+#: Values the cached dictionaries hold in all; a dictionary with a value longer than
+#: ``keys.MAX_KEY_CHARS`` is not cached.  Why: counted in dictionaries only, the cache
+#: kept 1,024 records' worth of dictionaries (1 MB each grew a worker by 1.2 GB).
+_TABLE_VALUES = 1 << 16
 _KNOWN_DTYPES = {"<f8", "<f4", "<i1", "<i2", "<i4", "<i8", "<u4", "json"}
 
 
@@ -229,6 +234,7 @@ class FeatureDecoder:
         self.spec = spec
         self.vectorizer = vectorizer or Vectorizer(spec)
         self._tables: dict[tuple[str, tuple[Any, ...]], np.ndarray] = {}
+        self._held = 0  # values of the cached dictionaries
 
     def decode(self, payload: bytes) -> FeatureBatch:
         """:func:`decode_batch` then :meth:`features`."""
@@ -290,21 +296,23 @@ class FeatureDecoder:
                 f"categorical column {col.name!r}: codes outside -1..{len(values) - 1}"
             )
         key = (col.name, tuple(values))
-        table = self._tables.get(key)
+        try:
+            table = self._tables.get(key)
+        except TypeError:  # an unhashable value (a list, an object): _table names it
+            table = None
         if table is None:
             table = self._table(col.name, values)
-            if len(self._tables) >= _TABLE_CACHE:
-                self._tables.clear()
-            self._tables[key] = table
+            if len(values) <= _TABLE_VALUES and all(
+                    not isinstance(v, str) or len(v) <= MAX_KEY_CHARS for v in values):
+                if len(self._tables) >= _TABLE_CACHE or self._held + len(values) > _TABLE_VALUES:
+                    self._tables.clear()
+                    self._held = 0
+                self._tables[key] = table
+                self._held += len(values)
         return table[codes]  # code -1 picks the trailing "missing" slot
 
     def _table(self, name: str, values: list[Any]) -> np.ndarray:
-        for v in values:
-            if not isinstance(v, str | int) or isinstance(v, bool):
-                raise BatchFormatError(
-                    f"categorical column {name!r}: dictionary values must be strings or "
-                    f"integers, got {type(v).__name__}"
-                )
+        _check_dictionary("categorical", name, values)
         slot = self.vectorizer.slot
         return np.array([slot(name, v) for v in values] + [slot(name, _MISSING)], dtype=np.int64)
 
@@ -343,11 +351,24 @@ def _keys(col: Column) -> list[Any]:
         if len(col.data) and (int(col.data.min()) < -1 or int(col.data.max()) >= len(values)):
             raise BatchFormatError(f"entity column {col.name!r}: codes outside "
                                    f"-1..{len(values) - 1}")
+        # Keys of the aggregates' tables: a list escaped as a TypeError, which stops the
+        # worker's learner (found by fuzzing).
+        _check_dictionary("entity", col.name, values)
         return [None if c < 0 else values[c] for c in col.data.tolist()]
     if col.dtype == "<i8" and col.data is not None:
         return col.data.tolist()
     raise BatchFormatError(f"schema mismatch: entity column {col.name!r} must be "
                            f"dictionary-encoded or <i8 integers, got {col.dtype}")
+
+
+def _check_dictionary(kind: str, name: str, values: list[Any]) -> None:
+    """A dictionary's values are strings or integers (not bools), as in JSON events."""
+    for v in values:
+        if not isinstance(v, str | int) or isinstance(v, bool):
+            raise BatchFormatError(
+                f"{kind} column {name!r}: dictionary values must be strings or "
+                f"integers, got {type(v).__name__}"
+            )
 
 
 def _labels(col: Column | None, spec: ModelSpec, n: int) -> np.ndarray:

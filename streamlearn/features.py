@@ -36,9 +36,14 @@ from numba import njit
 
 from streamlearn.aggregates import AggregateInputs
 from streamlearn.config import ModelSpec
+from streamlearn.keys import MAX_KEY_CHARS
 
 _MISSING = "\x00missing"
 _CACHE_LIMIT = 100_000
+#: Longest categorical value the slot caches keep (as long as an entity key is kept whole,
+#: ``keys.MAX_KEY_CHARS``); a longer one is hashed each time it comes.  Why: the caches
+#: are bounded in entries, and distinct 100 KB values grew a worker by 100 KB each.
+_CACHED_CHARS = MAX_KEY_CHARS
 
 MAX_ABS_VALUE = 1e15
 """Largest magnitude a numeric field or label may have; larger values are invalid.
@@ -179,6 +184,8 @@ class Vectorizer:
         idx = self._cache.get(key)
         if idx is None:
             idx = self._slot_of(*key)
+            if len(key[1]) > _CACHED_CHARS:
+                return idx
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()
             self._cache[key] = idx
@@ -343,7 +350,9 @@ class Vectorizer:
             for i, s in enumerate(out):
                 if s is None:
                     v = col[i]
-                    out[i] = cache[v] = slot_of(name, v if isinstance(v, str) else str(v))
+                    out[i] = s = slot_of(name, v if isinstance(v, str) else str(v))
+                    if not isinstance(v, str) or len(v) <= _CACHED_CHARS:
+                        cache[v] = s
         return out  # type: ignore[return-value]
 
 

@@ -233,3 +233,54 @@ def test_batch_records_feed_aggregates_like_json_events() -> None:
     with pytest.raises(BatchFormatError, match=r"need columns \['ts'\]"):
         FeatureDecoder(spec, by_record.vectorizer).decode(
             encode_columns({"card": Categorical(cards, names), "amount": amount}))
+
+
+@pytest.mark.parametrize("column", ["country", "card"])
+@pytest.mark.parametrize("value", [[1], {"a": 1}, True])
+def test_dictionary_values_that_are_not_keys_dead_letter_the_record(column, value):
+    """A list or object in a categorical's or an entity's dictionary used to escape the
+    runner as a TypeError (which stops the worker); a bool passed as an entity key."""
+    from streamlearn.config import AggregateSpec
+    from streamlearn.models import OnlineModel
+    from streamlearn.pipeline import ModelRunner, Record
+
+    spec = ModelSpec(name="agg", topic="t", numeric=("amount",), categorical=("country",),
+                     label="y", hash_bits=4,
+                     aggregates=(AggregateSpec("card", "amount", ("1m", "1h")),))
+    cols = {"country": Categorical(np.array([0, 1]), ["FR", "DE"]),
+            "card": Categorical(np.array([0, 1]), ["c1", "c2"]),
+            "amount": np.array([1.0, 2.0]), "ts": np.array([1.0, 2.0]),
+            "y": np.array([1.0, 0.0], dtype=np.float32)}
+    cols[column] = Categorical(np.array([0, 1]), ["x", value])
+    good = orjson.dumps({"amount": 3.0, "country": "FR", "card": "c1", "ts": 3.0, "y": 1})
+    runner = ModelRunner(OnlineModel(spec, device="cpu"))
+    out = runner.handle([Record(v, "t", 0, i) for i, v in
+                         enumerate([good, encode_columns(cols), good])])
+    assert [d.record.offset for d in out.dead] == [1]
+    assert "dictionary values must be strings or integers" in out.dead[0].reason
+    assert out.learned == 2
+
+
+def test_the_dictionary_cache_does_not_keep_long_values(fraud_spec):
+    """Each record's dictionary was kept, 1,024 records' worth, whatever its size."""
+    import gc
+    import tracemalloc
+
+    decoder = FeatureDecoder(fraud_spec)
+    cols = {name: np.zeros(2) for name in fraud_spec.numeric}
+    tracemalloc.start()
+    try:
+        for i in range(20):
+            cats = {name: Categorical(np.array([0, 1]), ["a", f"{i}" + "x" * 100_000])
+                    for name in fraud_spec.categorical}
+            decoder.decode(encode_columns(cols | cats))
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 1_000_000  # 20 records of 3 x 100 KB values: 6 MB kept before
+    for i in range(20):  # nor short values past _TABLE_VALUES in all (100,000 here)
+        words = [f"{i}-{j}" for j in range(5000)]
+        cats = {name: Categorical(np.array([0, 1]), words) for name in fraud_spec.categorical}
+        decoder.decode(encode_columns(cols | cats))
+    assert sum(len(values) for _, values in decoder._tables) <= 1 << 16

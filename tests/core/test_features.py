@@ -68,3 +68,25 @@ def test_csr_rows_layout():
     assert indices.tolist() == [0, 1, 10, 0, 1, 11]
     assert values.tolist() == [0.5, -1.0, 1.0, 2.0, 0.0, 1.0]
     assert indices.dtype == np.int32 and values.dtype == np.float32
+
+
+def test_slot_caches_do_not_keep_long_values():
+    """Distinct 100 KB categories were all kept (up to 100,000 per field); a long value
+    is hashed each time instead, to the same slot."""
+    import gc
+    import tracemalloc
+
+    vec = Vectorizer(SPEC)
+    tracemalloc.start()
+    try:
+        long = [f"{i}" + "x" * 100_000 for i in range(20)]
+        batch, rejects = vec.transform_many([{"a": 1.0, "c": v} for v in long])
+        slots = [vec.slot("c", v) for v in long]
+        assert not rejects and batch.hashed[:, 0].tolist() == slots
+        assert slots == [SPEC.n_numeric + (stable_hash("c", v) & 0xFF) for v in long]
+        del long
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 1_000_000  # the 20 values, 2 MB, kept by both caches before
