@@ -40,10 +40,6 @@ from streamlearn.keys import MAX_KEY_CHARS
 
 _MISSING = "\x00missing"
 _CACHE_LIMIT = 100_000
-#: Longest categorical value the slot caches keep (as long as an entity key is kept whole,
-#: ``keys.MAX_KEY_CHARS``); a longer one is hashed each time it comes.  Why: the caches
-#: are bounded in entries, and distinct 100 KB values grew a worker by 100 KB each.
-_CACHED_CHARS = MAX_KEY_CHARS
 
 MAX_ABS_VALUE = 1e15
 """Largest magnitude a numeric field or label may have; larger values are invalid.
@@ -184,7 +180,10 @@ class Vectorizer:
         idx = self._cache.get(key)
         if idx is None:
             idx = self._slot_of(*key)
-            if len(key[1]) > _CACHED_CHARS:
+            # The caches are bounded in entries, not bytes: a value longer than an entity
+            # key (keys.MAX_KEY_CHARS) is hashed each time (distinct 100 KB values grew
+            # the process by 125 MiB per 1,000 messages when cached).
+            if len(key[1]) > MAX_KEY_CHARS:
                 return idx
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()
@@ -351,7 +350,7 @@ class Vectorizer:
                 if s is None:
                     v = col[i]
                     out[i] = s = slot_of(name, v if isinstance(v, str) else str(v))
-                    if not isinstance(v, str) or len(v) <= _CACHED_CHARS:
+                    if not isinstance(v, str) or len(v) <= MAX_KEY_CHARS:  # as slot()
                         cache[v] = s
         return out  # type: ignore[return-value]
 
