@@ -16,7 +16,7 @@ OPT_ADAGRAD = 1
 OPT_FTRL = 2
 """FTRL-Proximal (McMahan et al. 2013): ``s1 = z``, ``s2 = n``."""
 
-HYPER_LEN = 6
+HYPER_LEN = 8
 """Length of the ``hyper`` vector: see the ``H_*`` positions below."""
 H_LEARNING_RATE = 0
 H_L1 = 1
@@ -26,6 +26,12 @@ H_FTRL_BETA = 4
 H_CAP = 5
 """Cap on the adaptive optimizers' squared-gradient sums (``inf``: none); see
 ``ModelSpec.horizon``."""
+H_SLOT_LR = 6
+"""Learning rate of the hashed slots' weights (``H_LEARNING_RATE`` serves the numeric
+block, the bias and FM factors); see ``ModelSpec.slot_step_norm``."""
+H_FIRST_SLOT = 7
+"""Index of the first hashed slot (the numeric block's width): weights from here up to,
+not including, the bias take ``H_SLOT_LR``."""
 
 ADAGRAD_EPS = 1e-8
 """Added to ``sqrt(s1)`` in the AdaGrad denominator."""
@@ -37,11 +43,13 @@ __all__ = [
     "ADAGRAD_EPS",
     "HYPER_LEN",
     "H_CAP",
+    "H_FIRST_SLOT",
     "H_FTRL_BETA",
     "H_L1",
     "H_L2",
     "H_LEARNING_RATE",
     "H_POWER_T",
+    "H_SLOT_LR",
     "LOSSES",
     "LOSS_LOGISTIC",
     "LOSS_SQUARED",

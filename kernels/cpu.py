@@ -27,11 +27,13 @@ from numba import njit
 from streamlearn.kernels.codes import (
     ADAGRAD_EPS,
     H_CAP,
+    H_FIRST_SLOT,
     H_FTRL_BETA,
     H_L1,
     H_L2,
     H_LEARNING_RATE,
     H_POWER_T,
+    H_SLOT_LR,
     LOSS_LOGISTIC,
     LOSS_SQUARED,
     OPT_ADAGRAD,
@@ -76,6 +78,13 @@ def _opt_scalars(hyper, step):
     lr = hyper[H_LEARNING_RATE]
     eta = lr / (1.0 + step) ** hyper[H_POWER_T]
     return lr, hyper[H_L1], hyper[H_L2], hyper[H_FTRL_BETA], hyper[H_CAP], eta
+
+
+@njit(cache=True)
+def _slot_scalars(hyper, step):
+    """``(lr, eta_sgd, first)`` of the hashed slots: weights ``first .. len(w) - 2``."""
+    lr = hyper[H_SLOT_LR]
+    return lr, lr / (1.0 + step) ** hyper[H_POWER_T], np.int64(hyper[H_FIRST_SLOT])
 
 
 @njit(inline="always")
@@ -275,6 +284,7 @@ def linear_learn_csr(indptr, indices, values, y, w, s1, s2, loss, opt, hyper, st
         g_bias += coef
     uniq, gvals = _touched(indices, indptr[0], indptr[n], grad)
     lr, l1, l2, beta, cap, eta = _opt_scalars(hyper, step)
+    slot_lr, slot_eta, first = _slot_scalars(hyper, step)
     # The per-coordinate updates are written out rather than factored into a helper taking
     # the arrays: array arguments of a non-inlined call cost atomic refcounts, ~5x slower.
     for t in range(uniq.shape[0] + 1):
@@ -286,9 +296,10 @@ def linear_learn_csr(indptr, indices, values, y, w, s1, s2, loss, opt, hyper, st
             g = g_bias
             l1 = 0.0
             l2 = 0.0
+        slot = first <= i < D
         wi, a, b = _update(
-            np.float64(w[i]), np.float64(s1[i]), np.float64(s2[i]), g, opt, lr, l1, l2, beta, cap,
-            eta,
+            np.float64(w[i]), np.float64(s1[i]), np.float64(s2[i]), g, opt,
+            slot_lr if slot else lr, l1, l2, beta, cap, slot_eta if slot else eta,
         )
         w[i] = wi
         s1[i] = a
@@ -359,20 +370,22 @@ def fm_learn_csr(
                 gv[i, f] += coef * x * (S[f] - V[i, f] * x)
     uniq, gvals = _touched(indices, indptr[0], indptr[n], gw)
     lr, l1, l2, beta, cap, eta = _opt_scalars(hyper, step)
+    slot_lr, slot_eta, first = _slot_scalars(hyper, step)
     for t in range(uniq.shape[0]):
         i = uniq[t]
+        slot = i >= first  # the bias is not in ``uniq``
         wi, a, b = _update(
             np.float64(w[i]),
             np.float64(s1w[i]),
             np.float64(s2w[i]),
             gvals[t],
             opt,
-            lr,
+            slot_lr if slot else lr,
             l1,
             l2,
             beta,
             cap,
-            eta,
+            slot_eta if slot else eta,
         )
         w[i] = wi
         s1w[i] = a

@@ -26,11 +26,13 @@ from numba import cuda, float32, float64
 from streamlearn.kernels.codes import (
     ADAGRAD_EPS,
     H_CAP,
+    H_FIRST_SLOT,
     H_FTRL_BETA,
     H_L1,
     H_L2,
     H_LEARNING_RATE,
     H_POWER_T,
+    H_SLOT_LR,
     LOSS_LOGISTIC,
     LOSSES,
     OPT_ADAGRAD,
@@ -254,8 +256,10 @@ def linear_rows_csr_kernel(indptr, indices, values, y, w, loss, inv_n, losses, g
 
 
 @cuda.jit
-def linear_update_csr_kernel(touched, grad, w, s1, s2, opt, lr, l1, l2, beta, cap, eta_sgd):
-    """One thread per unique touched coordinate; consumes and re-zeroes ``grad``."""
+def linear_update_csr_kernel(touched, grad, w, s1, s2, opt, lr, l1, l2, beta, cap, eta_sgd,
+                            slot_lr, slot_eta, first):
+    """One thread per unique touched coordinate; consumes and re-zeroes ``grad``. Hashed
+    slots (``first`` up to the bias) take ``slot_lr`` and ``slot_eta``."""
     t = cuda.grid(1)
     if t < touched.shape[0]:
         i = touched[t]
@@ -263,6 +267,8 @@ def linear_update_csr_kernel(touched, grad, w, s1, s2, opt, lr, l1, l2, beta, ca
         grad[i] = 0.0
         if i == w.shape[0] - 1:  # the bias is never regularized
             _step_vec(w, s1, s2, i, g, opt, lr, 0.0, 0.0, beta, cap, eta_sgd)
+        elif i >= first:
+            _step_vec(w, s1, s2, i, g, opt, slot_lr, l1, l2, beta, cap, slot_eta)
         else:
             _step_vec(w, s1, s2, i, g, opt, lr, l1, l2, beta, cap, eta_sgd)
 
@@ -311,7 +317,7 @@ def fm_rows_csr_kernel(indptr, indices, values, y, w, V, loss, inv_n, losses, gw
 
 @cuda.jit
 def fm_update_csr_kernel(touched, gw, gv, w, V, s1w, s2w, s1v, s2v, opt, lr, l1, l2, beta, cap,
-                         eta_sgd):
+                         eta_sgd, slot_lr, slot_eta, first):
     """One thread per (touched index, slot): slot ``k`` is the linear weight, ``f < k`` a factor.
 
     ``touched`` holds the unique batch indices followed by the bias index ``D``, which has
@@ -329,6 +335,8 @@ def fm_update_csr_kernel(touched, gw, gv, w, V, s1w, s2w, s1v, s2v, opt, lr, l1,
             gw[i] = 0.0
             if bias:
                 _step_vec(w, s1w, s2w, i, g, opt, lr, 0.0, 0.0, beta, cap, eta_sgd)
+            elif i >= first:
+                _step_vec(w, s1w, s2w, i, g, opt, slot_lr, l1, l2, beta, cap, slot_eta)
             else:
                 _step_vec(w, s1w, s2w, i, g, opt, lr, l1, l2, beta, cap, eta_sgd)
         elif not bias:
@@ -438,6 +446,13 @@ def _opt_args(hyper: np.ndarray, step: int) -> tuple[float, float, float, float,
     lr = float(h[H_LEARNING_RATE])
     eta = lr / (1.0 + step) ** float(h[H_POWER_T])
     return lr, float(h[H_L1]), float(h[H_L2]), float(h[H_FTRL_BETA]), float(h[H_CAP]), eta
+
+
+def _slot_args(hyper: np.ndarray, step: int) -> tuple[float, float, int]:
+    """``(slot_lr, slot_eta_sgd, first_slot)`` for the update kernels."""
+    h = _host(hyper).astype(np.float64)
+    lr = float(h[H_SLOT_LR])
+    return lr, lr / (1.0 + step) ** float(h[H_POWER_T]), int(h[H_FIRST_SLOT])
 
 
 def _touched(indptr: Any, indices: Any, n: int, bias: int) -> np.ndarray:
@@ -569,6 +584,7 @@ def linear_learn_csr(
             beta,
             cap,
             eta,
+            *_slot_args(hyper, step),
         )
     return float(losses.copy_to_host().sum())
 
@@ -662,6 +678,7 @@ def fm_learn_csr(
             beta,
             cap,
             eta,
+            *_slot_args(hyper, step),
         )
     return float(losses.copy_to_host().sum())
 

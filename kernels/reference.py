@@ -27,7 +27,9 @@ Losses (``codes.LOSS_*``)
     ``log(1+exp(m))`` for ``y=0``), computed stably as ``log1p(exp(-|m|)) + max(m, 0) - y*m``;
     ``dloss/dm = sigmoid(m) - y``. squared: ``0.5*(m-y)**2``, ``dloss/dm = m - y``.
 Optimizers, for one coordinate with data gradient ``g`` and current weight ``w``
-    ``lr, l1, l2, power_t, beta, cap = hyper``.
+    ``lr, l1, l2, power_t, beta, cap, slot_lr, first_slot = hyper``. The weights of the
+    hashed slots, ``w[first_slot:D]``, take ``slot_lr`` in place of ``lr`` (SGD's schedule
+    too); the numeric block ``w[:first_slot]``, the bias and FM factors take ``lr``.
 
     The memory cap (``ModelSpec.horizon``): AdaGrad's ``s1`` and FTRL's ``n`` grow to at most
     ``cap`` and never shrink: ``acc_new = min(acc + g**2, max(cap, acc))``. Once capped, the
@@ -66,11 +68,13 @@ import numpy as np
 from streamlearn.kernels.codes import (
     ADAGRAD_EPS,
     H_CAP,
+    H_FIRST_SLOT,
     H_FTRL_BETA,
     H_L1,
     H_L2,
     H_LEARNING_RATE,
     H_POWER_T,
+    H_SLOT_LR,
     LOSS_LOGISTIC,
     LOSS_SQUARED,
     OPT_ADAGRAD,
@@ -117,9 +121,11 @@ def step_coordinate(
     hyper: np.ndarray,
     step: int,
     regularize: bool,
+    slot: bool = False,
 ) -> None:
-    """Apply one optimizer step to ``w[i]`` (and its state) given the data gradient ``g``."""
-    lr = float(hyper[H_LEARNING_RATE])
+    """Apply one optimizer step to ``w[i]`` (and its state) given the data gradient ``g``;
+    ``slot``: ``w[i]`` is a hashed slot's weight (``slot_lr``)."""
+    lr = float(hyper[H_SLOT_LR] if slot else hyper[H_LEARNING_RATE])
     l1 = float(hyper[H_L1]) if regularize else 0.0
     l2 = float(hyper[H_L2]) if regularize else 0.0
     wi = float(w[i])
@@ -151,6 +157,11 @@ def step_coordinate(
     if l1 > 0.0:
         wi = math.copysign(max(abs(wi) - eta * l1, 0.0), wi)
     w[i] = wi
+
+
+def is_slot(i: int, hyper: np.ndarray) -> bool:
+    """Whether feature weight ``i`` (never the bias) is a hashed slot's."""
+    return i >= int(hyper[H_FIRST_SLOT])
 
 
 def _check_codes(loss: int, opt: int) -> None:
@@ -250,7 +261,8 @@ def linear_learn_csr(
         g[D] += dm / n
     touched = np.unique(indices[int(indptr[0]) : int(indptr[n])])
     for i in touched:
-        step_coordinate(w, s1, s2, int(i), float(g[i]), opt, hyper, step, True)
+        step_coordinate(w, s1, s2, int(i), float(g[i]), opt, hyper, step, True,
+                        is_slot(int(i), hyper))
     step_coordinate(w, s1, s2, D, float(g[D]), opt, hyper, step, False)
     return total
 
@@ -326,7 +338,8 @@ def fm_learn_csr(
     touched = np.unique(indices[int(indptr[0]) : int(indptr[n])])
     for i in touched:
         i = int(i)
-        step_coordinate(w, s1w, s2w, i, float(g_w[i]), opt, hyper, step, True)
+        step_coordinate(w, s1w, s2w, i, float(g_w[i]), opt, hyper, step, True,
+                        is_slot(int(i), hyper))
         for f in range(k):
             step_coordinate(V, s1v, s2v, (i, f), float(g_v[i, f]), opt, hyper, step, True)
     step_coordinate(w, s1w, s2w, D, float(g_w[D]), opt, hyper, step, False)

@@ -149,7 +149,8 @@ def rows_per_s(step: Callable[[int], None], rows: int, seconds: float, repeats: 
 
 
 def hyper(lr: float = 0.05, l1: float = 0.0, l2: float = 1e-6) -> np.ndarray:
-    return np.array([lr, l1, l2, 0.5, 1.0])
+    # kernels.codes.H_*: power_t 0.5, FTRL beta 1, no memory cap, the slots at the same rate
+    return np.array([lr, l1, l2, 0.5, 1.0, np.inf, lr, 0.0])
 
 
 def fmt(x: float) -> str:

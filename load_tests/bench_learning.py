@@ -550,7 +550,7 @@ def run_sl_kernels(s: Stream, lr: float) -> Result:
     D = d + (0 if dense else 1 << s.hash_bits)
     w, s1, s2, grad = (np.zeros(D + 1, np.float32) for _ in range(4))
     count, mean, m2 = (np.zeros(d) for _ in range(3))
-    hyper = np.array([lr, 0.0, L2, 0.25, 1.0, np.inf])
+    hyper = np.array([lr, 0.0, L2, 0.25, 1.0, np.inf, lr, 0.0])  # kernels.codes.H_*
     X = s.numeric
     hashed = _hashed_or_empty(s)
     out = np.empty(len(s))

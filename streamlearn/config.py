@@ -171,6 +171,8 @@ class ModelSpec:
         streams of many fields (attrition, 31 fields: 0.038 AUC behind Vowpal Wabbit),
         0.5 overshot elsewhere (hotel_rates RMSE 31.8 against 19.8); 0.75 lost neither way,
         and then met 10 of 11 targets on data sets it was not chosen on (1: 7 of 11).
+        A binary model's hashed slots are normalized by their own count
+        (:attr:`slot_step_norm`).
     fm_init_std
         Standard deviation of the factorization machine's initial factors.
     drift_detector, drift_params
@@ -383,6 +385,32 @@ class ModelSpec:
         """
         fields = max(1, self.n_numeric + len(self.categorical))
         return float(fields**self.norm_power) if self.normalized else 1.0
+
+    @property
+    def slot_step_norm(self) -> float:
+        """The hashed slots' normalization: ``categorical ** norm_power`` for a binary
+        model (when :attr:`normalized`), else :attr:`step_norm`.
+
+        A slot's weight moves only the margins of rows with the same value. The numeric
+        fields are in every row, so they need not share a slot's normalization; the
+        other slots of the row are what move with it. :attr:`step_norm` counts every field,
+        and on a stream whose label a rare value tells (a date, a country, a team, each
+        seen a few times among 20 numeric fields) the slots learned 10x too slowly:
+        Weather 0.649 AUC against Vowpal Wabbit's 0.828, 0.834 with this rule (README,
+        Learning quality). Regression keeps one normalization: its residuals are unbounded,
+        and the larger slot step raised the RMSE of all 11 real regression sets with
+        categorical fields that were measured over 8 row orders.
+
+        >>> fields = dict(numeric=tuple("abcdefghijklmno"), categorical=("z",))
+        >>> spec = ModelSpec(name="m", topic="t", **fields)
+        >>> spec.step_norm, spec.slot_step_norm
+        (8.0, 1.0)
+        >>> ModelSpec(name="m", topic="t", task="regression", **fields).slot_step_norm
+        8.0
+        """
+        if self.task != "binary" or not self.normalized:
+            return self.step_norm
+        return float(max(1, len(self.categorical)) ** self.norm_power)
 
     @property
     def labels_topic(self) -> str:

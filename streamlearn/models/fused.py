@@ -32,6 +32,7 @@ from streamlearn.kernels.cpu import (
     _dense_margin,
     _loss_dloss,
     _opt_scalars,
+    _slot_scalars,
     _update,
     average_coordinate,
     average_update,
@@ -202,9 +203,11 @@ def per_event_linear(  # pragma: no cover - compiled
     big_d = w.shape[0] - 1
     logistic = loss == LOSS_LOGISTIC
     lr, l1, l2, beta, cap, eta = _opt_scalars(hyper, step)
+    slot_lr, slot_eta, _ = _slot_scalars(hyper, step)  # the hashed slots' step
     power_t = hyper[H_POWER_T]
     ftrl = opt == OPT_FTRL
     inv_lr = 1.0 / lr
+    inv_slot_lr = 1.0 / slot_lr
     h_lr = hyper[H_LEARNING_RATE]
     h_beta = hyper[H_FTRL_BETA]
     one = np.float32(1.0)
@@ -255,6 +258,7 @@ def per_event_linear(  # pragma: no cover - compiled
         coef = dm * 1.0
         if opt == OPT_SGD and power_t != 0.0:  # SGD's schedule moves with every step
             eta = lr / (1.0 + step) ** power_t
+            slot_eta = slot_lr / (1.0 + step) ** power_t
         rate = avg_rate(step, inv_horizon) if averaged else 0.0
         # Each coordinate's step moves its running average in the same pass. FTRL's
         # numeric block runs in branch-free loops, so that they vectorize: one for a block
@@ -292,11 +296,11 @@ def per_event_linear(  # pragma: no cover - compiled
                 if math.isnan(g):
                     continue
             if ftrl:
-                _ftrl_coordinate(g, i, w, s1, s2, avg, rate, inv_lr, l1, l2, beta, cap,
+                _ftrl_coordinate(g, i, w, s1, s2, avg, rate, inv_slot_lr, l1, l2, beta, cap,
                                  np.float64(s2[i]) >= cap)
             else:  # written out: a helper here, inlined or called, slowed FTRL's path 40%
                 wi, a, b = _update(np.float64(w[i]), np.float64(s1[i]), np.float64(s2[i]),
-                                   g, opt, lr, l1, l2, beta, cap, eta)
+                                   g, opt, slot_lr, l1, l2, beta, cap, slot_eta)
                 w[i] = wi
                 s1[i] = a
                 s2[i] = b

@@ -122,9 +122,9 @@ class OnlineModel:
         self.pending = PendingLabels(spec)
         self._loss = _LOSS[spec.task]
         self._opt = _OPT[spec.optimizer]
-        self._hyper = np.array(
+        self._hyper = np.array(  # kernels.codes.H_*
             [spec.step_size / spec.step_norm, spec.l1, spec.l2, spec.power_t, spec.ftrl_beta,
-             spec.gradient_cap],
+             spec.gradient_cap, spec.step_size / spec.slot_step_norm, spec.n_numeric],
             dtype=np.float64,
         )
         self.target = new_target()  # label statistics: see streamlearn.models.target

@@ -1,5 +1,7 @@
 """Contract checks over every task, plus learning-quality checks on seeded streams."""
 
+from unittest import mock
+
 import numpy as np
 import pytest
 
@@ -191,6 +193,32 @@ def test_regression_intercept_converges_to_a_target_mean_far_from_zero():
     assert abs(intercept - y.mean()) < 0.02 * y.std(), (intercept, y.mean())
     rmse = np.sqrt(np.mean((scores[-2000:] - y[-2000:]) ** 2))
     assert rmse < 15.0, rmse  # noise sd is 10
+
+
+def test_a_rare_category_that_tells_the_label_is_learned_among_many_numeric_fields():
+    """400 days, each seen 6 times in random order, whose day alone tells the label, among
+    20 noise fields: the day's slot takes its own step (``slot_step_norm``), not the step
+    normalized by all 21 fields, and the repeat visits are ranked almost perfectly."""
+    rng = np.random.default_rng(13)
+    day = rng.permutation(np.repeat(np.arange(400), 6))
+    y = (rng.random(400) < 0.5).astype(int)[day]
+    x = rng.normal(size=(day.size, 20))
+    names = tuple(f"x{j}" for j in range(20))
+    events = [{**dict(zip(names, x[i].tolist(), strict=True)), "day": f"d{day[i]}",
+               "y": int(y[i]), "event_id": i} for i in range(day.size)]
+    spec = ModelSpec(name="days", topic="t", numeric=names, categorical=("day",), label="y",
+                     hash_bits=12)
+    repeat = np.ones(day.size, dtype=bool)
+    repeat[np.unique(day, return_index=True)[1]] = False  # each day's first visit
+
+    def auc_of_repeats(model: OnlineModel) -> float:
+        return roc_auc(y[repeat], _run(model, events, batch=256)[repeat])
+
+    assert spec.slot_step_norm == 1.0 and spec.step_norm > 9.0
+    assert auc_of_repeats(OnlineModel(spec, device="cpu")) > 0.97
+    # The step normalized by every field (the rule before) learns the days far less well.
+    with mock.patch.object(ModelSpec, "slot_step_norm", property(lambda s: s.step_norm)):
+        assert auc_of_repeats(OnlineModel(spec, device="cpu")) < 0.8
 
 
 @pytest.mark.parametrize(("average", "margin"), [(False, 0.005), (True, 0.0005)])

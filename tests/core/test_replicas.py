@@ -16,6 +16,14 @@ from streamlearn.models import OnlineModel
 from streamlearn.prequential import roc_auc
 
 
+def kernel_rates(s: ModelSpec) -> np.ndarray:
+    """The learning rate of each linear weight as the kernels take it: the hashed slots
+    their own (``ModelSpec.slot_step_norm``), the numeric block and the bias the other."""
+    rates = np.full(s.n_weights + 1, s.step_size / s.step_norm)
+    rates[s.n_numeric : s.n_weights] = s.step_size / s.slot_step_norm
+    return rates
+
+
 def spec(optimizer: str = "ftrl", task: str = "binary", **kw: Any) -> ModelSpec:
     return ModelSpec(name="m", topic="t", numeric=("x", "u"), categorical=("c",), label="y",
                      task=task, optimizer=optimizer, hash_bits=6, **kw)
@@ -84,14 +92,15 @@ def test_merge_sums_statistics_exactly_and_fedavgs_weights(optimizer: str) -> No
         np.testing.assert_allclose(m["weights"]["s2"], sa["weights"]["s2"] + sb["weights"]["s2"],
                                    rtol=1e-5)
         z, n = (np.asarray(m["weights"][k], np.float64) for k in ("s1", "s2"))
-        lr = s.step_size / s.step_norm
+        lr = kernel_rates(s)
         touched = n[:-1] > 0
-        expect = -(z[:-1] - np.sign(z[:-1]) * s.l1) / ((s.ftrl_beta + np.sqrt(n[:-1])) / lr + s.l2)
+        denom = (s.ftrl_beta + np.sqrt(n[:-1])) / lr[:-1] + s.l2
+        expect = -(z[:-1] - np.sign(z[:-1]) * s.l1) / denom
         expect[np.abs(z[:-1]) <= s.l1] = 0
         np.testing.assert_allclose(m["weights"]["w"][:-1][touched], expect[touched], rtol=1e-4,
                                    atol=1e-6)
         assert m["weights"]["w"][-1] == pytest.approx(
-            -z[-1] * lr / (s.ftrl_beta + math.sqrt(n[-1])), rel=1e-4)
+            -z[-1] * lr[-1] / (s.ftrl_beta + math.sqrt(n[-1])), rel=1e-4)
     else:
         if optimizer == "adagrad":
             np.testing.assert_allclose(m["weights"]["s1"],
@@ -124,8 +133,7 @@ def test_merged_sums_stay_under_the_cap_with_the_weights_as_merged(optimizer: st
     assert m["weights"][acc].max() == cap
     if optimizer == "ftrl":  # w as from the uncapped sums (the bias aside: prior shifts)
         z = np.asarray(sa["weights"]["s1"], np.float64) + sb["weights"]["s1"]
-        lr = s.step_size / s.step_norm
-        expect = -z / ((s.ftrl_beta + np.sqrt(summed)) / lr + s.l2)
+        expect = -z / ((s.ftrl_beta + np.sqrt(summed)) / kernel_rates(s) + s.l2)
         over = (summed > cap)[:-1]
         np.testing.assert_allclose(m["weights"]["w"][:-1][over], expect[:-1][over], rtol=1e-4)
     merged = from_state(m)

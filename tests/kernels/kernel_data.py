@@ -27,12 +27,17 @@ class CSRBatch:
         return len(self.indptr) - 1
 
 
+FIRST_SLOT = 4
+"""Weights from here up take the slots' rate (``H_SLOT_LR``) in the factories' hyper."""
+
+
 def hyper(
     lr: float = 0.1, l1: float = 0.0, l2: float = 0.0, power_t: float = 0.5, beta: float = 1.0,
-    cap: float = np.inf,
+    cap: float = np.inf, slot_gain: float = 2.5, first_slot: int = FIRST_SLOT,
 ) -> np.ndarray:
-    """Build the float64 ``hyper`` vector."""
-    h = np.array([lr, l1, l2, power_t, beta, cap], dtype=np.float64)
+    """Build the float64 ``hyper`` vector; hashed slots (``first_slot`` up to the bias)
+    learn at ``slot_gain * lr``, so every parity test covers both rates."""
+    h = np.array([lr, l1, l2, power_t, beta, cap, slot_gain * lr, first_slot], dtype=np.float64)
     assert h.shape == (HYPER_LEN,)
     return h
 

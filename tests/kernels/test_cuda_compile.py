@@ -36,6 +36,7 @@ F64, F64_2 = nt.float64[::1], nt.float64[:, ::1]
 I64, I32 = nt.int64[::1], nt.int32[::1]
 INT, FLT = nt.int64, nt.float64
 OPT_ARGS = (INT, FLT, FLT, FLT, FLT, FLT, FLT)  # opt, lr, l1, l2, beta, cap, eta_sgd
+SLOT_ARGS = (FLT, FLT, INT)  # slot_lr, slot_eta_sgd, first_slot
 
 SIGNATURES = {
     "linear_predict_dense_kernel": (F32_2, F32, F32),
@@ -44,10 +45,11 @@ SIGNATURES = {
     "linear_grad_dense_kernel": (F32_2, F64, INT, F64),
     "linear_update_dense_kernel": (F64, INT, F32, F32, F32, *OPT_ARGS),
     "linear_rows_csr_kernel": (I64, I32, F32, F32, F32, INT, FLT, F64, F32),
-    "linear_update_csr_kernel": (I64, F32, F32, F32, F32, *OPT_ARGS),
+    "linear_update_csr_kernel": (I64, F32, F32, F32, F32, *OPT_ARGS, *SLOT_ARGS),
     "fm_predict_csr_kernel": (I64, I32, F32, F32, F32_2, F32),
     "fm_rows_csr_kernel": (I64, I32, F32, F32, F32, F32_2, INT, FLT, F64, F32, F32_2),
-    "fm_update_csr_kernel": (I64, F32, F32_2, F32, F32_2, F32, F32, F32_2, F32_2, *OPT_ARGS),
+    "fm_update_csr_kernel": (I64, F32, F32_2, F32, F32_2, F32, F32, F32_2, F32_2, *OPT_ARGS,
+                             *SLOT_ARGS),
     "scaler_update_kernel": (F64_2, F64, F64, F64),
     "average_update_kernel": (I64, F32, F64, FLT),
 }
