@@ -72,6 +72,7 @@ from typing import Any
 import numpy as np
 
 from streamlearn.config import ModelSpec
+from streamlearn.models import ftrl
 from streamlearn.models.average import new_mix
 from streamlearn.scaler import Stats, chan_merge
 
@@ -114,14 +115,6 @@ def _lr(spec: ModelSpec) -> float:
     """The learning rate the kernels use for the numeric block, the bias and FM factors:
     the step over its normalization."""
     return float(spec.step_size / spec.step_norm)
-
-
-def _weight_rates(spec: ModelSpec) -> np.ndarray:
-    """The learning rate of each linear weight: the hashed slots take their own
-    (``ModelSpec.slot_step_norm``), as in the kernels."""
-    rates = np.full(spec.n_weights + 1, _lr(spec))
-    rates[spec.n_numeric : spec.n_weights] = spec.step_size / spec.slot_step_norm
-    return rates
 
 
 def _has_prior_offset(spec: Mapping[str, Any]) -> bool:
@@ -227,28 +220,9 @@ def mix_of(state: Mapping[str, Any]) -> np.ndarray:
 
 def _ftrl_weights(z: np.ndarray, n: np.ndarray, lr: float | np.ndarray, l1: float, l2: float,
                   beta: float, base: np.ndarray, bias: bool) -> np.ndarray:
-    """FTRL's weights from ``z`` and ``n``; ``lr``: one rate, or one per weight."""
-    lr = np.broadcast_to(np.asarray(lr, dtype=np.float64), z.shape)
-    denom = (beta + np.sqrt(np.maximum(n, 0.0))) / lr + l2
-    w = np.where(np.abs(z) <= l1, 0.0, -(z - np.sign(z) * l1) / denom)
-    if bias:  # the bias has no L1/L2
-        w[-1] = -z[-1] / ((beta + math.sqrt(max(n[-1], 0.0))) / lr[-1])
-    return np.where(n > 0, w, base)  # never touched: keep the base (FM factors start random)
-
-
-def _ftrl_cap(w: np.ndarray, z: np.ndarray, n: np.ndarray, cap: float, lr: float | np.ndarray,
-              l1: float, l2: float, beta: float, bias: bool) -> None:
-    """Bring ``n`` back under ``cap`` in place, ``z`` re-derived so that ``w`` (as
-    :func:`_ftrl_weights` gave it) stays: each replica capped its own sums, and the sum of
-    their deltas can pass the cap.  ``w = 0`` (``|z| <= l1``) stays so under any ``n``."""
-    over = np.flatnonzero((n > cap) & (w != 0.0))  # only these move: few, past the cap
-    wo = w.flat[over]
-    l1s, l2s = np.full(over.size, l1), np.full(over.size, l2)
-    if bias:  # the bias (the last weight) has no L1/L2
-        l1s[over == n.size - 1] = l2s[over == n.size - 1] = 0.0
-    lro = np.broadcast_to(np.asarray(lr, dtype=np.float64), z.shape).flat[over]
-    z.flat[over] = -wo * ((beta + math.sqrt(cap)) / lro + l2s) - np.sign(wo) * l1s
-    np.minimum(n, cap, out=n)
+    """FTRL's weights of the summed ``(z, n)``; a weight never touched keeps the base's
+    (FM factors start random)."""
+    return np.where(n > 0, ftrl.weights_of(z, n, lr, l1, l2, beta, bias), base)
 
 
 def apply(base: Mapping[str, Any], deltas: Sequence[Delta],
@@ -280,13 +254,13 @@ def apply(base: Mapping[str, Any], deltas: Sequence[Delta],
     lr, cap = _lr(parsed), parsed.gradient_cap  # cap: the memory cap (inf: none)
     if parsed.optimizer == "ftrl":
         l1, l2, beta = float(parsed.l1), float(parsed.l2), float(parsed.ftrl_beta)
-        rates = {"w": _weight_rates(parsed), "V": lr}
+        rates = {"w": ftrl.weight_rates(parsed), "V": lr}
         for wk, zk, nk, bias in (("w", "s1", "s2", True), ("V", "s1v", "s2v", False)):
             if wk in weights:
                 r = rates[wk]
                 weights[wk] = _ftrl_weights(weights[zk], weights[nk], r, l1, l2, beta,
                                             np.asarray(base["weights"][wk], np.float64), bias)
-                _ftrl_cap(weights[wk], weights[zk], weights[nk], cap, r, l1, l2, beta, bias)
+                ftrl.cap_sums(weights[wk], weights[zk], weights[nk], cap, r, l1, l2, beta, bias)
     elif parsed.optimizer == "adagrad":
         for k in ("s1", "s1v"):
             if k in weights:

@@ -19,7 +19,7 @@ from streamlearn.drift import ConceptDriftMonitor, DataDriftMonitor, DriftAction
 from streamlearn.features import FeatureBatch, InvalidEvent, Vectorizer, csr_rows
 from streamlearn.kernels import codes
 from streamlearn.labels import Joined, PendingLabels
-from streamlearn.models import fused
+from streamlearn.models import ftrl, fused
 from streamlearn.models.average import (
     avg_rate,
     mix_learn,
@@ -593,6 +593,25 @@ class OnlineModel:
             **({} if self.aggregates is None else {"aggregates": self.aggregates.to_state()}),
         }
 
+    def _keep_ftrl_weights(self) -> None:
+        """Keep restored FTRL weights under this code's learning rates.
+
+        FTRL stores ``z`` and derives each weight through the rate, so a state learned
+        under other rates (an upgrade that changed a default step) would see its weights
+        jump by the ratio of the rates at their next update; ``z`` is re-derived instead
+        (:func:`.ftrl.keep_weights`). A state learned under these rates is left as it is.
+        """
+        bk, spec = self.backend, self.spec
+        blocks = [("w", "s1", "s2", ftrl.weight_rates(spec), True)]
+        if self.is_fm:  # the factors take the step of the numeric block
+            blocks.append(("V", "s1v", "s2v", spec.step_size / spec.step_norm, False))
+        for wk, zk, nk, rates, bias in blocks:
+            z = bk.to_host(getattr(self, zk)).astype(np.float64)
+            n = bk.to_host(getattr(self, nk)).astype(np.float64)
+            if ftrl.keep_weights(bk.to_host(getattr(self, wk)), z, n, rates, spec.l1,
+                                 spec.l2, spec.ftrl_beta, bias):
+                setattr(self, zk, bk.asarray(z.astype(np.float32)))
+
     @classmethod
     def from_state(cls, state: dict[str, Any], *, device: str | None = None,
                    serving: bool = False) -> OnlineModel:
@@ -627,6 +646,8 @@ class OnlineModel:
                 if not np.isfinite(arr).all() or (name in squares and (arr < 0).any()):
                     raise StateError(f"weights {name!r} hold NaN, infinite or negative values")
                 setattr(model, name, bk.asarray(arr))
+            if spec.optimizer == "ftrl" and not serving:  # serving never learns
+                model._keep_ftrl_weights()
             scaler = RunningStandardScaler.from_state(state["scaler"])
             width = model.scaler.mean.shape  # the compiled step reads these unchecked
             if scaler.mean.shape != width:  # (count and m2: the scaler checks they match)

@@ -7,7 +7,7 @@ import pytest
 
 from streamlearn.backends import BackendUnavailable, get_backend
 from streamlearn.config import ModelSpec
-from streamlearn.models import OnlineModel
+from streamlearn.models import OnlineModel, ftrl
 from streamlearn.prequential import roc_auc
 from streamlearn.synthetic import FraudStream
 
@@ -87,6 +87,45 @@ def test_state_round_trip_and_determinism(task):
     restored = OnlineModel.from_state(a.to_state())
     probe = _events(task, 50, seed=7)
     np.testing.assert_array_equal(restored.predict_events(probe), a.predict_events(probe))
+
+
+@pytest.mark.parametrize("task", SPECS)
+def test_a_restored_ftrl_model_learns_on_as_if_never_stopped(task):
+    """Under the same rates a restore changes no FTRL state: the restored model and the
+    one that never stopped score the next events identically after learning them."""
+    a = OnlineModel(SPECS[task], device="cpu")
+    _run(a, _events(task, 1000))
+    restored = OnlineModel.from_state(a.to_state())
+    for name in a.weight_names:
+        np.testing.assert_array_equal(getattr(restored, name), getattr(a, name))
+    more, probe = _events(task, 500, seed=3), _events(task, 50, seed=7)
+    _run(a, more)
+    _run(restored, more)
+    np.testing.assert_array_equal(restored.predict_events(probe), a.predict_events(probe))
+
+
+def test_a_state_learned_under_other_rates_keeps_its_weights():
+    """A state learned when the hashed slots took the numeric block's rate (before
+    ``slot_step_norm``), restored under today's: FTRL's ``z`` is re-derived, so every weight
+    is what the state stored, and no slot weight jumps by the ratio of the rates (2.3x
+    here) at its next update."""
+    spec = SPECS["binary"]
+    with mock.patch.object(ModelSpec, "slot_step_norm", property(lambda s: s.step_norm)):
+        old = OnlineModel(spec, device="cpu")
+        _run(old, _events("binary", 2000))
+        state = old.to_state()
+    assert spec.step_norm / spec.slot_step_norm > 2
+    restored = OnlineModel.from_state(state)
+    np.testing.assert_array_equal(restored.w, old.w)
+    derived = ftrl.weights_of(restored.s1.astype(np.float64), restored.s2.astype(np.float64),
+                              ftrl.weight_rates(spec), spec.l1, spec.l2, spec.ftrl_beta, True)
+    np.testing.assert_allclose(derived, restored.w, rtol=1e-4, atol=1e-6)
+    slots = slice(spec.n_numeric, spec.n_weights)
+    assert not np.array_equal(restored.s1[slots], old.s1[slots])  # re-derived
+    before = restored.w[slots].copy()
+    _run(restored, _events("binary", 1, seed=5))
+    moved = np.abs(restored.w[slots] - before)
+    assert moved.max() < 0.5 * np.abs(before).max(), (moved.max(), np.abs(before).max())
 
 
 @pytest.mark.parametrize("task", SPECS)
