@@ -29,7 +29,9 @@ Losses (``codes.LOSS_*``)
 Optimizers, for one coordinate with data gradient ``g`` and current weight ``w``
     ``lr, l1, l2, power_t, beta, cap, slot_lr, first_slot = hyper``. The weights of the
     hashed slots, ``w[first_slot:D]``, take ``slot_lr`` in place of ``lr`` (SGD's schedule
-    too); the numeric block ``w[:first_slot]``, the bias and FM factors take ``lr``.
+    too); the numeric block ``w[:first_slot]``, the bias and FM factors take ``lr``. The
+    dense kernels have no slots (a model's ``first_slot`` is its numeric width): every
+    weight takes ``lr`` there.
 
     The memory cap (``ModelSpec.horizon``): AdaGrad's ``s1`` and FTRL's ``n`` grow to at most
     ``cap`` and never shrink: ``acc_new = min(acc + g**2, max(cap, acc))``. Once capped, the
