@@ -33,6 +33,13 @@ H_FIRST_SLOT = 7
 """Index of the first hashed slot (the numeric block's width): weights from here up to,
 not including, the bias take ``H_SLOT_LR``."""
 
+AVG_UPDATES_PER_SQUARE = 8.0
+"""A weight's running average moves at least ``2 / (1 + 8 n)`` of the way at each of its
+updates, ``n`` its squared-gradient sum: ``8 n`` counts its updates at half a typical squared
+logistic gradient (1/4), so the rate comes down to about ``1 / horizon`` (the floor of every
+weight's rate) when ``n`` reaches the memory cap, ``horizon`` typical updates. A weight
+updated rarely keeps an average of its own recent values, not one lagging ~0."""
+
 ADAGRAD_EPS = 1e-8
 """Added to ``sqrt(s1)`` in the AdaGrad denominator."""
 
@@ -41,6 +48,7 @@ OPTIMIZERS = (OPT_SGD, OPT_ADAGRAD, OPT_FTRL)
 
 __all__ = [
     "ADAGRAD_EPS",
+    "AVG_UPDATES_PER_SQUARE",
     "HYPER_LEN",
     "H_CAP",
     "H_FIRST_SLOT",

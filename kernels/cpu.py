@@ -26,6 +26,7 @@ from numba import njit
 
 from streamlearn.kernels.codes import (
     ADAGRAD_EPS,
+    AVG_UPDATES_PER_SQUARE,
     H_CAP,
     H_FIRST_SLOT,
     H_FTRL_BETA,
@@ -436,12 +437,25 @@ def average_coordinate(a, wi, rate):  # pragma: no cover - compiled
     return a64 + rate * (np.float64(wi) - a64)
 
 
+@njit(inline="always")
+def coordinate_rate(rate, n):  # pragma: no cover - compiled
+    """How far one weight's average moves at its update: ``rate``, or more for a weight
+    updated rarely, from its squared-gradient sum ``n`` (codes.AVG_UPDATES_PER_SQUARE)."""
+    x = 1.0 + AVG_UPDATES_PER_SQUARE * n
+    # max(rate, min(1, 2 / x)), dividing only when the weight's own rate wins (rarely,
+    # for a weight of a long stream): the per-event loop runs this for every coordinate
+    return min(1.0, 2.0 / x) if rate * x < 2.0 else rate
+
+
 @njit(cache=True)
-def average_update(touched, w, avg, rate):
-    """``avg[i] += rate * (w[i] - avg[i])`` for each index in ``touched`` (unique)."""
+def average_update(touched, w, avg, rate, n):
+    """``avg[i] += r_i * (w[i] - avg[i])`` for each index in ``touched`` (unique), ``r_i``
+    :func:`coordinate_rate` of ``n[i]``; ``n`` empty (SGD keeps no sums): ``rate``."""
+    per = n.shape[0] > 0
     for t in range(touched.shape[0]):
         i = touched[t]
-        avg[i] = average_coordinate(avg[i], w[i], rate)
+        r = coordinate_rate(rate, np.float64(n[i])) if per else rate
+        avg[i] = average_coordinate(avg[i], w[i], r)
 
 
 @njit(cache=True)

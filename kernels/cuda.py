@@ -25,6 +25,7 @@ from numba import cuda, float32, float64
 
 from streamlearn.kernels.codes import (
     ADAGRAD_EPS,
+    AVG_UPDATES_PER_SQUARE,
     H_CAP,
     H_FIRST_SLOT,
     H_FTRL_BETA,
@@ -274,11 +275,18 @@ def linear_update_csr_kernel(touched, grad, w, s1, s2, opt, lr, l1, l2, beta, ca
 
 
 @cuda.jit
-def average_update_kernel(touched, w, avg, rate):
-    """One thread per unique touched coordinate: ``avg[i] += rate * (w[i] - avg[i])``."""
+def average_update_kernel(touched, w, avg, rate, n):
+    """One thread per unique touched coordinate: ``avg[i] += r * (w[i] - avg[i])``, ``r``
+    the rate of ``n[i]`` (``n`` empty: ``rate``), as ``cpu.coordinate_rate``."""
     t = cuda.grid(1)
     if t < touched.shape[0]:
         i = touched[t]
+        if n.shape[0] > 0:  # written out: max/min of floats do not type on the target
+            own = 2.0 / (1.0 + AVG_UPDATES_PER_SQUARE * float64(n[i]))
+            if own > 1.0:
+                own = 1.0
+            if own > rate:
+                rate = own
         a = float64(avg[i])
         avg[i] = a + rate * (float64(w[i]) - a)
 
@@ -465,12 +473,13 @@ def _n_rows(indptr: Any) -> int:
     return int(indptr.shape[0]) - 1
 
 
-def average_update(touched: Any, w: Any, avg: Any, rate: float) -> None:
+def average_update(touched: Any, w: Any, avg: Any, rate: float, n: Any) -> None:
     """The weights' running average at the unique coordinates ``touched`` (host or
-    device), moved ``rate`` of the way to the weights."""
+    device), moved towards the weights: ``rate``, or more where the squared-gradient sums
+    ``n`` are small (empty ``n``: ``rate``)."""
     with _Mutable(avg) as (d_avg,):
         _launch(average_update_kernel, int(touched.shape[0]), _dev(touched), _dev(w), d_avg,
-                float(rate))
+                float(rate), _dev(n))
 
 
 def linear_predict_dense(X: Any, w: Any, out: Any) -> None:

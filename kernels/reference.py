@@ -69,6 +69,7 @@ import numpy as np
 
 from streamlearn.kernels.codes import (
     ADAGRAD_EPS,
+    AVG_UPDATES_PER_SQUARE,
     H_CAP,
     H_FIRST_SLOT,
     H_FTRL_BETA,
@@ -348,16 +349,23 @@ def fm_learn_csr(
     return total
 
 
-def average_update(touched: np.ndarray, w: np.ndarray, avg: np.ndarray, rate: float) -> None:
-    """Move the weights' running average ``rate`` of the way to the weights, in place, at
-    the (unique) coordinates ``touched``: ``avg[i] += rate * (w[i] - avg[i])`` in float64
-    (``avg`` is float64: a step of ``1 / horizon`` would round away in float32).
+def average_update(touched: np.ndarray, w: np.ndarray, avg: np.ndarray, rate: float,
+                   n: np.ndarray) -> None:
+    """Move the weights' running average towards the weights, in place, at the (unique)
+    coordinates ``touched``: ``avg[i] += r_i * (w[i] - avg[i])`` in float64 (``avg`` is
+    float64: a step of ``1 / horizon`` would round away in float32), where
+    ``r_i = max(rate, min(1, 2 / (1 + AVG_UPDATES_PER_SQUARE * n[i])))`` and ``n`` holds
+    the coordinates' squared-gradient sums after the step (empty, for SGD: ``r_i = rate``).
 
     The average scores alongside the weights (:mod:`streamlearn.models.average`); a
     coordinate's average moves only when an optimizer step touches the coordinate.
     """
     a = avg[touched].astype(np.float64)
-    avg[touched] = a + rate * (w[touched].astype(np.float64) - a)
+    r = np.full(len(touched), float(rate))
+    if len(n):
+        own = 2.0 / (1.0 + AVG_UPDATES_PER_SQUARE * n[touched].astype(np.float64))
+        r = np.maximum(r, np.minimum(1.0, own))
+    avg[touched] = a + r * (w[touched].astype(np.float64) - a)
 
 
 def scaler_update(X: np.ndarray, count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> None:

@@ -9,8 +9,12 @@ scored by both, mixed by how well each has been doing:
 
 * the learner is unchanged: FTRL (or any optimizer) updates ``w`` as before;
 * ``avg`` is a tail average of ``w``: after each optimizer step, every coordinate that the
-  step touched moves ``avg[j] += rate * (w[j] - avg[j])``, with ``rate = max(2 / t,
-  1 / horizon)`` at step ``t`` (1-based), so the average forgets as the memory cap does;
+  step touched moves ``avg[j] += r_j * (w[j] - avg[j])``, with ``rate = max(2 / t,
+  1 / horizon)`` at step ``t`` (1-based), so the average forgets as the memory cap does,
+  and ``r_j = max(rate, min(1, 2 / (1 + 8 n_j)))`` from the weight's squared-gradient sum
+  ``n_j`` (``kernels.cpu.coordinate_rate``; SGD keeps no sums: ``rate``). A weight updated
+  rarely (a hashed value seen a few times in a long stream) thus averages its own recent
+  values; with ``rate`` alone its average stayed near 0 and the averaged expert ignored it;
 * the score's margin is ``share * m_w + (1 - share) * m_avg``: one linear model, with the
   weights ``share * w + (1 - share) * avg`` (what serving and reason codes use). ``share``
   comes from exponential weights on the two experts' log losses, discounted by

@@ -37,6 +37,7 @@ from streamlearn.kernels.cpu import (
     average_coordinate,
     average_update,
     capped,
+    coordinate_rate,
     fm_learn_csr,
     fm_predict_csr,
     linear_learn_csr,
@@ -104,7 +105,7 @@ def _csr_margin(z, hashed, r, w):  # pragma: no cover - compiled
 
 @njit(inline="always", error_model="numpy")
 def _ftrl_coordinate(g, j, w, s1, s2, avg, rate, inv_lr, l1, l2, beta, cap,
-                     at_cap):  # pragma: no cover - compiled
+                     at_cap, capped_block=False):  # pragma: no cover - compiled
     """One FTRL-Proximal step of weight ``j`` (``s1``: z, ``s2``: n), written out for
     the per-event loop: the same arithmetic as ``kernels.cpu``'s update.
 
@@ -113,7 +114,10 @@ def _ftrl_coordinate(g, j, w, s1, s2, avg, rate, inv_lr, l1, l2, beta, cap,
     the same number: one is taken, not two (the same values, bit for bit). Most
     coordinates of a long stream are at their cap, and these square roots and the one
     division bound the per-coordinate step. Then the running average ``avg`` (empty: a
-    model that does not average) moves ``rate`` of the way to the new weight.
+    model that does not average) moves towards the new weight: ``rate``, or the weight's
+    own faster rate while its sum ``n`` is small (``kernels.cpu.coordinate_rate``).
+    ``capped_block``: the numeric block's loop when all of it is at the cap, where that
+    own rate is below the floor ``1 / horizon`` and ``rate`` is exact (one division less).
     """
     wj = np.float64(w[j])
     s2j = np.float64(s2[j])
@@ -130,7 +134,23 @@ def _ftrl_coordinate(g, j, w, s1, s2, avg, rate, inv_lr, l1, l2, beta, cap,
     s1[j] = zj
     s2[j] = n_new
     if avg.shape[0] > 0:  # the running average follows, in the same pass
-        avg[j] = average_coordinate(avg[j], w[j], rate)
+        own = rate if capped_block else coordinate_rate(rate, np.float64(s2[j]))
+        avg[j] = average_coordinate(avg[j], w[j], own)
+
+
+@njit(inline="always")
+def _sgd_or_own(rate, opt, s1i):  # pragma: no cover - compiled
+    """The average's rate at a non-FTRL weight: AdaGrad's own (its sum is ``s1``), SGD's
+    ``rate`` (it keeps no sums)."""
+    return rate if opt == OPT_SGD else coordinate_rate(rate, np.float64(s1i))
+
+
+@njit(inline="always")
+def _squared_sums(opt, s1, s2):  # pragma: no cover - compiled
+    """Each weight's squared-gradient sum (FTRL: ``s2``, AdaGrad: ``s1``); SGD: empty."""
+    if opt == OPT_FTRL:
+        return s2
+    return s1[:0] if opt == OPT_SGD else s1
 
 
 @njit(inline="always")
@@ -268,7 +288,7 @@ def per_event_linear(  # pragma: no cover - compiled
             for j in range(d):
                 g = 0.0 + coef * z[r, j]
                 _ftrl_coordinate(np.float64(np.float32(g)) if csr else g, j, w, s1, s2, avg,
-                                 rate, inv_lr, l1, l2, beta, cap, True)
+                                 rate, inv_lr, l1, l2, beta, cap, True, True)
         elif ftrl:
             for j in range(d):
                 g = 0.0 + coef * z[r, j]
@@ -285,7 +305,7 @@ def per_event_linear(  # pragma: no cover - compiled
                 s1[j] = a
                 s2[j] = b
                 if averaged:
-                    avg[j] = average_coordinate(avg[j], w[j], rate)
+                    avg[j] = average_coordinate(avg[j], w[j], _sgd_or_own(rate, opt, s1[j]))
         repeats = _has_repeat(hashed, r)
         g_slot = np.float64(np.float32(0.0 + coef * one))
         for c in range(n_cat):
@@ -305,7 +325,7 @@ def per_event_linear(  # pragma: no cover - compiled
                 s1[i] = a
                 s2[i] = b
                 if averaged:
-                    avg[i] = average_coordinate(avg[i], w[i], rate)
+                    avg[i] = average_coordinate(avg[i], w[i], _sgd_or_own(rate, opt, s1[i]))
         if ftrl:  # the bias: no L1/L2
             _ftrl_coordinate(0.0 + coef, big_d, w, s1, s2, avg, rate, inv_lr, 0.0, 0.0, beta,
                              cap, np.float64(s2[big_d]) >= cap)
@@ -317,7 +337,8 @@ def per_event_linear(  # pragma: no cover - compiled
             s1[big_d] = a
             s2[big_d] = b
             if averaged:
-                avg[big_d] = average_coordinate(avg[big_d], w[big_d], rate)
+                avg[big_d] = average_coordinate(avg[big_d], w[big_d],
+                                                _sgd_or_own(rate, opt, s1[big_d]))
         n_lab += 1
         step += 1
     target[T_COUNT] = t_count
@@ -441,8 +462,10 @@ def prequential_chunks(  # pragma: no cover - compiled
                 total += linear_learn_dense(zl, y, w, s1, s2, loss, opt, hyper, step)
                 if averaged:  # every coordinate took a step
                     rate = avg_rate(step, inv_horizon)
+                    sums = _squared_sums(opt, s1, s2)
                     for j in range(d + 1):
-                        avg[j] = average_coordinate(avg[j], w[j], rate)
+                        r = coordinate_rate(rate, np.float64(sums[j])) if sums.shape[0] else rate
+                        avg[j] = average_coordinate(avg[j], w[j], r)
             else:
                 ip, ix, vx = indptr[a : b + 1], indices, values
                 if n_lab < b - a:
@@ -456,7 +479,7 @@ def prequential_chunks(  # pragma: no cover - compiled
                     if averaged:  # the coordinates the step touched, and the bias
                         rate = avg_rate(step, inv_horizon)
                         touched = np.append(np.unique(ix[ip[0] : ip[n_lab]]), w.shape[0] - 1)
-                        average_update(touched, w, avg, rate)
+                        average_update(touched, w, avg, rate, _squared_sums(opt, s1, s2))
             n_chunk += n_lab
             step += 1
         chunk_learned[c] = n_chunk

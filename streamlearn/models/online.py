@@ -329,7 +329,9 @@ class OnlineModel:
             if self.averaged:  # the coordinates this step touched, and the bias
                 touched = (self._all_coords if self.dense else
                            np.append(np.unique(window[1]), self.w.shape[0] - 1))
-                self.backend.kernels.average_update(touched, self.w, self.avg, rate)
+                sums = {"ftrl": self.s2, "adagrad": self.s1}.get(self.spec.optimizer,
+                                                                  self.s1[:0])  # SGD: none
+                self.backend.kernels.average_update(touched, self.w, self.avg, rate, sums)
             n_labelled += len(y)
         if not joined:
             self.n_seen += n

@@ -430,20 +430,38 @@ def test_average_update_moves_only_the_touched_coordinates(rng: np.random.Genera
     avg = rng.normal(size=9)  # float64, as the model keeps it
     touched = np.array([0, 3, 8], dtype=np.int64)
     expected, got = avg.copy(), avg.copy()
-    reference.average_update(touched, w, expected, 0.25)
-    cpu.average_update(touched, w, got, 0.25)
+    none = np.zeros(0, np.float32)  # no squared-gradient sums (SGD): the rate alone
+    reference.average_update(touched, w, expected, 0.25, none)
+    cpu.average_update(touched, w, got, 0.25, none)
     assert_array_equal(got, expected)
     untouched = np.setdiff1d(np.arange(9), touched)
     assert_array_equal(got[untouched], avg[untouched])
     a, t = avg[touched].astype(np.float64), w[touched].astype(np.float64)
     assert_allclose(got[touched], a + 0.25 * (t - a), rtol=1e-7)
-    cpu.average_update(touched, w, got, 1.0)  # rate 1: the average is the weights
+    cpu.average_update(touched, w, got, 1.0, none)  # rate 1: the average is the weights
     assert_array_equal(got[touched], w[touched])
     # A step of 1 / horizon (2,000) towards a weight 1e-4 away: 5e-8, below float32's
     # half-ulp at 1.0, so it needs the float64 average to count.
     one, near = np.ones(1), np.array([1.0001], dtype=np.float32)
-    cpu.average_update(np.zeros(1, dtype=np.int64), near, one, 1.0 / 2000)
+    cpu.average_update(np.zeros(1, dtype=np.int64), near, one, 1.0 / 2000, none)
     assert one[0] > 1.0 and np.float32(one[0]) == np.float32(1.0)
+
+
+def test_average_update_follows_a_rarely_updated_weight(rng: np.random.Generator) -> None:
+    """With squared-gradient sums, a weight updated rarely (small sum) moves its average by
+    ``2 / (1 + 8 n)``, not the global rate (which would leave it near 0 after a long stream);
+    a weight at the memory cap (``n = horizon / 4``) moves by about ``1 / horizon``."""
+    w = rng.normal(size=5).astype(np.float32)
+    avg = np.zeros(5)
+    sums = np.array([0.0, 0.25, 1.0, 500.0, 0.1], dtype=np.float32)
+    touched = np.array([0, 1, 2, 3], dtype=np.int64)
+    expected, got = avg.copy(), avg.copy()
+    reference.average_update(touched, w, expected, 1e-5, sums)
+    cpu.average_update(touched, w, got, 1e-5, sums)
+    assert_array_equal(got, expected)
+    rates = np.array([1.0, 2 / 3, 2 / 9, 2 / 4001])
+    assert_allclose(got[:4], rates * w[:4], rtol=1e-6)
+    assert got[4] == 0.0  # not touched
 
 
 def test_scaler_update_matches_reference_and_two_pass(rng: np.random.Generator) -> None:

@@ -286,11 +286,13 @@ def test_average_update_matches_cpu(rng: np.random.Generator) -> None:
     avg = rng.normal(size=11)  # float64, as the model keeps it
     touched = np.array([1, 2, 5, 10], dtype=np.int64)
     on_cpu, on_gpu = avg.copy(), avg.copy()
-    cpu.average_update(touched, w, on_cpu, 0.3)
-    kcuda.average_update(touched, w, on_gpu, 0.3)  # host arrays: copied there and back
+    sums = rng.random(11).astype(np.float32)  # each coordinate's rate from its own sum
+    cpu.average_update(touched, w, on_cpu, 0.01, sums)
+    kcuda.average_update(touched, w, on_gpu, 0.01, sums)  # host arrays: there and back
     assert_allclose(on_gpu, on_cpu, rtol=1e-7)
     d_avg = nb_cuda.to_device(avg.copy())  # device-resident: updated in place
-    kcuda.average_update(nb_cuda.to_device(touched), nb_cuda.to_device(w), d_avg, 0.3)
+    kcuda.average_update(nb_cuda.to_device(touched), nb_cuda.to_device(w), d_avg, 0.01,
+                         nb_cuda.to_device(sums))
     assert_allclose(d_avg.copy_to_host(), on_cpu, rtol=1e-7)
 
 

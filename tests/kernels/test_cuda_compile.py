@@ -51,7 +51,7 @@ SIGNATURES = {
     "fm_update_csr_kernel": (I64, F32, F32_2, F32, F32_2, F32, F32, F32_2, F32_2, *OPT_ARGS,
                              *SLOT_ARGS),
     "scaler_update_kernel": (F64_2, F64, F64, F64),
-    "average_update_kernel": (I64, F32, F64, FLT),
+    "average_update_kernel": (I64, F32, F64, FLT, F32),
 }
 
 
