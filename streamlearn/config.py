@@ -413,6 +413,13 @@ class ModelSpec:
         return float(max(1, len(self.categorical)) ** self.norm_power)
 
     @property
+    def learning_rates(self) -> tuple[float, float]:
+        """The rates the kernels take (``hyper``'s ``H_LEARNING_RATE`` and ``H_SLOT_LR``):
+        :attr:`step_size` over :attr:`step_norm` for the numeric block, the bias and FM
+        factors, and over :attr:`slot_step_norm` for the hashed slots."""
+        return self.step_size / self.step_norm, self.step_size / self.slot_step_norm
+
+    @property
     def labels_topic(self) -> str:
         """Topic of the model's delayed labels (:mod:`streamlearn.labels`)."""
         return f"{self.name}.labels"

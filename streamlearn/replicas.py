@@ -111,12 +111,6 @@ def _spec(state: Mapping[str, Any]) -> dict[str, Any]:
     return dict(state["spec"])
 
 
-def _lr(spec: ModelSpec) -> float:
-    """The learning rate the kernels use for the numeric block, the bias and FM factors:
-    the step over its normalization."""
-    return float(spec.step_size / spec.step_norm)
-
-
 def _has_prior_offset(spec: Mapping[str, Any]) -> bool:
     return spec.get("task") != "regression" and bool(spec.get("label_prior", True))
 
@@ -187,7 +181,7 @@ def _bias_to_offset(state: Mapping[str, Any], arrays: dict[str, np.ndarray], off
 
 def delta(state: Mapping[str, Any], ref: Mapping[str, Any]) -> Delta:
     """``state - ref``: weights, optimizer state, statistics and counters."""
-    lr = _lr(ModelSpec.from_dict(_spec(state)))
+    lr = ModelSpec.from_dict(_spec(state)).learning_rates[0]  # the bias's
     offset = float(np.asarray(ref["target"], dtype=np.float64)[3])
     mine = {k: np.asarray(v, dtype=np.float64).copy() for k, v in state["weights"].items()}
     _bias_to_offset(state, mine, offset, lr)
@@ -251,7 +245,7 @@ def apply(base: Mapping[str, Any], deltas: Sequence[Delta],
                 acc += d.arrays[k]
         weights[k] = acc
     parsed = ModelSpec.from_dict(spec)  # once per merge: the step, its cap, FTRL's terms
-    lr, cap = _lr(parsed), parsed.gradient_cap  # cap: the memory cap (inf: none)
+    lr, cap = parsed.learning_rates[0], parsed.gradient_cap  # cap: the memory cap (inf: none)
     if parsed.optimizer == "ftrl":
         l1, l2, beta = float(parsed.l1), float(parsed.l2), float(parsed.ftrl_beta)
         rates = {"w": ftrl.weight_rates(parsed), "V": lr}

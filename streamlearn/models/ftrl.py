@@ -23,10 +23,11 @@ from streamlearn.config import ModelSpec
 
 
 def weight_rates(spec: ModelSpec) -> np.ndarray:
-    """The learning rate of each linear weight, as the kernels take it: the numeric block
-    and the bias ``step_size / step_norm``, the hashed slots ``step_size / slot_step_norm``."""
-    rates = np.full(spec.n_weights + 1, spec.step_size / spec.step_norm)
-    rates[spec.n_numeric : spec.n_weights] = spec.step_size / spec.slot_step_norm
+    """The learning rate of each linear weight, as the kernels take it
+    (``ModelSpec.learning_rates``: the hashed slots take their own)."""
+    lr, slot_lr = spec.learning_rates
+    rates = np.full(spec.n_weights + 1, lr)
+    rates[spec.n_numeric : spec.n_weights] = slot_lr
     return rates
 
 

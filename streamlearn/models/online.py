@@ -53,6 +53,8 @@ _LOSS = {
     "regression": codes.LOSS_SQUARED,
 }
 _OPT = {"sgd": codes.OPT_SGD, "adagrad": codes.OPT_ADAGRAD, "ftrl": codes.OPT_FTRL}
+#: Where each optimizer keeps its squared-gradient sums (weights, then FM factors); SGD: none.
+_SQUARED_SUMS = {"adagrad": ("s1", "s1v"), "ftrl": ("s2", "s2v")}
 _NO_FACTORS = np.zeros((0, 0), dtype=np.float32)  # the FM arguments of a linear model
 _NO_AVERAGE = np.zeros(0)  # the running average of a model without one
 _KERNEL = ("C", "W")  # np.require: the arrays the compiled step takes
@@ -122,9 +124,10 @@ class OnlineModel:
         self.pending = PendingLabels(spec)
         self._loss = _LOSS[spec.task]
         self._opt = _OPT[spec.optimizer]
+        lr, slot_lr = spec.learning_rates
         self._hyper = np.array(  # kernels.codes.H_*
-            [spec.step_size / spec.step_norm, spec.l1, spec.l2, spec.power_t, spec.ftrl_beta,
-             spec.gradient_cap, spec.step_size / spec.slot_step_norm, spec.n_numeric],
+            [lr, spec.l1, spec.l2, spec.power_t, spec.ftrl_beta, spec.gradient_cap, slot_lr,
+             spec.n_numeric],
             dtype=np.float64,
         )
         self.target = new_target()  # label statistics: see streamlearn.models.target
@@ -329,8 +332,8 @@ class OnlineModel:
             if self.averaged:  # the coordinates this step touched, and the bias
                 touched = (self._all_coords if self.dense else
                            np.append(np.unique(window[1]), self.w.shape[0] - 1))
-                sums = {"ftrl": self.s2, "adagrad": self.s1}.get(self.spec.optimizer,
-                                                                  self.s1[:0])  # SGD: none
+                names = _SQUARED_SUMS.get(self.spec.optimizer)
+                sums = getattr(self, names[0]) if names else self.s1[:0]  # SGD keeps none
                 self.backend.kernels.average_update(touched, self.w, self.avg, rate, sums)
             n_labelled += len(y)
         if not joined:
@@ -606,7 +609,7 @@ class OnlineModel:
         bk, spec = self.backend, self.spec
         blocks = [("w", "s1", "s2", ftrl.weight_rates(spec), True)]
         if self.is_fm:  # the factors take the step of the numeric block
-            blocks.append(("V", "s1v", "s2v", spec.step_size / spec.step_norm, False))
+            blocks.append(("V", "s1v", "s2v", spec.learning_rates[0], False))
         for wk, zk, nk, rates, bias in blocks:
             z = bk.to_host(getattr(self, zk)).astype(np.float64)
             n = bk.to_host(getattr(self, nk)).astype(np.float64)
@@ -640,7 +643,7 @@ class OnlineModel:
             if model.averaged and "avg" not in weights:  # written before averaging
                 weights = dict(weights, avg=weights["w"])
             # Sums of squared gradients: AdaGrad's in s1, FTRL's n in s2 (never negative).
-            squares = {"adagrad": ("s1", "s1v"), "ftrl": ("s2", "s2v")}.get(spec.optimizer, ())
+            squares = _SQUARED_SUMS.get(spec.optimizer, ())
             for name in model.weight_names:
                 arr = np.asarray(weights[name], dtype=np.float64 if name == "avg" else np.float32)
                 if arr.shape != bk.to_host(getattr(model, name)).shape:
