@@ -170,7 +170,8 @@ def _touched(indices, lo, hi, grad):
 # Inlined: called once per row, and a real call would refcount its array arguments.
 @njit(cache=True, inline="always")
 def _dense_margin(X, r, w):
-    """``w[d] + X[r] @ w[:d]`` in float64, as four interleaved partial sums.
+    """``w[-1] + X[r] @ w[:d]`` in float64, as four interleaved partial sums (the bias is
+    the last weight, as in the CSR kernels: a model's missing block may lie between).
 
     Feature ``j < 4 * (d // 4)`` goes to sum ``j % 4``; the bias starts sum 0, which
     also takes the ``d % 4`` last features; the result is ``(s0 + s1) + (s2 + s3)``.
@@ -181,7 +182,7 @@ def _dense_margin(X, r, w):
     agree bit for bit.
     """
     d = X.shape[1]
-    s0 = np.float64(w[d])
+    s0 = np.float64(w[w.shape[0] - 1])
     s1 = 0.0
     s2 = 0.0
     s3 = 0.0
@@ -200,7 +201,7 @@ def _dense_margin(X, r, w):
 
 @njit(cache=True)
 def linear_predict_dense(X, w, out):
-    """Write raw margins ``X @ w[:d] + w[d]`` into ``out`` (float64 accumulation)."""
+    """Write raw margins ``X @ w[:d] + w[-1]`` into ``out`` (float64 accumulation)."""
     for r in range(X.shape[0]):
         out[r] = _dense_margin(X, r, w)
 
@@ -237,13 +238,15 @@ def linear_learn_dense(X, y, w, s1, s2, loss, opt, hyper, step):
         grad[d] += coef
     lr, l1, l2, beta, cap, eta = _opt_scalars(hyper, step)
     for j in range(d + 1):
-        if j == d:  # the bias is never regularized
+        i = j
+        if j == d:  # the bias (the last weight) is never regularized
+            i = w.shape[0] - 1
             l1 = 0.0
             l2 = 0.0
         wj, a, b = _update(
-            np.float64(w[j]),
-            np.float64(s1[j]),
-            np.float64(s2[j]),
+            np.float64(w[i]),
+            np.float64(s1[i]),
+            np.float64(s2[i]),
             grad[j],
             opt,
             lr,
@@ -253,9 +256,9 @@ def linear_learn_dense(X, y, w, s1, s2, loss, opt, hyper, step):
             cap,
             eta,
         )
-        w[j] = wj
-        s1[j] = a
-        s2[j] = b
+        w[i] = wj
+        s1[i] = a
+        s2[i] = b
     return total
 
 

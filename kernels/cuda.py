@@ -158,7 +158,7 @@ def _dense_margin(X, r, w):
     # The CPU kernels' order (cpu._dense_margin): four interleaved partial sums, the
     # d % 4 last features into s0, then (s0 + s1) + (s2 + s3).
     d = X.shape[1]
-    s0 = float64(w[d])
+    s0 = float64(w[w.shape[0] - 1])
     s1 = 0.0
     s2 = 0.0
     s3 = 0.0
@@ -177,7 +177,7 @@ def _dense_margin(X, r, w):
 
 @cuda.jit
 def linear_predict_dense_kernel(X, w, out):
-    """One thread per row: ``out[r] = X[r] @ w[:d] + w[d]``."""
+    """One thread per row: ``out[r] = X[r] @ w[:d] + w[-1]``."""
     r = cuda.grid(1)
     if r < X.shape[0]:
         out[r] = _dense_margin(X, r, w)
@@ -230,13 +230,15 @@ def linear_grad_dense_kernel(X, dm, rows_per_thread, grad):
 
 @cuda.jit
 def linear_update_dense_kernel(grad, n, w, s1, s2, opt, lr, l1, l2, beta, cap, eta_sgd):
-    """One thread per coordinate (``d`` features, then the unregularized bias)."""
+    """One thread per coordinate (``d`` features, then the unregularized bias, the last
+    weight)."""
     j = cuda.grid(1)
     d = grad.shape[0] - 1
     if j < d:
         _step_vec(w, s1, s2, j, grad[j] / n, opt, lr, l1, l2, beta, cap, eta_sgd)
     elif j == d:
-        _step_vec(w, s1, s2, j, grad[j] / n, opt, lr, 0.0, 0.0, beta, cap, eta_sgd)
+        _step_vec(w, s1, s2, w.shape[0] - 1, grad[j] / n, opt, lr, 0.0, 0.0, beta, cap,
+                  eta_sgd)
 
 
 @cuda.jit

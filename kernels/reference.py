@@ -182,10 +182,11 @@ def _rows(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray):
 
 
 def linear_predict_dense(X: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
-    """Write the raw margins ``X @ w[:d] + w[d]`` into ``out``."""
+    """Write the raw margins ``X @ w[:d] + w[-1]`` into ``out`` (the bias is the last
+    weight; a model's missing block may lie between)."""
     d = X.shape[1]
     w64 = w.astype(np.float64)
-    out[:] = X.astype(np.float64) @ w64[:d] + w64[d]
+    out[:] = X.astype(np.float64) @ w64[:d] + w64[-1]
 
 
 def linear_predict_csr(
@@ -216,7 +217,7 @@ def linear_learn_dense(
         return 0.0
     X64 = X.astype(np.float64)
     w64 = w.astype(np.float64)
-    margins = X64 @ w64[:d] + w64[d]
+    margins = X64 @ w64[:d] + w64[-1]
     total = 0.0
     dm = np.empty(n)
     for r in range(n):
@@ -225,7 +226,7 @@ def linear_learn_dense(
     grad = X64.T @ dm / n
     for j in range(d):
         step_coordinate(w, s1, s2, j, float(grad[j]), opt, hyper, step, True)
-    step_coordinate(w, s1, s2, d, float(dm.mean()), opt, hyper, step, False)
+    step_coordinate(w, s1, s2, w.shape[0] - 1, float(dm.mean()), opt, hyper, step, False)
     return total
 
 

@@ -50,7 +50,7 @@ Every system runs at its defaults, prequentially (each row scored before it is l
   ModelSpec field, typed from ``dataclasses.fields`` (the synthetic suite's streamlearn
   models take it too). ``OnlineModel.process_many`` on
   4,096-row ``FeatureBatch`` slices, as the worker does; categorical slots are the
-  Vectorizer's own; NaN numerics stay NaN (the model imputes).
+  Vectorizer's own; NaN numerics stay NaN (missing values for the model).
 * ``streamlearn (JSON)`` (``json``): the same model fed orjson-encoded events (built
   before timing) through the worker's ``streamlearn.pipeline.JsonDecoder``, then
   ``process_many``; decoding is timed. Its scores equal the arrays path's.
@@ -127,7 +127,7 @@ Systems
     metrics and drift monitors: the worker's full step; one compiled call per 4,096 rows,
     one learning step per 256) fed ``FeatureBatch`` objects built from arrays before timing:
     numeric float64 ``(n, d)``, hashed int64 ``(n, n_cat)`` =
-    ``spec.n_numeric + (stable_hash(field, value) & mask)`` precomputed, float32 labels.
+    ``spec.first_slot + (stable_hash(field, value) & mask)`` precomputed, float32 labels.
 ``streamlearn (model, events)``
     The same model fed event dicts through ``model.vectorizer.transform_many`` (validation
     and hashing included in the timing, as in the worker after JSON decoding). The dicts

@@ -14,7 +14,7 @@ itself for regression), the task, and the row order:
 * ``shuffle``: one fixed seeded permutation (:data:`SHUFFLE_SEED`), for files sorted by
   their target (``diamonds`` is sorted by price, which would make a drifting stream).
 
-Rows whose label is missing are dropped. Numeric columns keep NaN (streamlearn imputes);
+Rows whose label is missing are dropped. Numeric columns keep NaN (missing for streamlearn);
 categorical values become strings (``1`` -> ``"1"``), missing ones code ``-1``.
 
 Examples

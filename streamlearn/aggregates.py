@@ -64,7 +64,7 @@ def window_stats(slots, times, values, widths, tiles, head, counts, sums, last_s
     ``slots[r]`` is the entity's row in the state (-1: no entity, so no history);
     ``values[r, k]`` is NaN when the event lacks the field (it is then not counted);
     ``widths[k, w]`` is the tile width, 0 for a window the aggregate does not have; the
-    mean of an empty window is NaN (missing: the scaler imputes it).
+    mean of an empty window is NaN (missing: the model's missing-value weight scores it).
     """
     n = slots.shape[0]
     n_agg, n_win = widths.shape

@@ -284,7 +284,7 @@ class FeatureDecoder:
         if col.encoding == "crc32":
             if col.dtype != "<u4" or col.data is None:
                 raise BatchFormatError(f"schema mismatch: crc32 column {col.name!r} must be <u4")
-            return spec.n_numeric + (col.data.astype(np.int64) & ((1 << spec.hash_bits) - 1))
+            return spec.first_slot + (col.data.astype(np.int64) & ((1 << spec.hash_bits) - 1))
         if col.dtype not in CODE_DTYPES or col.values is None or col.data is None:
             raise BatchFormatError(
                 f"schema mismatch: categorical column {col.name!r} must be dictionary-encoded "

@@ -336,7 +336,7 @@ class Evaluator:
         throwaway = OnlineModel(spec, device=self.model.backend.name)
         # A whole mini-batch, so the concept-drift detector is built (river's import) too.
         n = spec.batch_size
-        hashed = np.full((n, len(spec.categorical)), spec.n_numeric, dtype=np.int64)
+        hashed = np.full((n, len(spec.categorical)), spec.first_slot, dtype=np.int64)
         throwaway.process_many(FeatureBatch(np.zeros((n, spec.n_numeric)), hashed,
                                             np.zeros(n, np.float32), list(range(n))))
 
@@ -846,7 +846,7 @@ class ArrowDecoder:
         # The batch-record decoder reads the spec's own fields; the aggregate columns are
         # added here (NaN until the model fills them) and the hashed slots shifted past them.
         self._plain = dataclasses.replace(spec, aggregates=()) if spec.aggregates else spec
-        self._shift = spec.n_numeric - self._plain.n_numeric
+        self._shift = spec.first_slot - self._plain.first_slot
         self.features = FeatureDecoder(self._plain, Vectorizer(self._plain))
         self.dropped: Counter[str] = Counter()
         self._hashes: dict[str, dict[Any, int]] = {}

@@ -91,8 +91,9 @@ class FeatureBatch:
     numeric
         float64 ``(n, n_numeric)``; NaN marks a missing value.
     hashed
-        int64 ``(n, n_categorical)`` column indices, already offset past the
-        numeric block, so each row's CSR indices are ``[0..n_numeric) + hashed``.
+        int64 ``(n, n_categorical)`` column indices, already offset past the numeric
+        block and its missing block (:attr:`ModelSpec.first_slot`), so each row's CSR
+        indices are its numeric entries (:func:`numeric_entry`), then ``hashed``.
     labels
         float32 ``(n,)``; NaN where the event carried no label.
     ids
@@ -151,7 +152,7 @@ class Vectorizer:
     ([[12.5], [nan]], 1.0, (2, "field 'amount': expected a number, got str"))
     >>> rejects[1]
     (3, "field 'amount': magnitude must be at most 1e+15, got 1e+308")
-    >>> bool((batch.hashed >= spec.n_numeric).all() and (batch.hashed < spec.n_weights).all())
+    >>> bool((batch.hashed >= spec.first_slot).all() and (batch.hashed < spec.n_weights).all())
     True
     """
 
@@ -175,7 +176,7 @@ class Vectorizer:
         self._json_decode = None if json_row is None else msgspec.json.Decoder(json_row).decode
 
     def slot(self, field: str, value: Any) -> int:
-        """Weight index of a categorical value (offset past the numeric block)."""
+        """Weight index of a categorical value (from :attr:`ModelSpec.first_slot`)."""
         key = (field, value if isinstance(value, str) else str(value))
         idx = self._cache.get(key)
         if idx is None:
@@ -191,7 +192,7 @@ class Vectorizer:
         return idx
 
     def _slot_of(self, field: str, value: str) -> int:
-        return self.spec.n_numeric + (stable_hash(field, value) & self._mask)
+        return self.spec.first_slot + (stable_hash(field, value) & self._mask)
 
     def feature_names(self, event: Mapping[str, Any]) -> list[str]:
         """Names of one event's features, in the order of its CSR row."""
@@ -453,6 +454,18 @@ def _too_large(name: str, value: float) -> str:
     return f"field {name!r}: magnitude must be at most {MAX_ABS_VALUE:g}, got {shown}"
 
 
+@njit(inline="always")
+def numeric_entry(z, r, j):  # pragma: no cover - compiled
+    """Row ``r``'s entry for numeric column ``j`` of the z-scores ``z`` (float32, NaN
+    where missing): ``(j, z[r, j])``, or for a missing value its indicator in the missing
+    block, ``(d + j, 1.0)`` (:attr:`ModelSpec.first_slot`). The one home of that rule:
+    the CSR rows, the fused per-event loop and the reason codes read it."""
+    x = z[r, j]
+    if x != x:
+        return z.shape[1] + j, np.float32(1.0)
+    return j, x
+
+
 @njit(cache=True, inline="always")
 def csr_assemble(z, hashed):  # pragma: no cover - compiled
     """:func:`csr_rows` on float32 ``z`` and int64 ``hashed``, compiled (``models.fused``
@@ -466,8 +479,9 @@ def csr_assemble(z, hashed):  # pragma: no cover - compiled
         base = r * width
         indptr[r] = base
         for j in range(d):
-            indices[base + j] = j
-            values[base + j] = z[r, j]
+            i, x = numeric_entry(z, r, j)
+            indices[base + j] = i
+            values[base + j] = x
         for j in range(hashed.shape[1]):
             indices[base + d + j] = hashed[r, j]
             values[base + d + j] = 1.0
@@ -480,13 +494,15 @@ def csr_rows(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Assemble CSR ``(indptr, indices, values)`` from scaled numerics and hashed slots.
 
-    Every row has the same width: numeric slots ``0..d-1`` first, then the hashed ones.
+    Every row has the same width: one entry per numeric column first (column ``j``, or
+    for a missing value, NaN, its indicator ``d + j`` of value 1: :func:`numeric_entry`),
+    then the hashed slots.
 
     Examples
     --------
-    >>> indptr, indices, values = csr_rows(np.array([[0.5], [-1.0]]), np.array([[3], [4]]))
+    >>> indptr, indices, values = csr_rows(np.array([[0.5], [np.nan]]), np.array([[3], [4]]))
     >>> indptr.tolist(), indices.tolist(), values.tolist()
-    ([0, 2, 4], [0, 3, 0, 4], [0.5, 1.0, -1.0, 1.0])
+    ([0, 2, 4], [0, 3, 1, 4], [0.5, 1.0, 1.0, 1.0])
     """
     return csr_assemble(np.ascontiguousarray(numeric_z, dtype=np.float32),
                         np.ascontiguousarray(hashed, dtype=np.int64))

@@ -4,8 +4,9 @@ Reason codes are the top-K features of a prediction by their contribution to the
 margin, named by field.  Every row of a batch has one slot per field (numeric fields
 first, then one hashed slot per categorical field: :mod:`streamlearn.features`), so a
 categorical field's contribution is that of its value's hashed slot, summed back to the
-field.  Contributions are those of :meth:`OnlineModel.explain_one`: ``w_i * z_i`` for
-linear models, plus each slot's half of the factorization machine's pairwise terms; for
+field, and a missing numeric value's is that of its missing-value weight.
+Contributions are those of :meth:`OnlineModel.explain_one`: ``w_i * z_i`` for linear
+models, plus each slot's half of the factorization machine's pairwise terms; for
 regression with the label prior they are in target units.  The K *largest* (signed)
 contributions are the reasons: the features that push the score up most.
 
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from streamlearn.features import numeric_entry
 from streamlearn.models.target import target_scale
 
 #: Most reason codes one request may ask for (more than a spec's fields are clipped).
@@ -36,9 +38,10 @@ _NO_FACTORS = np.zeros((0, 0), dtype=np.float32)
 def top_contributions(z, hashed, w, V, k, scale):  # pragma: no cover - compiled
     """Top-``k`` field contributions per row, largest first.
 
-    ``z`` float32 ``(n, d)`` scaled numerics, ``hashed`` int64 ``(n, c)`` slots, ``w``
-    the weights, ``V`` the FM factors (``(0, 0)`` for a linear model), ``scale`` the unit
-    factor (the target's std for regression with the label prior, else 1).  Returns the
+    ``z`` float32 ``(n, d)`` scaled numerics (NaN: missing, its indicator's weight
+    counts), ``hashed`` int64 ``(n, c)`` slots, ``w`` the weights, ``V`` the FM factors
+    (``(0, 0)`` for a linear model), ``scale`` the unit factor (the target's std for
+    regression with the label prior, else 1).  Returns the
     field positions ``(n, k)`` (numeric fields ``0..d-1``, then categorical) and their
     contributions ``(n, k)`` float64.  Ties keep field order.
     """
@@ -56,9 +59,8 @@ def top_contributions(z, hashed, w, V, k, scale):  # pragma: no cover - compiled
     f = V.shape[1]
     total = np.zeros(f, dtype=np.float64)
     for r in range(n):
-        for j in range(d):
-            slots[j] = j
-            xs[j] = z[r, j]
+        for j in range(d):  # a missing value: its indicator's weight, named by its field
+            slots[j], xs[j] = numeric_entry(z, r, j)
         for j in range(c):
             slots[d + j] = hashed[r, j]
             xs[d + j] = 1.0

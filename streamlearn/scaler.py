@@ -25,8 +25,8 @@ probability ~0, so only outliers are clipped)."""
 
 @njit(cache=True)
 def _zscore(X, mean, std, out):  # pragma: no cover - compiled
-    """``out = float32(clip((X - mean) * (1 / std), -Z_CLIP, Z_CLIP))``, NaN results
-    (missing inputs) set to 0.
+    """``out = float32(clip((X - mean) * (1 / std), -Z_CLIP, Z_CLIP))``; a missing input
+    (NaN) stays NaN, for the model's missing-value weight (``features.numeric_entry``).
 
     A multiply by the reciprocal rather than a divide: ~5x faster, and it agrees with
     ``(X - mean) / std`` to within one float64 rounding, far below the float32 output's.
@@ -36,9 +36,7 @@ def _zscore(X, mean, std, out):  # pragma: no cover - compiled
     for r in range(n):
         for j in range(d):
             z = (X[r, j] - mean[j]) * inv[j]
-            if math.isnan(z):
-                z = 0.0
-            out[r, j] = min(max(z, -Z_CLIP), Z_CLIP)
+            out[r, j] = z if math.isnan(z) else min(max(z, -Z_CLIP), Z_CLIP)
 
 
 @njit(cache=True)
@@ -76,7 +74,8 @@ class RunningStandardScaler:
     """Per-feature running mean and variance (Welford), merged exactly with Chan's formula.
 
     NaN inputs are treated as missing: they do not move the statistics, and
-    :meth:`transform_many` imputes them with the running mean (a z-score of 0).
+    :meth:`transform_many` keeps them NaN (the model learns a weight for the missing
+    value of each field in place of the field's own: ``features.numeric_entry``).
 
     Examples
     --------
@@ -88,7 +87,7 @@ class RunningStandardScaler:
     >>> bool(np.allclose(a.mean, X.mean(axis=0)) and np.allclose(a.var, X.var(axis=0)))
     True
     >>> a.transform_many(np.array([[np.nan, 5.0]])).round(1).tolist()
-    [[0.0, 0.0]]
+    [[nan, 0.0]]
     """
 
     def __init__(self, n_features: int) -> None:
@@ -134,7 +133,7 @@ class RunningStandardScaler:
         self._std = None
 
     def transform_many(self, X: np.ndarray) -> np.ndarray:
-        """Z-scores as float32; missing values become 0 (the running mean)."""
+        """Z-scores as float32; missing values stay NaN."""
         X = np.ascontiguousarray(X, dtype=np.float64)
         if X.ndim != 2 or X.shape[1] != self.n_features:
             raise ValueError(f"expected (n, {self.n_features}) features, got {X.shape}")

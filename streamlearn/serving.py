@@ -36,6 +36,7 @@ from streamlearn import replicas as merging
 from streamlearn.config import ModelSpec
 from streamlearn.logs import RateLimitedLog
 from streamlearn.models import OnlineModel, StateError
+from streamlearn.models.online import upgraded
 from streamlearn.scaler import RunningStandardScaler
 
 log = logging.getLogger(__name__)
@@ -143,13 +144,14 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     >>> a["weights"]["w"][:] = 1.0; a["n_learned"] = 30; a["version"] = 3
     >>> b["weights"]["w"][:] = 4.0; b["n_learned"] = 10; b["version"] = 5
     >>> m = merge_states([a, b])
-    >>> m["weights"]["w"].tolist(), m["n_learned"], m["version"]
-    ([1.75, 1.75], 40, 5)
+    >>> m["weights"]["w"].tolist(), m["n_learned"], m["version"]  # x, x missing, the bias
+    ([1.75, 1.75, 1.75], 40, 5)
     >>> merge_states([a]) is not a and merge_states([a])["version"] == 3
     True
     """
     if not states:
         raise ValueError("merge_states needs at least one state")
+    states = [upgraded(s) for s in states]  # a replica mid-upgrade: this version's layout
     if len(states) == 1:
         only = dict(states[0])
         only["weights"] = {k: np.array(v, copy=True) for k, v in states[0]["weights"].items()}
@@ -334,7 +336,7 @@ def state_limits(spec: ModelSpec, base: snapshots.Limits = snapshots.DEFAULT_LIM
     ...                  label_ttl_s=0)
     >>> lim = state_limits(spec)
     >>> lim.max_array_elements, lim.max_decoded_bytes // 2**20
-    (87588, 24)
+    (87590, 24)
 
     Events waiting for labels (100,000 by default) and entity aggregates raise the bounds:
 

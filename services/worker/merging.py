@@ -292,6 +292,7 @@ class ShardFeed:
         if hit is not None and hit[0] == seen.crc:
             return hit[1]
         from streamlearn.models import OnlineModel
+        from streamlearn.models.online import upgraded
         from streamlearn.services.worker.app import decode_snapshot
 
         spec = next(s for s in self.runtime.settings.specs if s.name == name)
@@ -304,6 +305,7 @@ class ShardFeed:
         except (snapshots.SnapshotError, ValueError) as exc:
             limited.warning(("bad-shard", key), "ignoring shard %s: %s", key, exc)
             return None
+        state = upgraded(state)  # a replica not yet upgraded: merged in this layout
         self._decoded[key] = (seen.crc, state)
         return state
 

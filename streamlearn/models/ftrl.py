@@ -27,7 +27,7 @@ def weight_rates(spec: ModelSpec) -> np.ndarray:
     (``ModelSpec.learning_rates``: the hashed slots take their own)."""
     lr, slot_lr = spec.learning_rates
     rates = np.full(spec.n_weights + 1, lr)
-    rates[spec.n_numeric : spec.n_weights] = slot_lr
+    rates[spec.first_slot : spec.n_weights] = slot_lr
     return rates
 
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit
 
-from streamlearn.features import csr_assemble
+from streamlearn.features import csr_assemble, numeric_entry
 from streamlearn.kernels.codes import (
     H_FTRL_BETA,
     H_LEARNING_RATE,
@@ -92,11 +92,12 @@ def _sigmoid(m):  # pragma: no cover - compiled
 
 @njit(inline="always")
 def _csr_margin(z, hashed, r, w):  # pragma: no cover - compiled
-    """Row ``r``'s margin in the CSR kernel's order (bias, numeric block, hashed slots of
-    value 1), read from the z-scores and slots directly."""
+    """Row ``r``'s margin in the CSR kernel's order (bias, numeric entries, hashed slots
+    of value 1), read from the z-scores and slots directly."""
     m = np.float64(w[w.shape[0] - 1])
     for j in range(z.shape[1]):
-        m += np.float64(z[r, j]) * w[j]
+        i, x = numeric_entry(z, r, j)
+        m += np.float64(x) * w[i]
     one = np.float64(np.float32(1.0))
     for c in range(hashed.shape[1]):
         m += one * w[hashed[r, c]]
@@ -160,6 +161,24 @@ def _at_cap(s2, d, cap):  # pragma: no cover - compiled
     for j in range(d):
         full &= np.float64(s2[j]) >= cap
     return full
+
+
+@njit(inline="always")
+def _has_missing(z, r):  # pragma: no cover - compiled
+    """Whether row ``r`` of the z-scores misses a value (NaN), without a branch."""
+    miss = False
+    for j in range(z.shape[1]):
+        miss |= z[r, j] != z[r, j]
+    return miss
+
+
+@njit(inline="always")
+def _any_missing(z):  # pragma: no cover - compiled
+    """Whether any row of ``z`` misses a value."""
+    for r in range(z.shape[0]):
+        if _has_missing(z, r):
+            return True
+    return False
 
 
 @njit(inline="always")
@@ -249,11 +268,15 @@ def per_event_linear(  # pragma: no cover - compiled
             if delta != 0.0:
                 move_bias(w, s1, s2, avg, delta, ftrl, h_lr, h_beta)
             moved = False
-        m = _csr_margin(z, hashed, r, w) if csr else _dense_margin(z, r, w)
+        # A row with a missing value takes the CSR kernel's path (its indicator is an
+        # entry of the row, not a column of the dense block), as OnlineModel.process does.
+        miss = _has_missing(z, r)
+        row_csr = csr or miss
+        m = _csr_margin(z, hashed, r, w) if row_csr else _dense_margin(z, r, w)
         m32 = np.float32(m)
         ma = m
         if averaged:  # the running average's margin, summed as the weights' is
-            ma = _csr_margin(z, hashed, r, avg) if csr else _dense_margin(z, r, avg)
+            ma = _csr_margin(z, hashed, r, avg) if row_csr else _dense_margin(z, r, avg)
             scores[r] = _sigmoid(mix_margin(m, ma, share))
         elif link:
             scores[r] = _sigmoid(m32)
@@ -284,28 +307,33 @@ def per_event_linear(  # pragma: no cover - compiled
         # numeric block runs in branch-free loops, so that they vectorize: one for a block
         # all at its memory cap (one square root per coordinate, not two). The CSR kernel
         # accumulates gradients in a float32 scratch, hence the rounding.
-        if ftrl and _at_cap(s2, d, cap):
+        if ftrl and not miss and _at_cap(s2, d, cap):
             for j in range(d):
                 g = 0.0 + coef * z[r, j]
                 _ftrl_coordinate(np.float64(np.float32(g)) if csr else g, j, w, s1, s2, avg,
                                  rate, inv_lr, l1, l2, beta, cap, True, True)
-        elif ftrl:
+        elif ftrl and not miss:
             for j in range(d):
                 g = 0.0 + coef * z[r, j]
                 _ftrl_coordinate(np.float64(np.float32(g)) if csr else g, j, w, s1, s2, avg,
                                  rate, inv_lr, l1, l2, beta, cap, False)
-        else:
-            for j in range(d):
-                g = 0.0 + coef * z[r, j]
-                if csr:
+        else:  # the other optimizers, and FTRL on a row that misses a value: each entry is
+            for j in range(d):  # the column, or its missing-value indicator
+                i, x = numeric_entry(z, r, j)
+                g = 0.0 + coef * x
+                if row_csr:
                     g = np.float64(np.float32(g))
-                wj, a, b = _update(np.float64(w[j]), np.float64(s1[j]), np.float64(s2[j]),
+                if ftrl:
+                    _ftrl_coordinate(g, i, w, s1, s2, avg, rate, inv_lr, l1, l2, beta, cap,
+                                     np.float64(s2[i]) >= cap)
+                    continue
+                wi, a, b = _update(np.float64(w[i]), np.float64(s1[i]), np.float64(s2[i]),
                                    g, opt, lr, l1, l2, beta, cap, eta)
-                w[j] = wj
-                s1[j] = a
-                s2[j] = b
+                w[i] = wi
+                s1[i] = a
+                s2[i] = b
                 if averaged:
-                    avg[j] = average_coordinate(avg[j], w[j], _sgd_or_own(rate, opt, s1[j]))
+                    avg[i] = average_coordinate(avg[i], w[i], _sgd_or_own(rate, opt, s1[i]))
         repeats = _has_repeat(hashed, r)
         g_slot = np.float64(np.float32(0.0 + coef * one))
         for c in range(n_cat):
@@ -413,24 +441,30 @@ def prequential_chunks(  # pragma: no cover - compiled
             indptr, indices, values = csr_assemble(z, hc)
         for a in range(0, k, rows_per_step):
             b = min(a + rows_per_step, k)
+            # A dense model's window with a missing value takes CSR rows, whose entries
+            # hold the missing-value indicators (as OnlineModel.process does).
+            dense = kind == KIND_DENSE and not _any_missing(z[a:b])
+            ip, ix, vx = indptr[a : b + 1], indices, values
+            if kind == KIND_DENSE and not dense:
+                ip, ix, vx = csr_assemble(z[a:b], hc[a:b])
             m = margins[: b - a]
             m64 = margins64[: b - a]
             if prior and logistic:
                 shift_bias_to_prior(target, w, s1, s2, avg, opt, hyper)
             ma = margins_avg[: b - a]
             if averaged:
-                if kind == KIND_DENSE:
+                if dense:
                     linear_predict_dense(z[a:b], w, m64)
                     linear_predict_dense(z[a:b], avg, ma)
                 else:
-                    linear_predict_csr(indptr[a : b + 1], indices, values, w, m64)
-                    linear_predict_csr(indptr[a : b + 1], indices, values, avg, ma)
-            elif kind == KIND_DENSE:
+                    linear_predict_csr(ip, ix, vx, w, m64)
+                    linear_predict_csr(ip, ix, vx, avg, ma)
+            elif dense:
                 linear_predict_dense(z[a:b], w, m)
             elif kind == KIND_FM:
-                fm_predict_csr(indptr[a : b + 1], indices, values, w, V, m)
+                fm_predict_csr(ip, ix, vx, w, V, m)
             else:
-                linear_predict_csr(indptr[a : b + 1], indices, values, w, m)
+                linear_predict_csr(ip, ix, vx, w, m)
             out = scores[lo + a : lo + b]
             if averaged:
                 mm = mixed[: b - a]
@@ -457,17 +491,17 @@ def prequential_chunks(  # pragma: no cover - compiled
                 if not logistic:
                     t_mean, t_std = target_scale(target)
                     y = standardize(y, t_mean, t_std)
-            if kind == KIND_DENSE:
+            if dense:
                 zl = z[a:b] if n_lab == b - a else np.ascontiguousarray(z[a:b][keep])
                 total += linear_learn_dense(zl, y, w, s1, s2, loss, opt, hyper, step)
-                if averaged:  # every coordinate took a step
+                if averaged:  # every coordinate of the numeric block took a step, and the bias
                     rate = avg_rate(step, inv_horizon)
                     sums = _squared_sums(opt, s1, s2)
-                    for j in range(d + 1):
+                    for t in range(d + 1):
+                        j = t if t < d else w.shape[0] - 1
                         r = coordinate_rate(rate, np.float64(sums[j])) if sums.shape[0] else rate
                         avg[j] = average_coordinate(avg[j], w[j], r)
             else:
-                ip, ix, vx = indptr[a : b + 1], indices, values
                 if n_lab < b - a:
                     ip, ix, vx = csr_assemble(z[a:b][keep], hc[a:b][keep])
                 if kind == KIND_FM:

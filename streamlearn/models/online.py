@@ -43,9 +43,11 @@ from streamlearn.prequential import PrequentialMetrics
 from streamlearn.scaler import RunningStandardScaler
 
 STATE_KIND = "streamlearn.model"
-STATE_VERSION = 2
+STATE_VERSION = 3
 """2: label statistics (``target``) and per-window steps. A version-1 state keeps its
-rule (``label_prior = False``): its weights were learned without the prior."""
+rule (``label_prior = False``): its weights were learned without the prior.
+3: the missing block (:attr:`ModelSpec.first_slot`); an older state gets it at zero, so
+its scores are unchanged (:func:`upgraded`)."""
 
 _LOSS = {
     "binary": codes.LOSS_LOGISTIC,
@@ -62,6 +64,25 @@ _KERNEL = ("C", "W")  # np.require: the arrays the compiled step takes
 
 class StateError(ValueError):
     """A state dict that does not describe a streamlearn model."""
+
+
+def upgraded(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` in this version's weight layout: a state written before the missing block
+    (version 2 or older) gets it, ``d`` zero rows after the numeric block, where the hashed
+    slots move up from. A missing value scored 0 before, and its zero weight scores 0 now,
+    with no learning yet (FTRL: ``z = n = 0``). The replica merge takes shards through
+    this too, so replicas mid-upgrade still merge. Other fields are left to
+    :meth:`OnlineModel.from_state`; a payload that is not a state is returned as it is."""
+    if (not isinstance(state, dict) or int(state.get("state_version", 0)) >= 3
+            or not isinstance(state.get("weights"), dict)
+            or not isinstance(state.get("spec"), dict)):
+        return state
+    d = ModelSpec.from_dict(state["spec"]).n_numeric
+    weights = {}
+    for name, arr in state["weights"].items():
+        a = np.asarray(arr)
+        weights[name] = np.insert(a, [d] * d, 0, axis=0) if a.ndim and a.shape[0] > d else a
+    return {**state, "weights": weights, "state_version": 3}
 
 
 def _sigmoid(m: np.ndarray) -> np.ndarray:
@@ -127,7 +148,7 @@ class OnlineModel:
         lr, slot_lr = spec.learning_rates
         self._hyper = np.array(  # kernels.codes.H_*
             [lr, spec.l1, spec.l2, spec.power_t, spec.ftrl_beta, spec.gradient_cap, slot_lr,
-             spec.n_numeric],
+             spec.first_slot],
             dtype=np.float64,
         )
         self.target = new_target()  # label statistics: see streamlearn.models.target
@@ -143,17 +164,25 @@ class OnlineModel:
         self.mix = new_mix()
         self._inv_horizon = 1.0 / spec.horizon if spec.horizon else 0.0
         self._served: tuple[tuple[float, ...], np.ndarray] | None = None
-        self._all_coords = bk.asarray(np.arange(d if self.averaged else 0, dtype=np.int64))
+        # What a dense step touches: the numeric block and the bias (not the missing block).
+        dense_coords = np.append(np.arange(spec.n_numeric), d - 1) if self.averaged else []
+        self._all_coords = bk.asarray(np.asarray(dense_coords, dtype=np.int64))
         self.is_fm = spec.task == "ranking"
-        # Without categorical fields every row touches every weight: the dense kernels have
-        # the CSR kernels' semantics then (lazy regularization visits all coordinates anyway)
-        # and need no index arrays. The FM keeps CSR.
+        # Without categorical fields every row touches every numeric weight: the dense
+        # kernels have the CSR kernels' semantics then (lazy regularization visits all
+        # coordinates anyway) and need no index arrays. A row that misses a value takes
+        # CSR rows still, whose entries hold its missing-value indicators. The FM keeps CSR.
         self.dense = not spec.categorical and not self.is_fm
         if self.is_fm:
             # Seeded by name, so every replica starts from the same factors.
             rng = np.random.default_rng(zlib.crc32(spec.name.encode()))
             k = spec.fm_factors
-            v0 = rng.normal(0.0, spec.fm_init_std, size=(spec.n_weights, k)).astype(np.float32)
+            # The missing block's factors are drawn after the others, so that every other
+            # weight starts from the factors it had before the block existed.
+            d = spec.n_numeric
+            v0 = rng.normal(0.0, spec.fm_init_std, size=(spec.n_weights - d, k))
+            v0 = np.insert(v0, [d] * d, rng.normal(0.0, spec.fm_init_std, size=(d, k)), axis=0)
+            v0 = v0.astype(np.float32)
             self.V = bk.asarray(v0)
             self.s1v, self.s2v = bk.zeros(v0.shape), bk.zeros(v0.shape)
             self._gv = bk.zeros(v0.shape)
@@ -188,12 +217,12 @@ class OnlineModel:
         self.backend.kernels.linear_predict_dense(z, self.w if w is None else w, out)
         return out
 
-    def _expert_margins(self, rows: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    def _expert_margins(self, rows: Any, dense: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """Margins of dense or CSR ``rows`` with the weights, and for an averaged model
         with their average too, both float64 (its mixture weighs their log losses)."""
         if not self.averaged:
-            return (self._margins_dense(rows) if self.dense else self._margins(*rows)), None
-        if self.dense:
+            return (self._margins_dense(rows) if dense else self._margins(*rows)), None
+        if dense:
             return (self._margins_dense(rows, dtype=np.float64),
                     self._margins_dense(rows, self.avg, dtype=np.float64))
         return (self._margins(*rows, dtype=np.float64),
@@ -255,8 +284,17 @@ class OnlineModel:
             return np.empty(0, dtype=np.float32)
         self.fill_aggregates(batch, update=False)
         z = self.scaler.transform_many(batch.numeric)
-        rows = self.backend.asarray(z) if self.dense else csr_rows(z, batch.hashed)
-        return self._scores(*self._expert_margins(rows))
+        if not self.dense:
+            return self._scores(*self._expert_margins(csr_rows(z, batch.hashed), False))
+        m, m_avg = self._expert_margins(self.backend.asarray(z), True)
+        missing = np.flatnonzero(np.isnan(z).any(axis=1))
+        if len(missing):  # those rows' CSR margins, as process scores them
+            rows_m, rows_avg = self._expert_margins(
+                csr_rows(z[missing], batch.hashed[missing]), False)
+            m[missing] = rows_m
+            if m_avg is not None:
+                m_avg[missing] = rows_avg
+        return self._scores(m, m_avg)
 
     def predict_events(self, events: list[dict[str, Any]]) -> np.ndarray:
         """Score event dicts; raise ``InvalidEvent`` naming the first bad field."""
@@ -286,14 +324,15 @@ class OnlineModel:
         if not joined:
             count0 = scaler.count.copy()
             scaler.learn_many(X)
-            # Rows the scaler did not count were missing, and are imputed with the mean.
+            # Rows the scaler did not count were missing (their missing-value weights score them).
             np.add(self.n_imputed, n - (scaler.count - count0), out=self.n_imputed,
                    casting="unsafe")
             self.data_drift.update(self._raw(X), None, batch.hashed)
         z = scaler.transform_many(X)
+        missing = np.isnan(z).any(axis=1)
         if self.dense:
             rows: Any = self.backend.asarray(z)  # one host->device copy on CUDA
-        else:
+        if not self.dense or missing.any():
             indptr, indices, values = csr_rows(z, batch.hashed)
         scores = np.empty(n, dtype=np.float32)
         labels = batch.labels
@@ -305,12 +344,14 @@ class OnlineModel:
             b = min(a + self.spec.update_rows, n)
             if prior and logistic:
                 self._shift_bias_to_prior()
-            if self.dense:
+            # A dense model's window with a missing value takes CSR rows (its indicators).
+            dense = self.dense and not missing[a:b].any()
+            if dense:
                 window: Any = rows[a:b]
             else:
                 lo, hi = indptr[a], indptr[b]
                 window = (indptr[a : b + 1] - lo, indices[lo:hi], values[lo:hi])
-            m, m_avg = self._expert_margins(window)
+            m, m_avg = self._expert_margins(window, dense)
             scores[a:b] = self._scores(m, m_avg, share)
             keep = np.flatnonzero(~np.isnan(labels[a:b]))
             if len(keep) == 0:
@@ -324,13 +365,13 @@ class OnlineModel:
                     y = standardize(y, *target_scale(self.target))
             if len(keep) < b - a:  # rare: a partly labelled window
                 window = (
-                    self.backend.asarray(z[a:b][keep]) if self.dense
+                    self.backend.asarray(z[a:b][keep]) if dense
                     else csr_rows(z[a:b][keep], batch.hashed[a:b][keep])
                 )
             rate = avg_rate(self.step, self._inv_horizon) if self.averaged else 0.0
-            total += self._learn_dense(window, y) if self.dense else self._learn_csr(window, y)
+            total += self._learn_dense(window, y) if dense else self._learn_csr(window, y)
             if self.averaged:  # the coordinates this step touched, and the bias
-                touched = (self._all_coords if self.dense else
+                touched = (self._all_coords if dense else
                            np.append(np.unique(window[1]), self.w.shape[0] - 1))
                 names = _SQUARED_SUMS.get(self.spec.optimizer)
                 sums = getattr(self, names[0]) if names else self.s1[:0]  # SGD keeps none
@@ -629,8 +670,10 @@ class OnlineModel:
         if int(state.get("state_version", 0)) > STATE_VERSION:
             raise StateError(f"model state version {state['state_version']} is too new")
         try:
+            version = int(state.get("state_version", 0))
+            state = upgraded(state)
             spec_dict = state["spec"]
-            if int(state.get("state_version", 0)) < 2:  # keep the rule its weights learned by
+            if version < 2:  # keep the rule its weights learned by
                 spec_dict = dict(spec_dict, label_prior=False,
                                  update_rows=spec_dict.get("batch_size", 256))
             # A state written before the memory cap takes the default ``horizon`` (the

@@ -88,7 +88,8 @@ def test_served_weights_give_the_served_scores_and_explanations():
     batch, _ = model.vectorizer.transform_many(events[:20])
     z = model.scaler.transform_many(batch.numeric).astype(np.float64)
     w = model.served_weights().astype(np.float64)
-    expected = 1.0 / (1.0 + np.exp(-(z @ w[:-1] + w[-1])))
+    d = z.shape[1]  # a dense spec: the numeric block, its missing block, then the bias
+    expected = 1.0 / (1.0 + np.exp(-(z @ w[:d] + w[-1])))
     np.testing.assert_allclose(model.predict_many(batch), expected, rtol=1e-5)
     explained = model.explain_one(events[0])
     assert explained["score"] == pytest.approx(expected[0], rel=1e-5)

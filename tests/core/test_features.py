@@ -83,7 +83,7 @@ def test_slot_caches_do_not_keep_long_values():
         batch, rejects = vec.transform_many([{"a": 1.0, "c": v} for v in long])
         slots = [vec.slot("c", v) for v in long]
         assert not rejects and batch.hashed[:, 0].tolist() == slots
-        assert slots == [SPEC.n_numeric + (stable_hash("c", v) & 0xFF) for v in long]
+        assert slots == [SPEC.first_slot + (stable_hash("c", v) & 0xFF) for v in long]
         del long
         gc.collect()
         held = tracemalloc.get_traced_memory()[0]

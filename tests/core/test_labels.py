@@ -174,7 +174,7 @@ def test_load_rejects_state_that_does_not_fit(mangle):
 
 
 @pytest.mark.parametrize(("name", "value", "match"), [
-    ("hashed", np.array([[10**9], [3]]), "hashed slots outside 0..65"),
+    ("hashed", np.array([[10**9], [3]]), f"hashed slots outside 0..{SPEC.n_weights - 1}"),
     ("hashed", np.array([[-1], [3]]), "hashed slots outside"),
     ("scores", np.array([np.nan, 0.5], dtype=np.float32), "NaN or infinite scores"),
     ("numeric", np.array([[1.0, np.inf], [2.0, 3.0]]), "infinite features"),

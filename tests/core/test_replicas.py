@@ -13,6 +13,7 @@ import pytest
 from streamlearn import replicas
 from streamlearn.config import ModelSpec
 from streamlearn.models import OnlineModel
+from streamlearn.models.online import upgraded
 from streamlearn.prequential import roc_auc
 
 
@@ -20,7 +21,7 @@ def kernel_rates(s: ModelSpec) -> np.ndarray:
     """The learning rate of each linear weight as the kernels take it: the hashed slots
     their own (``ModelSpec.slot_step_norm``), the numeric block and the bias the other."""
     rates = np.full(s.n_weights + 1, s.step_size / s.step_norm)
-    rates[s.n_numeric : s.n_weights] = s.step_size / s.slot_step_norm
+    rates[s.first_slot : s.n_weights] = s.step_size / s.slot_step_norm
     return rates
 
 
@@ -204,6 +205,26 @@ def test_a_base_from_before_averaged_scoring_merges_with_averaged_shards() -> No
     model = OnlineModel.from_state(merged)
     batch, _ = model.vectorizer.transform_many(events(33, 50))
     assert np.isfinite(model.predict_many(batch)).all()
+
+
+def test_a_shard_from_before_the_missing_block_merges_once_upgraded() -> None:
+    """A rolling upgrade: a replica still on the old code ships a state without the
+    missing block. As it is, the merge refuses it (the shard feed logs and skips such a
+    shard); upgraded, as the feed does, it merges exactly as its new-layout twin."""
+    s = spec("ftrl")
+    base = fresh(s)
+    ra = OnlineModel(s)
+    learn(ra, events(41, 600))
+    ship = ra.to_state() | {"merge": {"base_id": "", "ship": 1}}
+    block = np.s_[s.n_numeric : s.first_slot]
+    old = ship | {"state_version": 2, "weights": {
+        k: np.delete(v, block, axis=0) for k, v in ship["weights"].items()}}
+    with pytest.raises(ValueError, match="shapes"):
+        replicas.merge(base, {"a": old}, merged_by="a", now=1.0)
+    got = replicas.merge(base, {"a": upgraded(old)}, merged_by="a", now=1.0)
+    want = replicas.merge(base, {"a": ship}, merged_by="a", now=1.0)
+    for k, v in want["weights"].items():
+        np.testing.assert_array_equal(got["weights"][k], v, err_msg=k)
 
 
 def test_shards_on_another_base_wait_and_unknown_ref_drops() -> None:

@@ -78,6 +78,35 @@ def _case_id(case: tuple) -> str:
     return f"n{n}-loss{loss}-opt{opt}-l1={l1}-l2={l2}"
 
 
+@pytest.mark.parametrize("opt", OPTS)
+def test_dense_kernels_read_the_bias_as_the_last_weight(rng: np.random.Generator,
+                                                         opt: int) -> None:
+    """A model's weights hold a missing block between the numeric block and the bias
+    (``ModelSpec.first_slot``): the dense kernels learn ``w[:d]`` and ``w[-1]`` as the CSR
+    kernels do on the same rows, and leave the block between as it is."""
+    d, n = 6, 7
+    h = hyper(lr=0.05, l1=0.01, l2=0.05, first_slot=2 * d)
+    w, s1, s2 = make_state(rng, (2 * d + 1,), opt)
+    state = {"cpu": copies(w, s1, s2), "reference": copies(w, s1, s2), "csr": copies(w, s1, s2)}
+    X, y = make_dense(rng, n, d)
+    indptr = np.arange(n + 1, dtype=np.int64) * d
+    indices = np.tile(np.arange(d, dtype=np.int32), n)
+    values = np.ascontiguousarray(X.ravel(), dtype=np.float32)
+    margins = {k: np.empty(n) for k in state}
+    for name, family in (("cpu", cpu), ("reference", reference)):
+        family.linear_predict_dense(X, state[name][0], margins[name])
+        family.linear_learn_dense(X, y, *state[name], LOSS_LOGISTIC, opt, h, 0)
+    cpu.linear_predict_csr(indptr, indices, values, state["csr"][0], margins["csr"])
+    cpu.linear_learn_csr(indptr, indices, values, y, *state["csr"], LOSS_LOGISTIC, opt, h, 0,
+                         np.zeros(2 * d + 1, np.float32))
+    for name in ("cpu", "reference"):
+        assert_allclose(margins[name], margins["csr"], rtol=1e-6, atol=1e-6)
+        for got, want, before in zip(state[name], state["csr"], (w, s1, s2), strict=True):
+            assert_params_close(got, want, name)
+            assert_array_equal(got[d : 2 * d], before[d : 2 * d])
+    assert not np.array_equal(state["cpu"][0][-1], w[-1])  # the bias did learn
+
+
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_linear_learn_dense_matches_reference(rng: np.random.Generator, case: tuple) -> None:
     n, loss, opt, (l1, l2) = case

@@ -105,6 +105,26 @@ def test_linear_learn_dense_matches_cpu(rng: np.random.Generator, case: tuple) -
     assert_params_close(s2, cs2, "s2")
 
 
+def test_dense_kernels_read_the_bias_as_the_last_weight(rng: np.random.Generator) -> None:
+    """As on the CPU: a missing block between the numeric block and the bias is left as
+    it is, and the bias is ``w[-1]``."""
+    d = 5
+    h = hyper(lr=0.05, l1=0.01, l2=0.05, first_slot=2 * d)
+    w, s1, s2 = make_state(rng, (2 * d + 1,), OPT_FTRL)
+    cw, cs1, cs2 = copies(w, s1, s2)
+    middle = w[d : 2 * d].copy()
+    X, y = make_dense(rng, 7, d, LOSS_LOGISTIC)
+    got, want = np.empty(7, np.float32), np.empty(7, np.float32)
+    kcuda.linear_predict_dense(X, w, got)
+    cpu.linear_predict_dense(X, cw, want)
+    assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    kcuda.linear_learn_dense(X, y, w, s1, s2, LOSS_LOGISTIC, OPT_FTRL, h, 0)
+    cpu.linear_learn_dense(X, y, cw, cs1, cs2, LOSS_LOGISTIC, OPT_FTRL, h, 0)
+    for a, b, name in ((w, cw, "w"), (s1, cs1, "s1"), (s2, cs2, "s2")):
+        assert_params_close(a, b, name)
+    assert_array_equal(w[d : 2 * d], middle)
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_linear_learn_csr_matches_cpu(rng: np.random.Generator, case: tuple) -> None:
     loss, opt, (l1, l2) = case
