@@ -7,7 +7,8 @@ import pytest
 
 from streamlearn.backends import BackendUnavailable, get_backend
 from streamlearn.config import ModelSpec
-from streamlearn.models import OnlineModel, ftrl
+from streamlearn.models import OnlineModel, StateError, ftrl
+from streamlearn.models.online import STATE_VERSION
 from streamlearn.prequential import roc_auc
 from streamlearn.reasons import reason_codes
 from streamlearn.synthetic import FraudStream
@@ -322,6 +323,13 @@ def test_a_state_from_before_the_missing_block_keeps_its_scores(task):
         np.testing.assert_array_equal(restored.predict_events(probe), model.predict_events(probe))
     plain = [e for e in probe if "x1" in e]
     np.testing.assert_array_equal(restored.predict_events(plain), model.predict_events(plain))
+
+
+def test_a_state_from_a_newer_release_is_refused_with_its_version():
+    state = OnlineModel(SPECS["binary"], device="cpu").to_state()
+    newer = dict(state, state_version=STATE_VERSION + 1)
+    with pytest.raises(StateError, match=f"version {STATE_VERSION + 1} is too new"):
+        OnlineModel.from_state(newer)
 
 
 @pytest.mark.parametrize(("average", "margin"), [(False, 0.005), (True, 0.0005)])
