@@ -30,8 +30,8 @@ H_SLOT_LR = 6
 """Learning rate of the hashed slots' weights (``H_LEARNING_RATE`` serves the numeric
 block, the bias and FM factors); see ``ModelSpec.slot_step_norm``."""
 H_FIRST_SLOT = 7
-"""Index of the first hashed slot (the numeric block's width): weights from here up to,
-not including, the bias take ``H_SLOT_LR``."""
+"""Index of the first hashed slot (``ModelSpec.first_slot``: past the numeric block and its
+missing block): weights from here up to, not including, the bias take ``H_SLOT_LR``."""
 
 AVG_UPDATES_PER_SQUARE = 8.0
 """A weight's running average moves at least ``2 / (1 + 8 n)`` of the way at each of its

@@ -29,9 +29,9 @@ Losses (``codes.LOSS_*``)
 Optimizers, for one coordinate with data gradient ``g`` and current weight ``w``
     ``lr, l1, l2, power_t, beta, cap, slot_lr, first_slot = hyper``. The weights of the
     hashed slots, ``w[first_slot:D]``, take ``slot_lr`` in place of ``lr`` (SGD's schedule
-    too); the numeric block ``w[:first_slot]``, the bias and FM factors take ``lr``. The
-    dense kernels have no slots (a model's ``first_slot`` is its numeric width): every
-    weight takes ``lr`` there.
+    too); the numeric block and its missing block ``w[:first_slot]``, the bias and FM
+    factors take ``lr``. The dense kernels touch only ``w[:d]`` and the bias, the last
+    weight: every weight takes ``lr`` there.
 
     The memory cap (``ModelSpec.horizon``): AdaGrad's ``s1`` and FTRL's ``n`` grow to at most
     ``cap`` and never shrink: ``acc_new = min(acc + g**2, max(cap, acc))``. Once capped, the
@@ -343,7 +343,7 @@ def fm_learn_csr(
     for i in touched:
         i = int(i)
         step_coordinate(w, s1w, s2w, i, float(g_w[i]), opt, hyper, step, True,
-                        is_slot(int(i), hyper))
+                        is_slot(i, hyper))
         for f in range(k):
             step_coordinate(V, s1v, s2v, (i, f), float(g_v[i, f]), opt, hyper, step, True)
     step_coordinate(w, s1w, s2w, D, float(g_w[D]), opt, hyper, step, False)

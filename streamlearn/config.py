@@ -373,12 +373,12 @@ class ModelSpec:
     def step_norm(self) -> float:
         """``fields ** norm_power`` when :attr:`normalized`; else 1.
 
-        Every numeric field is z-scored (unit variance; a missing one is its indicator, 1) and every
-        categorical field is one hashed slot of value 1, so a row's squared norm is about
-        its number of fields. Dividing the step by a power of it (Vowpal Wabbit's
-        ``--normalized`` divides by the norm itself) lets one default step serve 2
-        fields or 85: a fixed step overshot on wide rows of correlated features, and a
-        power below 1 keeps wide rows of weakly related fields learning.
+        Every numeric field is z-scored (unit variance; a missing value is its indicator, of
+        value 1) and every categorical field is one hashed slot of value 1, so a row's
+        squared norm is about its number of fields. Dividing the step by a power of it
+        (Vowpal Wabbit's ``--normalized`` divides by the norm itself) lets one default step
+        serve 2 fields or 85: a fixed step overshot on wide rows of correlated features,
+        and a power below 1 keeps wide rows of weakly related fields learning.
 
         >>> ModelSpec(name="m", topic="t", numeric=tuple("abcdefghijklmnop")).step_norm
         8.0

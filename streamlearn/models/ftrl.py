@@ -31,29 +31,28 @@ def weight_rates(spec: ModelSpec) -> np.ndarray:
     return rates
 
 
-def _penalties(shape: tuple[int, ...], l1: float, l2: float,
-               bias: bool) -> tuple[np.ndarray, np.ndarray]:
+def _terms(shape: tuple[int, ...], n: np.ndarray, lr: float | np.ndarray, l1: float,
+           l2: float, beta: float, bias: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Each weight's L1 and its denominator ``(beta + sqrt(n)) / lr + l2`` (the last
+    weight, when ``bias``, has no L1/L2)."""
     l1s, l2s = np.full(shape, l1), np.full(shape, l2)
-    if bias:  # the last weight is the bias: no L1/L2
+    if bias:
         l1s[-1] = l2s[-1] = 0.0
-    return l1s, l2s
+    lr = np.broadcast_to(np.asarray(lr, dtype=np.float64), shape)
+    return l1s, (beta + np.sqrt(np.maximum(n, 0.0))) / lr + l2s
 
 
 def weights_of(z: np.ndarray, n: np.ndarray, lr: float | np.ndarray, l1: float, l2: float,
                beta: float, bias: bool) -> np.ndarray:
     """The weights of ``(z, n)`` (float64)."""
-    lr = np.broadcast_to(np.asarray(lr, dtype=np.float64), z.shape)
-    l1s, l2s = _penalties(z.shape, l1, l2, bias)
-    denom = (beta + np.sqrt(np.maximum(n, 0.0))) / lr + l2s
+    l1s, denom = _terms(z.shape, n, lr, l1, l2, beta, bias)
     return np.where(np.abs(z) <= l1s, 0.0, -(z - np.sign(z) * l1s) / denom)
 
 
 def z_of(w: np.ndarray, n: np.ndarray, lr: float | np.ndarray, l1: float, l2: float,
          beta: float, bias: bool) -> np.ndarray:
     """A ``z`` whose weights under ``(n, lr)`` are ``w`` (float64); ``w = 0`` gives 0."""
-    lr = np.broadcast_to(np.asarray(lr, dtype=np.float64), w.shape)
-    l1s, l2s = _penalties(w.shape, l1, l2, bias)
-    denom = (beta + np.sqrt(np.maximum(n, 0.0))) / lr + l2s
+    l1s, denom = _terms(w.shape, n, lr, l1, l2, beta, bias)
     return -w * denom - np.sign(w) * l1s
 
 

@@ -411,6 +411,7 @@ def prequential_chunks(  # pragma: no cover - compiled
     mixed = np.empty_like(margins)
     averaged = avg.shape[0] > 0
     logistic = loss == LOSS_LOGISTIC
+    dense_coords = np.append(np.arange(d), w.shape[0] - 1)  # what a dense step touches
     for c in range(n_chunks):
         share = share_of(mix)  # the mixture is fixed for the mini-batch
         lo = c * size
@@ -495,12 +496,8 @@ def prequential_chunks(  # pragma: no cover - compiled
                 zl = z[a:b] if n_lab == b - a else np.ascontiguousarray(z[a:b][keep])
                 total += linear_learn_dense(zl, y, w, s1, s2, loss, opt, hyper, step)
                 if averaged:  # every coordinate of the numeric block took a step, and the bias
-                    rate = avg_rate(step, inv_horizon)
-                    sums = _squared_sums(opt, s1, s2)
-                    for t in range(d + 1):
-                        j = t if t < d else w.shape[0] - 1
-                        r = coordinate_rate(rate, np.float64(sums[j])) if sums.shape[0] else rate
-                        avg[j] = average_coordinate(avg[j], w[j], r)
+                    average_update(dense_coords, w, avg, avg_rate(step, inv_horizon),
+                                   _squared_sums(opt, s1, s2))
             else:
                 if n_lab < b - a:
                     ip, ix, vx = csr_assemble(z[a:b][keep], hc[a:b][keep])

@@ -81,8 +81,14 @@ def upgraded(state: dict[str, Any]) -> dict[str, Any]:
     weights = {}
     for name, arr in state["weights"].items():
         a = np.asarray(arr)
-        weights[name] = np.insert(a, [d] * d, 0, axis=0) if a.ndim and a.shape[0] > d else a
+        weights[name] = _with_missing_block(a, d, 0.0) if a.ndim and a.shape[0] > d else a
     return {**state, "weights": weights, "state_version": 3}
+
+
+def _with_missing_block(a: np.ndarray, d: int, block: Any) -> np.ndarray:
+    """``a`` (rows: the numeric block, then the rest) with the ``d`` rows ``block`` (a
+    value or an array) inserted after its first ``d``: the layout of ModelSpec.first_slot."""
+    return np.insert(a, [d] * d, block, axis=0)
 
 
 def _sigmoid(m: np.ndarray) -> np.ndarray:
@@ -181,7 +187,7 @@ class OnlineModel:
             # weight starts from the factors it had before the block existed.
             d = spec.n_numeric
             v0 = rng.normal(0.0, spec.fm_init_std, size=(spec.n_weights - d, k))
-            v0 = np.insert(v0, [d] * d, rng.normal(0.0, spec.fm_init_std, size=(d, k)), axis=0)
+            v0 = _with_missing_block(v0, d, rng.normal(0.0, spec.fm_init_std, size=(d, k)))
             v0 = v0.astype(np.float32)
             self.V = bk.asarray(v0)
             self.s1v, self.s2v = bk.zeros(v0.shape), bk.zeros(v0.shape)
@@ -329,10 +335,11 @@ class OnlineModel:
                    casting="unsafe")
             self.data_drift.update(self._raw(X), None, batch.hashed)
         z = scaler.transform_many(X)
-        missing = np.isnan(z).any(axis=1)
+        # A dense model's window with a missing value takes CSR rows (its indicators).
+        missing = np.isnan(z).any(axis=1) if self.dense else None
         if self.dense:
             rows: Any = self.backend.asarray(z)  # one host->device copy on CUDA
-        if not self.dense or missing.any():
+        if missing is None or missing.any():
             indptr, indices, values = csr_rows(z, batch.hashed)
         scores = np.empty(n, dtype=np.float32)
         labels = batch.labels
@@ -340,12 +347,13 @@ class OnlineModel:
         prior = self.spec.label_prior
         total, n_labelled = 0.0, 0
         share = float(share_of(self.mix))  # the mixture is fixed for the mini-batch
+        names = _SQUARED_SUMS.get(self.spec.optimizer)
+        sums = getattr(self, names[0]) if names else self.s1[:0]  # SGD keeps none
         for a in range(0, n, self.spec.update_rows):
             b = min(a + self.spec.update_rows, n)
             if prior and logistic:
                 self._shift_bias_to_prior()
-            # A dense model's window with a missing value takes CSR rows (its indicators).
-            dense = self.dense and not missing[a:b].any()
+            dense = missing is not None and not missing[a:b].any()
             if dense:
                 window: Any = rows[a:b]
             else:
@@ -373,8 +381,6 @@ class OnlineModel:
             if self.averaged:  # the coordinates this step touched, and the bias
                 touched = (self._all_coords if dense else
                            np.append(np.unique(window[1]), self.w.shape[0] - 1))
-                names = _SQUARED_SUMS.get(self.spec.optimizer)
-                sums = getattr(self, names[0]) if names else self.s1[:0]  # SGD keeps none
                 self.backend.kernels.average_update(touched, self.w, self.avg, rate, sums)
             n_labelled += len(y)
         if not joined:

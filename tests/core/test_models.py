@@ -122,7 +122,7 @@ def test_a_state_learned_under_other_rates_keeps_its_weights():
     derived = ftrl.weights_of(restored.s1.astype(np.float64), restored.s2.astype(np.float64),
                               ftrl.weight_rates(spec), spec.l1, spec.l2, spec.ftrl_beta, True)
     np.testing.assert_allclose(derived, restored.w, rtol=1e-4, atol=1e-6)
-    slots = slice(spec.n_numeric, spec.n_weights)
+    slots = slice(spec.first_slot, spec.n_weights)
     assert not np.array_equal(restored.s1[slots], old.s1[slots])  # re-derived
     before = restored.w[slots].copy()
     _run(restored, _events("binary", 1, seed=5))
