@@ -107,3 +107,23 @@ def test_drift_streams_generate_offline_with_a_target_per_row() -> None:
     # the same kind of rows positive (0.615 and 0.253 in the first and last 1,000 here).
     y = streams["agrawal_drift"].y
     assert abs(y[:1000].mean() - y[-1000:].mean()) > 0.2
+
+
+def test_a_shuffled_data_set_scores_the_mean_of_its_shuffles_and_a_file_ordered_one_once() -> None:
+    # mroz's file is sorted by its label, so its one seeded shuffle is an arbitrary draw:
+    # the table's figure is the mean over SHUFFLES draws, the same for every system.
+    s = real_data.load(real_data.BY_NAME["mroz"])
+    k = 3
+    row = bench.real_measure(s, bench.SL_ARRAYS, warm=False, shuffles=k)
+    draws = [s, *(s.reordered(seed) for seed in range(1, k))]
+    aucs = [bench.real_quality(d.task, d.y, bench.real_sl_arrays(d, None).scores)["auc"]
+            for d in draws]
+    assert row.auc == pytest.approx(float(np.mean(aucs)), abs=1e-12)
+    assert len(set(aucs)) == k and "mean of 3 shuffles" in row.note
+    once = bench.real_measure(s, bench.SL_ARRAYS, warm=False, shuffles=1)
+    assert once.auc == pytest.approx(aucs[0], abs=1e-12) and "shuffles" not in once.note
+    filed = real_data.load(real_data.BY_NAME["oj"], max_rows=600)
+    assert filed.ds.order == "file"
+    row = bench.real_measure(filed, bench.SL_ARRAYS, warm=False, shuffles=k)
+    assert row.auc == pytest.approx(bench.real_quality(
+        filed.task, filed.y, bench.real_sl_arrays(filed, None).scores)["auc"], abs=1e-12)
