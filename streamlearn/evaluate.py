@@ -270,7 +270,8 @@ def _slice(batch: FeatureBatch, lo: int, hi: int) -> FeatureBatch:
                         batch.ids[lo:hi], aux)
 
 
-def _concat(parts: Sequence[FeatureBatch]) -> FeatureBatch:
+def concat_batches(parts: Sequence[FeatureBatch]) -> FeatureBatch:
+    """The rows of ``parts``, in order, as one batch."""
     if len(parts) == 1:
         return parts[0]
     ids: Any
@@ -321,7 +322,7 @@ class Evaluator:
         if len(batch) == 0:
             return
         if self._pending is not None:
-            batch = _concat([self._pending, batch])
+            batch = concat_batches([self._pending, batch])
             self._pending = None
         full = len(batch) - len(batch) % self.size
         if full:
@@ -1100,7 +1101,7 @@ class MessageDecoder:
             return FeatureBatch(np.empty((0, self.spec.n_numeric)),
                                 np.empty((0, len(self.spec.categorical)), np.int64),
                                 np.empty(0, np.float32), [])
-        return _concat(parts)
+        return concat_batches(parts)
 
     def _json(self, values: list[bytes | None], parts: list[FeatureBatch]) -> None:
         if values:
@@ -1117,7 +1118,9 @@ class MessageDecoder:
 # -- printing ------------------------------------------------------------------------------
 
 
-def _fmt(value: Any, key: str = "") -> str:
+def format_value(value: Any, key: str = "") -> str:
+    """A figure as the tables print it: counts with separators, MAE/RMSE to 4
+    significant digits, other metrics to 4 decimals, ``-`` when undefined."""
     if value is None:
         return "-"
     if isinstance(value, int | np.integer):
@@ -1147,8 +1150,8 @@ def format_report(report: Report, *, max_windows: int = 12) -> str:
     header = " " * label_w + "".join(n.rjust(width) for n in names)
     lines += ["", header]
     for key, label in (*metrics, *extra):
-        lines.append(label.ljust(label_w) + "".join(_fmt(v.overall.get(key), key).rjust(width)
-                                                    for v in vs))
+        lines.append(label.ljust(label_w) + "".join(
+            format_value(v.overall.get(key), key).rjust(width) for v in vs))
     lines.append("learn rows/s".ljust(label_w) + "".join(
         (f"{v.rows / v.learn_seconds:,.0f}" if v.learn_seconds else "-").rjust(width)
         for v in vs))
@@ -1174,7 +1177,8 @@ def format_report(report: Report, *, max_windows: int = 12) -> str:
             w = windows[i]
             span = f"{w['start']:,}-{w['end']:,}"
             lines.append(span.ljust(label_w) + "".join(
-                _fmt(v.windows[i].get(key) if i < len(v.windows) else None, key).rjust(width)
+                format_value(v.windows[i].get(key) if i < len(v.windows) else None,
+                             key).rjust(width)
                 for v in vs))
     for v in vs:
         if v.label_counts:

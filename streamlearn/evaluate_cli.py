@@ -75,6 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--plot", default="", metavar="OUT.png|OUT.html",
                      help="draw the per-window metrics (PNG, or an HTML page with SVG)")
     out.add_argument("--limit", type=int, default=None, metavar="N", help="stop after N rows")
+    out.add_argument("--shuffles", type=int, default=None, metavar="K",
+                     help="a file whose rows have no order of their own: replay K seeded "
+                          "shuffles (fresh models each) and print each spec's mean +- "
+                          "standard error, and its paired difference to the first spec "
+                          "(reads the whole file into memory)")
     out.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -177,6 +182,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise EvaluateError(f"--limit must be at least 1, got {args.limit}")
     spec = _spec(args)
+    if args.shuffles is not None:
+        return _run_shuffles(args, spec)
     source = args.file or f"topic {args.topic}"
     if args.file:
         delayed = args.label_delay is not None
@@ -228,6 +235,61 @@ def _run(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
     return 130 if interrupted else 0
+
+
+def _run_shuffles(args: argparse.Namespace, spec: Any) -> int:
+    """``--shuffles K``: decode the file once, in its order, then replay K shuffles."""
+    from streamlearn.evaluate import (
+        ArrowDecoder,
+        EvaluateError,
+        TableFile,
+        concat_batches,
+        make_variants,
+        needed_columns,
+    )
+    from streamlearn.evaluate_orders import check_shuffles, format_orders, replay_orders
+
+    refused = [flag for flag, given in (
+        ("--topic (a topic's order is the stream's)", args.topic),
+        ("--label-delay (it needs the rows in event time)", args.label_delay is not None),
+        ("--plot (there is no one stream to draw)", args.plot),
+        ("--window (the figures cover each whole order)", args.window is not None),
+    ) if given]
+    if refused:
+        raise EvaluateError(f"--shuffles cannot be used with {refused[0]}")
+    check_shuffles(args.shuffles)
+    variants = make_variants(spec, args.compare,
+                             lambda s: ArrowDecoder(s, positive=args.positive, source=args.file))
+    if any(v.spec.aggregates for v in variants):
+        raise EvaluateError("--shuffles cannot replay entity aggregates: they need the rows "
+                            "in event time")
+    table = TableFile(args.file, needed_columns(v.spec for v in variants))
+    parts: list[list[Any]] = [[] for _ in variants]
+    rows = 0
+    _, total, unit = table.progress()
+    with _bar(args, f"read {Path(args.file).name}", unit, total) as bar:
+        for chunk in table:
+            for variant, got in zip(variants, parts, strict=True):
+                got.append(variant.decoder.decode(chunk))
+            rows += len(parts[0][-1])
+            bar.update(table.progress()[0] - bar.n)
+            if args.limit is not None and rows >= args.limit:
+                break
+    if rows == 0:
+        raise EvaluateError(f"{args.file}: no rows to evaluate")
+    import numpy as np
+
+    n = rows if args.limit is None else min(rows, args.limit)
+    batches = [concat_batches(got).take(np.arange(n)) for got in parts]
+    with _bar(args, "shuffles", "order", args.shuffles) as bar:
+        report = replay_orders(variants, batches, args.shuffles, source=args.file,
+                               progress=lambda done: bar.update(done - bar.n))
+    if args.json:
+        Path(args.json).write_bytes(report.to_json())
+    print(format_orders(report), flush=True)
+    if args.json:
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
 
 
 def _replay_topic(args: argparse.Namespace, replay: Any) -> None:
