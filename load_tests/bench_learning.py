@@ -1529,10 +1529,10 @@ def real_quality(task: str, y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 
 def real_measure(
     rs: RealStream, system: str, lr: float | None = None, warm: bool = True,
-    shuffles: int | None = None,
+    shuffles: int = 1,
 ) -> RealRow:
     """One system on one stream: rows/s (timed runs, fastest kept) and quality; on a data
-    set in shuffle order, quality is the mean over ``shuffles`` orders (default
+    set in shuffle order, quality is the mean over ``shuffles`` orders (the tables pass
     :data:`SHUFFLES`)."""
     row = RealRow(rs.name, rs.task, system, len(rs), lr)
     why = missing_package(system)
@@ -1551,8 +1551,7 @@ def real_measure(
             runs += 1
             if again.wall < res.wall:
                 res = again
-        k = SHUFFLES if shuffles is None else shuffles
-        k = k if rs.ds.order == "shuffle" and rs.order_seed == 0 else 1
+        k = shuffles if rs.ds.order == "shuffle" and rs.order_seed == 0 else 1
         qs = [real_quality(rs.task, rs.y, res.scores)]
         for seed in range(1, k):
             other = rs.reordered(seed)
@@ -1733,7 +1732,7 @@ def real_grid(
             pts = []
             for lr in lrs:
                 t = time.perf_counter()
-                r = real_measure(rs, system, lr, warm=False)
+                r = real_measure(rs, system, lr, warm=False, shuffles=SHUFFLES)
                 progress(f"grid {ds} {system} lr={lr:g}", t)
                 pts.append(r)
             out += pts
@@ -1787,8 +1786,7 @@ def real_orders(
             t = time.perf_counter()
             stream = rs if seed == 0 else rs.reordered(seed)
             for system in systems:
-                per[system].append(getattr(real_measure(stream, system, warm=False, shuffles=1),
-                                              metric))
+                per[system].append(getattr(real_measure(stream, system, warm=False), metric))
             progress(f"orders {name} #{seed}", t)
         means = {s: float(np.mean(v)) for s, v in per.items()}
         anchors = [s for s in systems if s in REAL_ANCHORS and math.isfinite(means[s])]
@@ -1882,7 +1880,7 @@ def measure_streams(streams: dict[str, RealStream], wanted: set[str], out: list[
         for system in REAL_RUNNERS:
             if system in wanted:
                 t = time.perf_counter()
-                out.append(real_measure(rs, system))
+                out.append(real_measure(rs, system, shuffles=SHUFFLES))
                 progress(f"{name} {system}", t)
         if after_each is not None:
             after_each()
