@@ -19,6 +19,7 @@ Usage::
     python load_tests/bench_learning.py --real --set learning_rate=0.1 --set batch_size=64
     python load_tests/bench_learning.py --real --grid    # + one shared learning-rate grid
     python load_tests/bench_learning.py --real --datasets bananas,phishing --orders 12
+    python load_tests/bench_learning.py --real --plot docs/learning_quality.png
     python load_tests/bench_learning.py --real --datasets lending_club,movielens_rank \
         --systems streamlearn,river-one,vw --max-rows 20000 --json /tmp/real.json
 
@@ -1981,6 +1982,11 @@ def main_real(args: argparse.Namespace, versions: list[str]) -> int:
         rows += speed_rows
     report["targets"] = real_targets(rows, streams, speed_stream)
     dump()
+    if args.plot:
+        from quality_plot import draw
+
+        drawn = draw(dict(report, results=[dataclasses.asdict(r) for r in rows]), args.plot)
+        print(f"wrote {drawn}")
     if args.grid:
         lrs = tuple(float(x) for x in args.grid_lrs.split(","))
         grid_rows += real_grid(streams, wanted, lrs, rows)
@@ -2028,6 +2034,9 @@ def main(argv: list[str] | None = None) -> int:
         help="override a ModelSpec field for every streamlearn model (repeatable)",
     )
     p.add_argument("--json", default=None, metavar="PATH", help="write all results as JSON")
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help="real suite: draw the quality table, every system against the best "
+                        "default anchor (PNG or SVG; load_tests/quality_plot.py)")
     p.add_argument(
         "--drift-rows",
         type=int,
