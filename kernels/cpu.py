@@ -450,15 +450,20 @@ def coordinate_rate(rate, n):  # pragma: no cover - compiled
     return min(1.0, 2.0 / x) if rate * x < 2.0 else rate
 
 
+@njit(inline="always")
+def own_rate(rate, n, i):  # pragma: no cover - compiled
+    """The rate of weight ``i``'s average: :func:`coordinate_rate` of its squared-gradient
+    sum ``n[i]``, or ``rate`` where ``n`` is empty (SGD keeps no sums)."""
+    return coordinate_rate(rate, np.float64(n[i])) if n.shape[0] > 0 else rate
+
+
 @njit(cache=True)
 def average_update(touched, w, avg, rate, n):
     """``avg[i] += r_i * (w[i] - avg[i])`` for each index in ``touched`` (unique), ``r_i``
-    :func:`coordinate_rate` of ``n[i]``; ``n`` empty (SGD keeps no sums): ``rate``."""
-    per = n.shape[0] > 0
+    :func:`own_rate` of ``n``."""
     for t in range(touched.shape[0]):
         i = touched[t]
-        r = coordinate_rate(rate, np.float64(n[i])) if per else rate
-        avg[i] = average_coordinate(avg[i], w[i], r)
+        avg[i] = average_coordinate(avg[i], w[i], own_rate(rate, n, i))
 
 
 @njit(cache=True)

@@ -239,6 +239,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_shuffles(args: argparse.Namespace, spec: Any) -> int:
     """``--shuffles K``: decode the file once, in its order, then replay K shuffles."""
+    import numpy as np
+
     from streamlearn.evaluate import (
         ArrowDecoder,
         EvaluateError,
@@ -277,8 +279,6 @@ def _run_shuffles(args: argparse.Namespace, spec: Any) -> int:
                 break
     if rows == 0:
         raise EvaluateError(f"{args.file}: no rows to evaluate")
-    import numpy as np
-
     n = rows if args.limit is None else min(rows, args.limit)
     batches = [concat_batches(got).take(np.arange(n)) for got in parts]
     with _bar(args, "shuffles", "order", args.shuffles) as bar:

@@ -44,6 +44,7 @@ from streamlearn.kernels.cpu import (
     linear_learn_dense,
     linear_predict_csr,
     linear_predict_dense,
+    own_rate,
     scaler_update,
 )
 from streamlearn.models.average import (
@@ -140,18 +141,18 @@ def _ftrl_coordinate(g, j, w, s1, s2, avg, rate, inv_lr, l1, l2, beta, cap,
 
 
 @njit(inline="always")
-def _sgd_or_own(rate, opt, s1i):  # pragma: no cover - compiled
-    """The average's rate at a non-FTRL weight: AdaGrad's own (its sum is ``s1``), SGD's
-    ``rate`` (it keeps no sums)."""
-    return rate if opt == OPT_SGD else coordinate_rate(rate, np.float64(s1i))
-
-
-@njit(inline="always")
 def _squared_sums(opt, s1, s2):  # pragma: no cover - compiled
     """Each weight's squared-gradient sum (FTRL: ``s2``, AdaGrad: ``s1``); SGD: empty."""
     if opt == OPT_FTRL:
         return s2
     return s1[:0] if opt == OPT_SGD else s1
+
+
+@njit(inline="always")
+def _own_rate(rate, opt, s1, s2, i):  # pragma: no cover - compiled
+    """:func:`~streamlearn.kernels.cpu.own_rate` of weight ``i`` under optimizer ``opt``,
+    for the per-event loop's written-out non-FTRL updates."""
+    return own_rate(rate, _squared_sums(opt, s1, s2), i)
 
 
 @njit(inline="always")
@@ -333,7 +334,7 @@ def per_event_linear(  # pragma: no cover - compiled
                 s1[i] = a
                 s2[i] = b
                 if averaged:
-                    avg[i] = average_coordinate(avg[i], w[i], _sgd_or_own(rate, opt, s1[i]))
+                    avg[i] = average_coordinate(avg[i], w[i], _own_rate(rate, opt, s1, s2, i))
         repeats = _has_repeat(hashed, r)
         g_slot = np.float64(np.float32(0.0 + coef * one))
         for c in range(n_cat):
@@ -353,7 +354,7 @@ def per_event_linear(  # pragma: no cover - compiled
                 s1[i] = a
                 s2[i] = b
                 if averaged:
-                    avg[i] = average_coordinate(avg[i], w[i], _sgd_or_own(rate, opt, s1[i]))
+                    avg[i] = average_coordinate(avg[i], w[i], _own_rate(rate, opt, s1, s2, i))
         if ftrl:  # the bias: no L1/L2
             _ftrl_coordinate(0.0 + coef, big_d, w, s1, s2, avg, rate, inv_lr, 0.0, 0.0, beta,
                              cap, np.float64(s2[big_d]) >= cap)
@@ -366,7 +367,7 @@ def per_event_linear(  # pragma: no cover - compiled
             s2[big_d] = b
             if averaged:
                 avg[big_d] = average_coordinate(avg[big_d], w[big_d],
-                                                _sgd_or_own(rate, opt, s1[big_d]))
+                                                _own_rate(rate, opt, s1, s2, big_d))
         n_lab += 1
         step += 1
     target[T_COUNT] = t_count
@@ -412,6 +413,7 @@ def prequential_chunks(  # pragma: no cover - compiled
     averaged = avg.shape[0] > 0
     logistic = loss == LOSS_LOGISTIC
     dense_coords = np.append(np.arange(d), w.shape[0] - 1)  # what a dense step touches
+    sums = _squared_sums(opt, s1, s2)  # what the averages' own rates read
     for c in range(n_chunks):
         share = share_of(mix)  # the mixture is fixed for the mini-batch
         lo = c * size
@@ -496,8 +498,7 @@ def prequential_chunks(  # pragma: no cover - compiled
                 zl = z[a:b] if n_lab == b - a else np.ascontiguousarray(z[a:b][keep])
                 total += linear_learn_dense(zl, y, w, s1, s2, loss, opt, hyper, step)
                 if averaged:  # every coordinate of the numeric block took a step, and the bias
-                    average_update(dense_coords, w, avg, avg_rate(step, inv_horizon),
-                                   _squared_sums(opt, s1, s2))
+                    average_update(dense_coords, w, avg, avg_rate(step, inv_horizon), sums)
             else:
                 if n_lab < b - a:
                     ip, ix, vx = csr_assemble(z[a:b][keep], hc[a:b][keep])
@@ -510,7 +511,7 @@ def prequential_chunks(  # pragma: no cover - compiled
                     if averaged:  # the coordinates the step touched, and the bias
                         rate = avg_rate(step, inv_horizon)
                         touched = np.append(np.unique(ix[ip[0] : ip[n_lab]]), w.shape[0] - 1)
-                        average_update(touched, w, avg, rate, _squared_sums(opt, s1, s2))
+                        average_update(touched, w, avg, rate, sums)
             n_chunk += n_lab
             step += 1
         chunk_learned[c] = n_chunk

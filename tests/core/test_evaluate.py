@@ -571,9 +571,8 @@ def test_shuffles_report_each_orders_metrics_their_mean_and_paired_differences(
         files: dict[str, Path], events: list[dict[str, Any]], tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     out_json = tmp_path / "orders.json"
-    rc = main(["evaluate", str(files["csv"]), *FLAGS, "--shuffles", "3", "--compare", "l2=0.01",
-               "--json", str(out_json)])
-    out, err = capsys.readouterr()
+    rc, out, err = _run(["evaluate", str(files["csv"]), *FLAGS, "--shuffles", "3",
+                         "--compare", "l2=0.01", "--json", str(out_json)], capsys)
     assert rc == 0, err
     assert "3 seeded shuffles" in out and "paired difference to model" in out
     report = json.loads(out_json.read_text())
@@ -600,16 +599,17 @@ def test_shuffles_report_each_orders_metrics_their_mean_and_paired_differences(
     assert f"{np.mean(expected):.4f} +- " in out
 
 
-def test_shuffles_take_the_first_rows_under_limit(files: dict[str, Path], tmp_path: Path,
+def test_shuffles_take_the_first_rows_under_limit(files: dict[str, Path],
+                                                  events: list[dict[str, Any]], tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     out_json = tmp_path / "limited.json"
-    rc = main(["evaluate", str(files["csv"]), *FLAGS, "--shuffles", "2", "--limit", "700",
-               "--json", str(out_json)])
-    _, err = capsys.readouterr()
+    rc, _, err = _run(["evaluate", str(files["csv"]), *FLAGS, "--shuffles", "2", "--limit",
+                       "700", "--json", str(out_json)], capsys)
     assert rc == 0, err
     report = json.loads(out_json.read_text())
-    assert report["rows"] == 700
-    assert all(m["n"] <= 700 for m in report["variants"][0]["per_order"])
+    labelled = sum(e.get("is_fraud") is not None for e in events[:700])
+    assert report["rows"] == 700 and report["variants"][0]["labelled"] == labelled
+    assert [m["n"] for m in report["variants"][0]["per_order"]] == [labelled, labelled]
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -621,14 +621,12 @@ def test_shuffles_take_the_first_rows_under_limit(files: dict[str, Path], tmp_pa
 def test_shuffles_refuse_what_needs_one_stream(extra: list[str], message: str,
                                                files: dict[str, Path],
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["evaluate", str(files["csv"]), *FLAGS, *extra])
-    _, err = capsys.readouterr()
+    rc, _, err = _run(["evaluate", str(files["csv"]), *FLAGS, *extra], capsys)
     assert rc == 2 and message in err
 
 
 def test_shuffles_refuse_a_topic(capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["evaluate", "--topic", "tx", *FLAGS, "--shuffles", "4"])
-    _, err = capsys.readouterr()
+    rc, _, err = _run(["evaluate", "--topic", "tx", *FLAGS, "--shuffles", "4"], capsys)
     assert rc == 2 and "cannot be used with --topic" in err
 
 
@@ -638,9 +636,8 @@ def test_shuffles_refuse_entity_aggregates(files: dict[str, Path], tmp_path: Pat
     cfg.write_text('[[model]]\nname = "fraud"\ntopic = "tx"\nlabel = "is_fraud"\n'
                    'numeric = ["amount"]\n\n[[model.aggregate]]\nentity = "country"\n'
                    'field = "amount"\nwindows = ["1h"]\nstats = ["count"]\n')
-    rc = main(["-c", str(cfg), "evaluate", str(files["csv"]), "--shuffles", "3", "-q"])
-    _, err = capsys.readouterr()
+    rc, _, err = _run(["-c", str(cfg), "evaluate", str(files["csv"]), "--shuffles", "3", "-q"],
+                      capsys)
     assert rc == 2 and "cannot replay entity aggregates" in err
-    rc = main(["-c", str(cfg), "evaluate", str(files["csv"]), "-q"])  # one order: it replays
-    _, err = capsys.readouterr()
+    rc, _, err = _run(["-c", str(cfg), "evaluate", str(files["csv"]), "-q"], capsys)  # one order
     assert rc == 0, err
