@@ -58,10 +58,17 @@ import numpy as np
 import orjson
 
 from streamlearn import prequential
-from streamlearn.aggregates import AggregateInputs, concat_inputs
+from streamlearn.aggregates import AggregateInputs
 from streamlearn.batch_format import BatchFormatError, BatchRecord, Column, FeatureDecoder, is_batch
 from streamlearn.config import ModelSpec
-from streamlearn.features import _MISSING, MAX_ABS_VALUE, FeatureBatch, Vectorizer, stable_hash
+from streamlearn.features import (
+    _MISSING,
+    MAX_ABS_VALUE,
+    FeatureBatch,
+    Vectorizer,
+    concat_batches,
+    stable_hash,
+)
 from streamlearn.models import OnlineModel
 from streamlearn.pipeline import JsonDecoder, decode_json, decode_record
 
@@ -268,22 +275,6 @@ def _slice(batch: FeatureBatch, lo: int, hi: int) -> FeatureBatch:
     aux = None if batch.aux is None else batch.aux.take(np.arange(lo, min(hi, len(batch))))
     return FeatureBatch(batch.numeric[lo:hi], batch.hashed[lo:hi], batch.labels[lo:hi],
                         batch.ids[lo:hi], aux)
-
-
-def concat_batches(parts: Sequence[FeatureBatch]) -> FeatureBatch:
-    """The rows of ``parts``, in order, as one batch."""
-    if len(parts) == 1:
-        return parts[0]
-    ids: Any
-    if all(isinstance(b.ids, np.ndarray) for b in parts):
-        ids = np.concatenate([b.ids for b in parts])
-    else:
-        ids = [i for b in parts for i in b.ids]
-    auxes = [b.aux for b in parts]
-    aux = None if any(a is None for a in auxes) else concat_inputs(auxes)  # type: ignore[arg-type]
-    return FeatureBatch(np.concatenate([b.numeric for b in parts]),
-                        np.concatenate([b.hashed for b in parts]),
-                        np.concatenate([b.labels for b in parts]), ids, aux)
 
 
 class Evaluator:

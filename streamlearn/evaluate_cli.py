@@ -245,11 +245,11 @@ def _run_shuffles(args: argparse.Namespace, spec: Any) -> int:
         ArrowDecoder,
         EvaluateError,
         TableFile,
-        concat_batches,
         make_variants,
         needed_columns,
     )
     from streamlearn.evaluate_orders import check_shuffles, format_orders, replay_orders
+    from streamlearn.features import concat_batches
 
     refused = [flag for flag, given in (
         ("--topic (a topic's order is the stream's)", args.topic),

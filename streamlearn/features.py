@@ -12,12 +12,13 @@ dicts here, JSON via ``pipeline.JsonDecoder``, batch records via ``batch_format`
 - a binary or ranking label is 0 or 1;
 - an event is a JSON object.
 
-How it is fast (``load_tests/bench_vectorize.py``): events are checked against these
-rules by msgspec, in C, as typed structs derived from the spec (a bound on a float
+How it is fast (``load_tests/bench_vectorize.py``): event dicts are checked against
+these rules by msgspec, in C, as typed structs derived from the spec (a bound on a float
 field rejects NaN and infinities too), and only an event that fails goes through the
 per-field Python checks, which say why.  The structs' fields become one float64 row per
 event through ``struct.pack`` (no per-value Python call) and the categoricals go through
-a per-field cache of hashed slots.
+a per-field cache of hashed slots.  JSON messages skip the dicts altogether
+(:mod:`streamlearn.json_columns`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import msgspec
 import numpy as np
 from numba import njit
 
-from streamlearn.aggregates import AggregateInputs
+from streamlearn.aggregates import AggregateInputs, concat_inputs
 from streamlearn.config import ModelSpec
 from streamlearn.keys import MAX_KEY_CHARS
 
@@ -51,10 +52,11 @@ one square is far inside float32's range (3.4e38; labels are float32).  Microsec
 nanosecond timestamps exceed it: send seconds or milliseconds.
 """
 
-# msgspec types of the fast path.  Ints are accepted for floats (as the Python rules
-# do); a bool is neither.  For dicts a bound also rejects NaN and +-inf; JSON has neither
-# (msgspec refuses numbers past double range), so there :meth:`Vectorizer.assemble`
-# checks the bound on the packed floats, which measured cheaper than msgspec's check.
+# msgspec types of the fast paths (dicts here, JSON bodies in services/api/fast.py).
+# Ints are accepted for floats (as the Python rules do); a bool is neither.  For dicts a
+# bound also rejects NaN and +-inf; JSON has neither (msgspec refuses numbers past double
+# range), so there :meth:`Vectorizer.assemble` checks the bound on the packed floats,
+# which measured cheaper than msgspec's check.
 _Number = Annotated[float, msgspec.Meta(ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)] | None
 _JsonNumber = float | None
 _Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
@@ -130,6 +132,22 @@ class FeatureBatch:
         )
 
 
+def concat_batches(parts: Sequence[FeatureBatch]) -> FeatureBatch:
+    """The rows of ``parts``, in order, as one batch."""
+    if len(parts) == 1:
+        return parts[0]
+    ids: Any
+    if all(isinstance(b.ids, np.ndarray) for b in parts):
+        ids = np.concatenate([b.ids for b in parts])
+    else:
+        ids = [i for b in parts for i in b.ids]
+    auxes = [b.aux for b in parts]
+    aux = None if any(a is None for a in auxes) else concat_inputs(auxes)  # type: ignore[arg-type]
+    return FeatureBatch(np.concatenate([b.numeric for b in parts]),
+                        np.concatenate([b.hashed for b in parts]),
+                        np.concatenate([b.labels for b in parts]), ids, aux)
+
+
 class InvalidEvent(ValueError):
     """An event that cannot be vectorized; the message names the field."""
 
@@ -172,8 +190,6 @@ class Vectorizer:
         self._cat_get = [itemgetter(d1 + j) for j in range(len(cat_fields))]
         self._id_get = itemgetter(d1 + len(cat_fields))
         self._dict_row = _row_type(spec, _Number, Any)
-        json_row = _row_type(spec, _JsonNumber, _JsonId)
-        self._json_decode = None if json_row is None else msgspec.json.Decoder(json_row).decode
 
     def slot(self, field: str, value: Any) -> int:
         """Weight index of a categorical value (from :attr:`ModelSpec.first_slot`)."""
@@ -247,31 +263,6 @@ class Vectorizer:
             cats.append(value)
         label = label_value(spec, event.get(spec.label), allow_missing=True)
         return (*nums, label, *cats, event.get(spec.id_field))
-
-    def rows_from_json(self, values: Sequence[bytes | None]) -> list[tuple[Any, ...]] | None:
-        """Decode and check JSON messages in C; None when any needs the careful path.
-
-        A message decoded here is one that ``orjson`` plus :meth:`row` would accept with
-        the same values (tested), except that fields the spec does not name are only
-        checked for JSON syntax and UTF-8, not for numbers beyond double range.
-        """
-        decode = self._json_decode
-        if decode is None:
-            return None
-        try:
-            structs = list(map(decode, values))
-        except _CHUNK_ERRORS:
-            return None
-        joined = b"".join(values)  # type: ignore[arg-type]
-        if not joined.isascii():
-            # msgspec skips unread strings without checking their UTF-8; orjson refuses
-            # such a message, and so do we.  Every message here starts with "{" and ends
-            # with "}" (plus ASCII blanks), so no character straddles two of them.
-            try:
-                joined.decode()
-            except UnicodeDecodeError:
-                return None
-        return list(map(msgspec.structs.astuple, structs))
 
     def assemble(self, rows: list[tuple[Any, ...]]) -> tuple[FeatureBatch, np.ndarray | None]:
         """Columns of checked rows (:meth:`row`'s layout); also the mask of rows that

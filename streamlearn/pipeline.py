@@ -6,14 +6,12 @@ whole decode/validate/score/learn path be tested without a broker.
 
 Where the time goes, and why the code looks like this:
 
-- JSON events are decoded by msgspec into structs typed by the spec
-  (:meth:`Vectorizer.rows_from_json`), which checks the validation rules in C and skips
-  unread fields, and become columns through packed float rows, in slices of 256.  A
-  slice with anything unusual (a non-object, a wrong type, a value out of bounds, a bad
-  label, a message msgspec and orjson could read differently) goes through ``orjson`` and
-  :meth:`Vectorizer.transform_many`, so the reasons for rejects stay the vectorizer's.
-  ``load_tests/bench_vectorize.py`` measures it on 74-field events against plain
-  ``orjson.loads`` of the same messages.
+- JSON events are read by a compiled scanner straight into columns
+  (:mod:`streamlearn.json_columns`): no Python object per value.  A message with anything
+  unusual (a non-object, a wrong type, a value out of bounds, a bad label, escapes where
+  it reads) goes alone through ``orjson`` and :meth:`Vectorizer.transform_many`, so the
+  reasons for rejects stay the vectorizer's.  ``load_tests/bench_vectorize.py`` measures
+  it on 74-field events against plain ``orjson.loads`` of the same messages.
 - Batch records (:mod:`streamlearn.batch_format`) skip JSON entirely; a malformed one
   is dead-lettered whole, with its reason, and the next one goes on.
 - Learning keeps the spec's mini-batch size whatever the transport: a batch record of
@@ -38,10 +36,16 @@ from typing import Any, NamedTuple
 import numpy as np
 import orjson
 
-from streamlearn.aggregates import AggregateInputs, concat_inputs
 from streamlearn.batch_format import BatchFormatError, FeatureDecoder, encode_columns, is_batch
 from streamlearn.config import ModelSpec
-from streamlearn.features import FeatureBatch, InvalidEvent, Vectorizer, label_value
+from streamlearn.features import (
+    FeatureBatch,
+    InvalidEvent,
+    Vectorizer,
+    concat_batches,
+    label_value,
+)
+from streamlearn.json_columns import JsonColumns
 from streamlearn.metrics import LEARN_BUCKETS
 from streamlearn.models import OnlineModel
 from streamlearn.reasons import reason_codes
@@ -286,7 +290,7 @@ class Telemetry:
 
 
 class JsonDecoder:
-    """JSON values to a :class:`FeatureBatch`, checked in C, with a careful path per slice.
+    """JSON values to a :class:`FeatureBatch`: compiled columns, a careful path per message.
 
     Examples
     --------
@@ -296,57 +300,38 @@ class JsonDecoder:
     >>> batch, rejects = dec.decode([b'{"event_id": 1, "x": 2, "c": "a", "y": 1}', b'[1]',
     ...                              b'{"event_id": 3}', b''])
     >>> batch.ids, batch.numeric.tolist(), rejects
-    ([1, 3], [[2.0], [nan]], [(3, 'empty message'), (1, 'event must be a JSON object, got list')])
+    ([1, 3], [[2.0], [nan]], [(1, 'event must be a JSON object, got list'), (3, 'empty message')])
     """
 
     def __init__(self, spec: ModelSpec, vectorizer: Vectorizer) -> None:
         self.spec = spec
         self.vectorizer = vectorizer
+        self.columns = JsonColumns(vectorizer)
 
     def decode(self, values: Sequence[bytes | None]) -> tuple[FeatureBatch, list[tuple[int, str]]]:
-        """Vectorize the valid values; return ``(batch, [(index, reason), ...])``.
+        """Vectorize the valid values, in order; return ``(batch, [(index, reason), ...])``
+        with the rejects in message order.
 
-        Works in slices of ``_CHUNK`` messages so that each slice's freshly decoded
-        events are still in the CPU cache when their columns are built.  A slice whose
-        messages all pass :meth:`Vectorizer.rows_from_json` (msgspec, typed by the spec)
-        is done; any other goes through ``orjson`` and :meth:`Vectorizer.transform_many`,
-        which name the reasons.  Per slice, undecodable values are listed first, then
-        invalid events (the vectorizer's order).  Ids are not checked here: the worker
-        takes JSON through :func:`decode_json`.
+        :class:`~streamlearn.json_columns.JsonColumns` reads every message it is sure of
+        straight into columns; the others go through ``orjson`` and
+        :meth:`Vectorizer.transform_many`, which decide them and name the reasons.  Ids
+        are not checked here: the worker takes JSON through :func:`decode_json`.
         """
-        spec, n = self.spec, len(values)
-        vec = self.vectorizer
-        numeric = np.empty((n, spec.n_numeric), dtype=np.float64)
-        hashed = np.empty((n, len(spec.categorical)), dtype=np.int64)
-        labels = np.empty(n, dtype=np.float32)
-        ids: list[Any] = []
-        aux: list[AggregateInputs] = []
-        rejects: list[tuple[int, str]] = []
-        row = 0
-        for start in range(0, n, _CHUNK):
-            part = values[start : start + _CHUNK]
-            batch: FeatureBatch | None = None
-            rows = vec.rows_from_json(part)
-            if rows is not None:
-                batch, bad = vec.assemble(rows)
-                if bad is not None:  # a label neither 0 nor 1: the careful path names it
-                    batch = None
-            if batch is None:
-                batch, bad_part = self._careful(part)
-                rejects += [(start + i, reason) for i, reason in bad_part]
-            k = len(batch)
-            numeric[row : row + k] = batch.numeric
-            hashed[row : row + k] = batch.hashed
-            labels[row : row + k] = batch.labels
-            ids.extend(batch.ids)
-            if batch.aux is not None:
-                aux.append(batch.aux)
-            row += k
-        return FeatureBatch(numeric[:row], hashed[:row], labels[:row], ids,
-                            concat_inputs(aux) if aux else None), rejects
+        scan = self.columns.read(values)
+        if not scan.careful.size:
+            return scan.batch, []
+        careful = scan.careful
+        batch, bad = self._careful([values[i] for i in careful])
+        rejects = [(int(careful[i]), reason) for i, reason in bad]
+        if not scan.sure.size:
+            return batch, rejects
+        kept = np.delete(careful, [i for i, _ in bad])
+        # both parts, back in message order
+        order = np.argsort(np.concatenate([scan.sure, kept]), kind="stable")
+        return concat_batches([scan.batch, batch]).take(order), rejects
 
     def _careful(self, part: Sequence[bytes | None]) -> tuple[FeatureBatch, list[tuple[int, str]]]:
-        """``orjson`` then the vectorizer's rules, with every reject's reason."""
+        """``orjson`` then the vectorizer's rules, with every reject's reason (in order)."""
         index: list[int] | None = None
         rejects: list[tuple[int, str]] = []
         loads = orjson.loads
@@ -356,6 +341,7 @@ class JsonDecoder:
             events, index, rejects = _decode_slow(part)
         batch, bad = self.vectorizer.transform_many(events)
         rejects += [(i if index is None else index[i], reason) for i, reason in bad]
+        rejects.sort()
         return batch, rejects
 
 
@@ -395,7 +381,7 @@ class ModelRunner:
     ...         Record(b'not json', "t", 1, 5)]
     >>> out = runner.handle(recs)
     >>> out.scored, out.learned, [d.reason[:24] for d in out.dead]
-    (1, 1, ['not valid JSON: invalid ', "field 'x': expected a nu"])
+    (1, 1, ["field 'x': expected a nu", 'not valid JSON: invalid '])
     >>> runner.model.offsets
     {'t:0': 12, 't:1': 6}
     >>> sorted(orjson.loads(out.predictions[0]))

@@ -74,8 +74,8 @@ class _Unsure(Exception):
 
 
 def _row_type(spec: Any) -> Any | None:
-    """The vectorizer's JSON row struct for ``spec`` (what ``Vectorizer.rows_from_json``
-    decodes into), or None when this version of the vectorizer has none."""
+    """The vectorizer's JSON row struct for ``spec`` (its msgspec types for JSON numbers
+    and ids), or None when this version of the vectorizer has none."""
     build = getattr(features_module, "_row_type", None)
     number = getattr(features_module, "_JsonNumber", None)
     ident = getattr(features_module, "_JsonId", None)

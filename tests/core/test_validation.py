@@ -19,6 +19,7 @@ import pytest
 from streamlearn.batch_format import BatchFormatError, FeatureDecoder, encode_batch
 from streamlearn.config import ModelSpec
 from streamlearn.features import _MISSING, MAX_ABS_VALUE, InvalidEvent, Vectorizer
+from streamlearn.json_columns import JsonColumns
 from streamlearn.pipeline import JsonDecoder, _decode_slow
 
 SPEC = ModelSpec(name="m", topic="t", numeric=("a", "b", "c"), categorical=("k", "j"),
@@ -162,18 +163,60 @@ def test_json_fast_path_equals_orjson_then_the_python_rules(spec: ModelSpec) -> 
     batch, rejects = JsonDecoder(spec, Vectorizer(spec)).decode(values)
     assert sorted(rejects) == sorted(want_rejects)
     assert_batch_is(vec, batch, rows)
-    # One message at a time: every good one goes through the fast path alone (in a long
-    # slice, one bad message sends the whole slice the careful way).
+    # One message at a time: the same verdicts, and most go the compiled way.
     dec, fast = JsonDecoder(spec, Vectorizer(spec)), 0
+    columns = JsonColumns(vec)
     pieces, one_rejects = [], []
     for i, v in enumerate(values):
         b, r = dec.decode([v])
         one_rejects += [(i, reason) for _, reason in r]
         pieces.append(b)
-        fast += vec.rows_from_json([v]) is not None
+        fast += columns.read([v]).careful.size == 0
     assert one_rejects == sorted(want_rejects)
     assert_batch_is(vec, _concat(pieces), rows)
     assert fast > 0.8 * len(values)  # most messages did take the fast path
+
+
+MUTATION_BYTES = b'{}[]",:\\ 0123456789.eE-+tfnul\x00\x1f\xc3\xa9\xff'
+
+
+def mutated(rng: random.Random, message: bytes) -> bytes:
+    """``message`` with one to three random edits: JSON's own characters and bytes that
+    break UTF-8, inserted, replaced, deleted, repeated or cut off."""
+    m = bytearray(message)
+    for _ in range(rng.randint(1, 3)):
+        i = rng.randrange(len(m) + 1)
+        op = rng.randrange(5)
+        if op == 0:
+            m[i:i] = bytes([rng.choice(MUTATION_BYTES)])
+        elif op == 1 and i < len(m):
+            m[i] = rng.choice(MUTATION_BYTES)
+        elif op == 2:
+            del m[i : i + rng.randint(1, 4)]
+        elif op == 3:
+            m[i:i] = m[max(0, i - 6) : i]
+        else:
+            del m[i:]
+    return bytes(m)
+
+
+@pytest.mark.parametrize("spec", [SPEC, REG], ids=["binary", "regression"])
+def test_mutated_messages_get_the_verdicts_of_orjson_and_the_rules(spec: ModelSpec) -> None:
+    rng = random.Random(23)
+    values: list[bytes | None] = []
+    for v in json_messages(rng, spec, 1500):
+        values.append(v)
+        if v:
+            values += [mutated(rng, v) for _ in range(3)]
+    vec = Vectorizer(spec)
+    events, index, want_rejects = _decode_slow(values)
+    rows, bad = reference(vec, events)
+    want_rejects += [(index[i], reason) for i, reason in bad]
+    batch, rejects = JsonDecoder(spec, Vectorizer(spec)).decode(values)
+    assert rejects == sorted(want_rejects)
+    assert_batch_is(vec, batch, rows)
+    assert 0.2 * len(values) < len(want_rejects) < 0.8 * len(values)  # both verdicts drawn
+    assert JsonColumns(vec).read(values).sure.size > 0.2 * len(values)  # and both paths
 
 
 def test_clean_json_takes_the_fast_path_and_matches_dicts() -> None:
@@ -190,7 +233,7 @@ def test_clean_json_takes_the_fast_path_and_matches_dicts() -> None:
         e["y"] = rng.choice([None, 0, 1])
         events.append(e)
     vec = Vectorizer(SPEC)
-    assert vec.rows_from_json([orjson.dumps(e) for e in events]) is not None
+    assert JsonColumns(vec).read([orjson.dumps(e) for e in events]).careful.size == 0
     got, rejects = JsonDecoder(SPEC, vec).decode([orjson.dumps(e) for e in events])
     want, _ = Vectorizer(SPEC).transform_many(events)
     assert rejects == []
