@@ -384,6 +384,34 @@ def _wait_checkpoint(path: Path, predicate: Callable[[dict[str, Any]], bool], lo
     pytest.fail(f"checkpoint never matched; last {summary}\n{log.read_text()[-3000:]}")
 
 
+async def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> int:
+    """The group's committed offsets over ``topic``'s partitions, summed (it never joins)."""
+    from aiokafka import TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return sum([await consumer.committed(TopicPartition(topic, p)) or 0
+                    for p in range(partitions)])
+    finally:
+        await consumer.stop()
+
+
+def _wait_committed(bootstrap: str, group: str, topic: str, want: int,
+                    timeout: float = 30.0) -> None:
+    """Until the worker has committed ``want`` events of ``topic`` (2 partitions): the
+    checkpoint is written before the commit, and a crash between them redelivers."""
+    deadline = time.monotonic() + timeout
+    got = 0
+    while time.monotonic() < deadline:
+        got = asyncio.run(_committed(bootstrap, group, topic, 2))
+        if got >= want:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"{topic}: {got} of {want} events committed after {timeout:.0f} s")
+
+
 def _pending_counts(state: dict[str, Any]) -> dict[str, int]:
     return {**state["pending"]["counts"], "waiting": len(state["pending"]["scores"])}
 
@@ -410,6 +438,7 @@ def test_pending_labels_and_aggregates_survive_a_worker_restart(broker, tmp_path
         send(broker, "frs.tx", keyed(before))
         state = _wait_checkpoint(checkpoint, lambda s: s["n_seen"] == 60
                                  and _pending_counts(s)["waiting"] == 60, log)
+        _wait_committed(broker, "fraud-restart", "frs.tx", 60)  # what the restart skips
     finally:
         worker.send_signal(signal.SIGKILL)  # a crash: nothing runs on the way out
         worker.wait(15)
