@@ -105,26 +105,14 @@ def _mul64(a: np.uint64, b: np.uint64) -> tuple[np.uint64, np.uint64]:
 
 @njit(inline="always")
 def _leading_zeros(x: np.uint64) -> np.uint64:
-    """Number of leading zero bits of a non-zero uint64 (binary search)."""
+    """Number of leading zero bits of a non-zero uint64 (binary search: 32, 16, ... 1)."""
     n = np.uint64(0)
-    zero = np.uint64(0)
-    if x >> np.uint64(32) == zero:
-        n += np.uint64(32)
-        x = x << np.uint64(32)
-    if x >> np.uint64(48) == zero:
-        n += np.uint64(16)
-        x = x << np.uint64(16)
-    if x >> np.uint64(56) == zero:
-        n += np.uint64(8)
-        x = x << np.uint64(8)
-    if x >> np.uint64(60) == zero:
-        n += np.uint64(4)
-        x = x << np.uint64(4)
-    if x >> np.uint64(62) == zero:
-        n += np.uint64(2)
-        x = x << np.uint64(2)
-    if x >> np.uint64(63) == zero:
-        n += np.uint64(1)
+    step = np.uint64(32)
+    while step > np.uint64(0):
+        if x >> (np.uint64(64) - step) == np.uint64(0):
+            n += step
+            x = x << step
+        step = step >> np.uint64(1)
     return n
 
 

@@ -359,14 +359,26 @@ def _guess(buf, i, end, s, keys, key_off):  # pragma: no cover - compiled
     return s
 
 
+@njit(_nrt=False, inline="always")
+def _category(buf, r, m, kept, a, b, t, out):  # pragma: no cover - compiled
+    """Row ``r``'s category ``m``: its kind and span, and unless escaped (Python reads
+    those) its slot, the CRC-32 of ``field\\x1f`` and the value's bytes ``buf[a:b]``."""
+    crc_prefix, crc, first, mask = t[5], t[6], t[7], t[8]
+    hashed, cat_kind, cat_span = out[2], out[3], out[4]
+    if kept != _ESC:
+        hashed[r, m] = first[0] + (_crc_more(crc, crc_prefix[m], buf, a, b) & mask)
+    cat_kind[r, m] = kept
+    cat_span[r, m, 0], cat_span[r, m, 1] = a, b
+
+
 @njit(_nrt=False)
 def _row(buf, r, i, end, t, out, seen, nxt, stack):  # pragma: no cover - compiled
     """Read message ``r`` (``buf[i:end]``) into the outputs; False when the careful
     path must decide.  ``t``: the spec's tables; ``out``: the output arrays; ``nxt[s]``:
     the slot whose key followed slot ``s``'s last time (producers keep their key order,
     so a key is usually matched by one comparison, without hashing)."""
-    table, keys, key_off, kind, col, crc_prefix, crc, first, mask, max_abs, binary, _ = t
-    num, lab, hashed, cat_kind, cat_span, id_kind, id_val, id_span, hard, n_hard = out
+    table, keys, key_off, kind, col, _, _, first, _, max_abs, binary, _ = t
+    num, lab, hashed, cat_kind, _, id_kind, id_val, id_span, hard, n_hard = out
     prev = nxt.size - 1  # the slot before the first key
     i = _ws(buf, i, end)
     if _at(buf, i, end) != 123:
@@ -447,11 +459,7 @@ def _row(buf, r, i, end, t, out, seen, nxt, stack):  # pragma: no cover - compil
                     kept = _ESC if escaped else _STR
                     a, b = (i, j) if escaped else (i + 1, j - 1)
                     if k == _CATEGORY:
-                        if not escaped:
-                            h32 = _crc_more(crc, crc_prefix[m], buf, a, b)
-                            hashed[r, m] = first[0] + (h32 & mask)
-                        cat_kind[r, m] = kept
-                        cat_span[r, m, 0], cat_span[r, m, 1] = a, b
+                        _category(buf, r, m, kept, a, b, t, out)
                     else:
                         id_kind[r] = kept
                         id_span[r, 0], id_span[r, 1] = a, b
@@ -465,10 +473,7 @@ def _row(buf, r, i, end, t, out, seen, nxt, stack):  # pragma: no cover - compil
                             or (neg and man == np.uint64(0)):
                         return False
                     if k == _CATEGORY:
-                        h32 = _crc_more(crc, crc_prefix[m], buf, i, j)
-                        hashed[r, m] = first[0] + (h32 & mask)
-                        cat_kind[r, m] = _INT
-                        cat_span[r, m, 0], cat_span[r, m, 1] = i, j
+                        _category(buf, r, m, _INT, i, j, t, out)
                     else:
                         id_kind[r] = _INT
                         # -2**63 has no positive int64: negate man - 1 (man >= 1 here)

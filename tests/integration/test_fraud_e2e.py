@@ -26,7 +26,7 @@ import numpy as np
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from e2e import wait_json
+from e2e import committed_offsets, wait_json
 
 from streamlearn import snapshots
 from streamlearn.models import OnlineModel
@@ -384,20 +384,6 @@ def _wait_checkpoint(path: Path, predicate: Callable[[dict[str, Any]], bool], lo
     pytest.fail(f"checkpoint never matched; last {summary}\n{log.read_text()[-3000:]}")
 
 
-async def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> int:
-    """The group's committed offsets over ``topic``'s partitions, summed (it never joins)."""
-    from aiokafka import TopicPartition
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
-                                enable_auto_commit=False)
-    await consumer.start()
-    try:
-        return sum([await consumer.committed(TopicPartition(topic, p)) or 0
-                    for p in range(partitions)])
-    finally:
-        await consumer.stop()
-
-
 def _wait_committed(bootstrap: str, group: str, topic: str, want: int,
                     timeout: float = 30.0) -> None:
     """Until the worker has committed ``want`` events of ``topic`` (2 partitions): the
@@ -405,7 +391,7 @@ def _wait_committed(bootstrap: str, group: str, topic: str, want: int,
     deadline = time.monotonic() + timeout
     got = 0
     while time.monotonic() < deadline:
-        got = asyncio.run(_committed(bootstrap, group, topic, 2))
+        got = asyncio.run(committed_offsets(bootstrap, group, topic, 2))
         if got >= want:
             return
         time.sleep(0.1)
