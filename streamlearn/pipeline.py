@@ -50,8 +50,6 @@ from streamlearn.metrics import LEARN_BUCKETS
 from streamlearn.models import OnlineModel
 from streamlearn.reasons import reason_codes
 
-_CHUNK = 256
-
 
 class Record(NamedTuple):
     """One consumed Kafka message."""
