@@ -606,11 +606,11 @@ class JsonColumns:
             self._read_hard(joined, hard[: n_hard[0]], num, lab, careful)
         if not joined.isascii():
             # strings were skipped byte by byte: the ones orjson would refuse (bad UTF-8)
-            for r in range(n):
-                v = values[r]
-                if not careful[r] and not v.isascii():  # type: ignore[union-attr]
+            for r in np.flatnonzero(~careful).tolist():
+                v = bytes(values[r])  # type: ignore[arg-type]  # any bytes-like value
+                if not v.isascii():
                     try:
-                        v.decode()  # type: ignore[union-attr]
+                        v.decode()
                     except UnicodeDecodeError:
                         careful[r] = True
         sure = np.flatnonzero(~careful)

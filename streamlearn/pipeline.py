@@ -8,9 +8,9 @@ Where the time goes, and why the code looks like this:
 
 - JSON events are read by a compiled scanner straight into columns
   (:mod:`streamlearn.json_columns`): no Python object per value.  A message with anything
-  unusual (a non-object, a wrong type, a value out of bounds, a bad label, escapes where
-  it reads) goes alone through ``orjson`` and :meth:`Vectorizer.transform_many`, so the
-  reasons for rejects stay the vectorizer's.  ``load_tests/bench_vectorize.py`` measures
+  unusual (a non-object, a wrong type, a value out of bounds, a bad label, an escaped or
+  repeated key) goes alone through ``orjson`` and :meth:`Vectorizer.transform_many`, so
+  the reasons for rejects stay the vectorizer's.  ``load_tests/bench_vectorize.py`` measures
   it on 74-field events against plain ``orjson.loads`` of the same messages.
 - Batch records (:mod:`streamlearn.batch_format`) skip JSON entirely; a malformed one
   is dead-lettered whole, with its reason, and the next one goes on.

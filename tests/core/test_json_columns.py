@@ -149,6 +149,13 @@ def test_aggregate_inputs_are_the_dict_paths() -> None:
     assert read([b'{"amount": 1}'], spec).careful.tolist() == [0]
 
 
+def test_any_bytes_like_value() -> None:
+    values: list[Any] = [bytearray(b'{"k": "\xc3\xa9", "a": 1}'), memoryview(b'{"a": 2}'),
+                         memoryview(b'{"k": "\xc3"}'), b'{"a": 3}']
+    scan = read(values)
+    assert scan.careful.tolist() == [2] and scan.batch.numeric[:, 0].tolist() == [1.0, 2.0, 3.0]
+
+
 def test_no_messages() -> None:
     scan = read([])
     assert len(scan.batch) == 0 and scan.batch.numeric.shape == (0, 2)
