@@ -143,8 +143,10 @@ def warm_up(runner: ModelRunner) -> None:
     A tiny twin of the model (same task, optimizer and device; 2 hashed slots) calls the
     same kernel signatures without touching the real model or allocating its weights:
     the learning step, and the data-drift monitor's (a one-row reference, frozen; a
-    second row, held and folded by a read). On an empty cache (a new image, or a cache
-    in ``/tmp``) these compile here, ~15 s, instead of stalling the stream later.
+    second row, held and folded by a read). The model's own JSON decoder reads one empty
+    event, which builds its compiled scanner (it learns nothing from it). On an empty
+    cache (a new image, or a cache in ``/tmp``) these compile here, ~15 s, plus ~10 s for
+    the scanner, instead of stalling the stream later.
     """
     from streamlearn.models import OnlineModel
 
@@ -155,6 +157,7 @@ def warm_up(runner: ModelRunner) -> None:
     batch, _ = scratch.vectorizer.transform_many([{spec.label: i % 2} for i in range(rows + 1)])
     scratch.process_many(batch)
     scratch.data_drift.scores()
+    runner.json.decode([b"{}"])
 
 
 def as_block(event: EventT) -> Block:

@@ -231,8 +231,8 @@ def test_exact_second_chance_rejects_inexact():
                                                            for j in range(4)])
 
 
-@pytest.mark.parametrize("s", ["0.1", "-0.0", "1e23", "123.456e-7", "-9.999999999999999e22"])
+@pytest.mark.parametrize("s", ["0.1", "-0.0", "123.456e-7", "-9.999999999999999e22"])
 def test_split_roundtrip(s):
     man, e, neg = _split(s)
     v, ok = _call(man, e, neg)
-    assert not ok or _bits(v) == _bits(float(s))
+    assert ok and _bits(v) == _bits(float(s))

@@ -1,8 +1,9 @@
 """Event validation: one set of rules, the same answer on every input path.
 
-The fast paths (msgspec structs for dicts and JSON, the packed float rows) must accept
-exactly what the per-field Python rules (``Vectorizer.row``) accept, with the same
-values, and reject the rest with the Python rules' reasons.
+The fast paths (msgspec structs and packed float rows for dicts, the compiled scanner of
+``streamlearn.json_columns`` for JSON) must accept exactly what the per-field Python rules
+(``Vectorizer.row``) accept, with the same values, and reject the rest with the Python
+rules' reasons.
 """
 
 from __future__ import annotations

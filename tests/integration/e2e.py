@@ -13,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 
 def log_tail(stack: dict[str, str], names: tuple[str, ...] = ("worker", "api"),
@@ -42,16 +41,3 @@ def wait_json(client: httpx.Client, stack: dict[str, str], path: str,
             pass
         time.sleep(poll)
     pytest.fail(f"timed out waiting on {path}; last answer {body}\n{log_tail(stack)}")
-
-
-async def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int = 1) -> int:
-    """The group's committed offsets over ``topic``'s first ``partitions`` partitions,
-    summed (this consumer never joins the group)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
-                                enable_auto_commit=False)
-    await consumer.start()
-    try:
-        return sum([await consumer.committed(TopicPartition(topic, p)) or 0
-                    for p in range(partitions)])
-    finally:
-        await consumer.stop()

@@ -26,10 +26,11 @@ import numpy as np
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from e2e import committed_offsets, wait_json
+from e2e import wait_json
 
 from streamlearn import snapshots
 from streamlearn.models import OnlineModel
+from streamlearn.services.demo import input_committed
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(240)]
 
@@ -384,20 +385,6 @@ def _wait_checkpoint(path: Path, predicate: Callable[[dict[str, Any]], bool], lo
     pytest.fail(f"checkpoint never matched; last {summary}\n{log.read_text()[-3000:]}")
 
 
-def _wait_committed(bootstrap: str, group: str, topic: str, want: int,
-                    timeout: float = 30.0) -> None:
-    """Until the worker has committed ``want`` events of ``topic`` (2 partitions): the
-    checkpoint is written before the commit, and a crash between them redelivers."""
-    deadline = time.monotonic() + timeout
-    got = 0
-    while time.monotonic() < deadline:
-        got = asyncio.run(committed_offsets(bootstrap, group, topic, 2))
-        if got >= want:
-            return
-        time.sleep(0.1)
-    pytest.fail(f"{topic}: {got} of {want} events committed after {timeout:.0f} s")
-
-
 def _pending_counts(state: dict[str, Any]) -> dict[str, int]:
     return {**state["pending"]["counts"], "waiting": len(state["pending"]["scores"])}
 
@@ -424,7 +411,8 @@ def test_pending_labels_and_aggregates_survive_a_worker_restart(broker, tmp_path
         send(broker, "frs.tx", keyed(before))
         state = _wait_checkpoint(checkpoint, lambda s: s["n_seen"] == 60
                                  and _pending_counts(s)["waiting"] == 60, log)
-        _wait_committed(broker, "fraud-restart", "frs.tx", 60)  # what the restart skips
+        # the checkpoint is written before the commit, and a crash between them redelivers
+        assert asyncio.run(input_committed(broker, "frs.tx", "fraud-restart", timeout_s=30))
     finally:
         worker.send_signal(signal.SIGKILL)  # a crash: nothing runs on the way out
         worker.wait(15)

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from e2e import committed_offsets
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from streamlearn import snapshots
 from streamlearn.broker import EmbeddedBroker
@@ -137,9 +136,16 @@ async def _read_all(bootstrap: str, topic: str, quiet_s: float = 2.0) -> list[by
     return out
 
 
-def _committed(bootstrap: str, worker: Worker) -> int:
-    """The worker group's committed offset of its topic (one partition)."""
-    return asyncio.run(committed_offsets(bootstrap, worker.group, worker.topic))
+async def _committed(bootstrap: str, group: str, topic: str) -> int:
+    """The group's committed offset of partition 0 (it never joins the group)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        offset = await consumer.committed(TopicPartition(topic, 0))
+    finally:
+        await consumer.stop()
+    return offset or 0
 
 
 def _events(n: int, seed: int, prefix: str) -> list[bytes]:
@@ -160,7 +166,7 @@ def test_poison_pills_are_dead_lettered_and_the_worker_lives_on(broker, tmp_path
         asyncio.run(_send(broker, worker.topic, before + [nested, huge] + after))
         worker.wait(lambda: worker.learned() >= 1000, 90, "1,000 events learned")
         total = len(before) + 2 + len(after)
-        worker.wait(lambda: _committed(broker, worker) >= total,
+        worker.wait(lambda: asyncio.run(_committed(broker, worker.group, worker.topic)) >= total,
                     30, "the commit past both pills")
         assert worker.proc is not None and worker.proc.poll() is None, worker.tail()
     finally:
@@ -192,7 +198,7 @@ def test_a_failing_checkpoint_stops_the_worker_without_committing(broker, tmp_pa
     log = worker.tail()
     assert "worker.checkpoint_failure_exit_s" in log and "not-a-dir" in log
     assert log.count("checkpoint of") < 10  # rate-limited, not one line per 0.5 s
-    assert _committed(broker, worker) == 0
+    assert asyncio.run(_committed(broker, worker.group, worker.topic)) == 0
 
 
 @pytest.mark.timeout(240)
@@ -217,12 +223,12 @@ def test_broker_outage_under_load_loses_no_prediction_of_a_committed_event(tmp_p
             b.proc.send_signal(signal.SIGCONT)
             sending.join(120)
             worker.wait(lambda: worker.learned() >= len(events), 120, "every event learned")
-            worker.wait(lambda: _committed(b.bootstrap, worker)
+            worker.wait(lambda: asyncio.run(_committed(b.bootstrap, worker.group, worker.topic))
                         >= len(events), 30, "everything committed")
             assert worker.proc.poll() is None, worker.tail()  # recovered without a restart
         finally:
             worker.stop()
-        committed = _committed(b.bootstrap, worker)
+        committed = asyncio.run(_committed(b.bootstrap, worker.group, worker.topic))
         ids = {orjson.loads(p)["id"]
                for p in asyncio.run(_read_all(b.bootstrap, f"{worker.name}.predictions"))}
         missing = [i for i in range(committed) if f"d-{i}" not in ids]
@@ -249,14 +255,15 @@ def test_a_restarted_broker_is_rejoined_without_restarting_the_worker(tmp_path):
             port_broker = EmbeddedBroker(port=port).start()
             asyncio.run(_send(port_broker.bootstrap, worker.topic, _events(3000, 6, "f")))
             worker.wait(lambda: worker.learned() >= 8000, 120, "the new events learned")
-            worker.wait(lambda: _committed(port_broker.bootstrap, worker) >= 3000, 60,
+            worker.wait(lambda: asyncio.run(_committed(port_broker.bootstrap, worker.group,
+                                                       worker.topic)) >= 3000, 60,
                         "the new events committed")
             assert worker.proc.poll() is None, worker.tail()
         finally:
             worker.stop()
         ids = {orjson.loads(p)["id"] for p in asyncio.run(
             _read_all(port_broker.bootstrap, f"{worker.name}.predictions"))}
-        committed = _committed(port_broker.bootstrap, worker)
+        committed = asyncio.run(_committed(port_broker.bootstrap, worker.group, worker.topic))
         assert committed == 3000 and {f"f-{i}" for i in range(committed)} <= ids
         # aiokafka logs each refused reconnect (~67 lines/s before, measured): now one line
         # per message template per 30 s.

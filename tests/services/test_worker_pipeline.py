@@ -115,11 +115,12 @@ def test_the_warm_up_builds_what_the_json_and_batch_paths_call(fraud_spec, monke
     warm-up must call each compiled function with the types the JSON and batch paths
     then use, or an empty kernel cache compiles them in the middle of the stream (~6 s
     per build, measured): the learning step, and the data-drift monitor's freeze and
-    fold (a snapshot reads it)."""
+    fold (a snapshot reads it), and the JSON scanner."""
     import dataclasses
 
     import numba
 
+    from streamlearn import json_columns
     from streamlearn.drift import data
     from streamlearn.models import fused
     from streamlearn.services.worker.app import warm_up
@@ -137,6 +138,7 @@ def test_the_warm_up_builds_what_the_json_and_batch_paths_call(fraud_spec, monke
         monkeypatch.setattr(module, name, call)
 
     spy(fused, "prequential_chunks")
+    spy(json_columns, "_scan")
     for name in ("_fold", "_rank_counts", "_fill_tables"):
         spy(data, name)
     spec = dataclasses.replace(fraud_spec, update_rows=update_rows, drift_reference_size=600)
@@ -149,7 +151,7 @@ def test_the_warm_up_builds_what_the_json_and_batch_paths_call(fraud_spec, monke
     runner.snapshot_state("r1")
     assert runner.model.data_drift.ready and runner.model.version > 0
     assert {name for name, _ in seen["stream"]} == {"prequential_chunks", "_fold",
-                                                     "_rank_counts", "_fill_tables"}
+                                                     "_rank_counts", "_fill_tables", "_scan"}
     assert seen["stream"] <= seen["warm-up"]
 
 
